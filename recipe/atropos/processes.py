@@ -1,0 +1,151 @@
+"""Child processes we start, and only those: start with a log file, wait for health, stop the whole tree.
+
+Used by the launcher and by the tests. Every child gets its own session (process group) so a stop reaches its
+grandchildren (Ray workers, uvicorn), and the stop walks the psutil process tree of *our* PID — never a
+name-based kill.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import requests
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process_tree(pid: int, timeout: float = 10.0) -> list[int]:
+    """SIGTERM ``pid`` and every descendant, SIGKILL what is still alive after ``timeout`` s.
+
+    Returns the PIDs that were signalled. Descendants are collected *before* the parent is signalled, so
+    children re-parented to init on the parent's exit are still stopped.
+    """
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return []
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    return [p.pid for p in procs]
+
+
+def tail(path: Path, n_lines: int = 40) -> str:
+    """The last ``n_lines`` of a text file ('' when it does not exist)."""
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-n_lines:])
+    except FileNotFoundError:
+        return ""
+
+
+@dataclass
+class ManagedProcess:
+    """A named child process writing stdout+stderr to ``log_path``."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    popen: subprocess.Popen | None = field(default=None, init=False)
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        env = {**os.environ, **(self.env or {})}
+        self.popen = subprocess.Popen(
+            list(self.argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        log.close()
+        logger.info("started %s (pid %d), log: %s", self.name, self.popen.pid, self.log_path)
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.popen is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return None if self.popen is None else self.popen.poll()
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``ready()`` until true; raise with the log tail if the process dies or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.poll()} before {what}. Last lines of {self.log_path}:\n"
+                    f"{tail(self.log_path)}"
+                )
+            if ready():
+                return
+            time.sleep(0.25)
+        raise TimeoutError(
+            f"{self.name} not ready after {timeout:.0f} s ({what}). Last lines of {self.log_path}:\n"
+            f"{tail(self.log_path)}"
+        )
+
+    def wait_http(self, url: str, timeout: float) -> None:
+        """Wait until ``GET url`` answers with a status below 500."""
+
+        def answers() -> bool:
+            try:
+                return requests.get(url, timeout=2).status_code < 500
+            except requests.RequestException:
+                return False
+
+        self.wait_until(answers, timeout, f"{url} answered")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop this process and every descendant (idempotent)."""
+        if self.popen is None:
+            return
+        stop_process_tree(self.popen.pid, timeout=timeout)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("%s (pid %d) did not exit after SIGKILL", self.name, self.popen.pid)
+
+
+def run_api_argv(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of Atropos' trajectory API server (console script of atroposlib)."""
+    exe = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "run-api"
+    if not exe.exists():
+        import sys
+
+        exe = Path(sys.executable).parent / "run-api"
+    return [str(exe), "--host", host, "--port", str(port)]

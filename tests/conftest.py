@@ -1,0 +1,51 @@
+"""Shared fixtures: a real Atropos `run-api` process on 127.0.0.1 (fresh per test module)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from recipe.atropos.processes import ManagedProcess, free_port, run_api_argv
+
+# Offline, quiet, deterministic defaults for every test process.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class RunApi:
+    """A running `run-api` child process; `stop()`/`start()` simulate the API going down and coming back."""
+
+    port: int
+    log_dir: Path
+    proc: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RunApi:
+        self.proc = ManagedProcess("run-api", run_api_argv(self.port), self.log_dir / "run_api.log").start()
+        self.proc.wait_http(f"{self.url}/status", timeout=60)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def run_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunApi]:
+    """A fresh `run-api` per test module (its state is in memory and cannot be fully reset)."""
+    api = RunApi(port=free_port(), log_dir=tmp_path_factory.mktemp("run_api")).start()
+    try:
+        yield api
+    finally:
+        api.stop()
