@@ -1,0 +1,100 @@
+"""Entry point: ``python -m recipe.atropos.main_atropos <hydra overrides>``.
+
+Builds verl's workers and a :class:`~recipe.atropos.trainer.RayAtroposTrainer` in a Ray TaskRunner, as verl's
+``main_ppo`` does, minus the datasets. On a machine without CUDA the CPU runtime is switched on here (platform,
+rollout backend, Ray resources): users pass no extra flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import hydra
+import ray
+from omegaconf import DictConfig, OmegaConf
+
+from recipe.atropos import extensions
+from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
+
+logger = logging.getLogger(__name__)
+
+
+def _add_external_module(module: str) -> None:
+    """Make every verl process (Ray workers included) import ``module`` at ``import verl`` time."""
+    current = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
+    if module not in current:
+        os.environ["VERL_USE_EXTERNAL_MODULES"] = ",".join([*current, module])
+
+
+def prepare_runtime(config: DictConfig) -> bool:
+    """Select the CPU runtime when asked or when no CUDA device exists; returns True when it is on."""
+    use_cpu = should_use_cpu_runtime(str(config.atropos.get("runtime", "auto")))
+    if use_cpu:
+        apply_cpu_runtime(config, extra_modules=[extensions.MODULE])
+    else:
+        _add_external_module(extensions.MODULE)
+    return use_cpu
+
+
+@ray.remote(num_cpus=1)
+class AtroposTaskRunner:
+    """Runs in Ray: creates the worker groups and the trainer, then trains."""
+
+    def run(self, config: DictConfig, trainer_cls: type | None = None) -> None:
+        from verl.trainer.main_ppo_v0 import BaseTaskRunner
+        from verl.trainer.ppo.utils import need_critic, need_reference_policy
+        from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+        from recipe.atropos.trainer import RayAtroposTrainer
+
+        OmegaConf.resolve(config)
+        if need_critic(config):
+            raise ValueError(
+                f"algorithm.adv_estimator={config.algorithm.adv_estimator} needs a critic; this recipe trains "
+                "critic-free (use adv_estimator=atropos or grpo)"
+            )
+        roles = BaseTaskRunner()
+        _, worker_group_cls = roles.add_actor_rollout_worker(config)
+        roles.add_reward_model_resource_pool(config)
+        validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=False)
+        model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+        trainer = (trainer_cls or RayAtroposTrainer)(
+            config=config,
+            tokenizer=model_config.tokenizer,
+            processor=model_config.processor,
+            role_worker_mapping=roles.role_worker_mapping,
+            resource_pool_manager=roles.init_resource_pool_mgr(config),
+            ray_worker_group_cls=worker_group_cls,
+        )
+        trainer.init_workers()
+        trainer.fit()
+
+
+def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
+    """Start Ray (if needed), train, and shut down the Ray cluster this call started."""
+    from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
+
+    prepare_runtime(config)
+    started_ray = False
+    if not ray.is_initialized():
+        ray_init: dict[str, Any] = OmegaConf.to_container(config.ray_kwargs.get("ray_init", {}), resolve=True)
+        runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(config), ray_init.get("runtime_env") or {})
+        ray_init["runtime_env"] = OmegaConf.to_container(runtime_env)
+        ray.init(**ray_init)
+        started_ray = True
+    try:
+        ray.get(AtroposTaskRunner.remote().run.remote(config, trainer_cls))
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+@hydra.main(config_path="config", config_name="atropos_grpo", version_base=None)
+def main(config: DictConfig) -> None:
+    run_atropos(config)
+
+
+if __name__ == "__main__":
+    main()

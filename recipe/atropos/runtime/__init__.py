@@ -1,0 +1,100 @@
+"""The CPU runtime for verl 0.9.1: a ``cpu`` platform, the ``hf_cpu`` rollout backend and the settings they need.
+
+Users never set these switches by hand: ``main_atropos`` (and the launcher) call :func:`apply_cpu_runtime` when
+:func:`should_use_cpu_runtime` says so — no CUDA device, or ``atropos.runtime=cpu``. With a GPU nothing here runs
+and verl's CUDA path (FSDP + vLLM) is untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+PLATFORM_MODULE = "recipe.atropos.runtime.platform"
+ROLLOUT_MODULE = "recipe.atropos.runtime.rollout"
+
+# Ray resources: verl reserves one logical GPU per worker and a few CPUs per actor; on a 2-core box these are
+# logical slots (Ray would otherwise wait forever for resources the machine does not have).
+RAY_NUM_CPUS = 8
+RAY_NUM_GPUS = 1
+
+# (key, value) pairs every CPU run needs, as dotted keys of verl's ppo_trainer config.
+CPU_SETTINGS: tuple[tuple[str, object], ...] = (
+    ("trainer.use_v1", False),  # the v0 RayPPOTrainer path (v1 needs transfer_queue)
+    ("trainer.device", "cpu"),
+    ("trainer.n_gpus_per_node", 1),
+    ("trainer.nnodes", 1),
+    ("ray_kwargs.ray_init.num_cpus", RAY_NUM_CPUS),
+    ("ray_kwargs.ray_init.num_gpus", RAY_NUM_GPUS),
+    ("actor_rollout_ref.model.use_remove_padding", False),  # flash-attn varlen kernels are CUDA-only
+    ("actor_rollout_ref.model.enable_gradient_checkpointing", False),
+    ("actor_rollout_ref.model.override_config.attn_implementation", "eager"),
+    ("actor_rollout_ref.actor.strategy", "fsdp2"),  # FSDP1 needs an accelerator for sync_module_states
+    ("actor_rollout_ref.actor.fsdp_config.strategy", "fsdp2"),
+    ("actor_rollout_ref.actor.fsdp_config.dtype", "float32"),
+    ("actor_rollout_ref.actor.use_torch_compile", False),
+    ("actor_rollout_ref.actor.fsdp_config.use_torch_compile", False),
+    ("actor_rollout_ref.ref.strategy", "fsdp2"),
+    ("actor_rollout_ref.ref.fsdp_config.strategy", "fsdp2"),
+    ("actor_rollout_ref.ref.fsdp_config.dtype", "float32"),
+    ("actor_rollout_ref.ref.use_torch_compile", False),
+    ("actor_rollout_ref.rollout.name", "hf_cpu"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1),
+    ("actor_rollout_ref.rollout.agent.num_workers", 1),
+    ("reward.num_workers", 1),
+)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def should_use_cpu_runtime(requested: str = "auto") -> bool:
+    """``auto``: only without CUDA; ``cpu``: always; ``cuda``: never."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"atropos.runtime={requested!r}: use 'auto', 'cpu' or 'cuda'")
+    return requested == "cpu" or (requested == "auto" and not cuda_available())
+
+
+def cpu_runtime_env(extra_modules: Sequence[str] = ()) -> dict[str, str]:
+    """Environment every verl process needs on CPU (``VERL_USE_EXTERNAL_MODULES`` is read by ``import verl``)."""
+    modules = [PLATFORM_MODULE, ROLLOUT_MODULE, *extra_modules]
+    return {
+        "VERL_USE_EXTERNAL_MODULES": ",".join(dict.fromkeys(modules)),
+        "VERL_PLATFORM": "cpu",
+        # verl registers its FSDP engine for cuda/npu only; it reaches devices through the platform, so reuse it.
+        "VERL_ENGINE_DEVICE": "cuda",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCH_COMPILE_DISABLE": "1",
+    }
+
+
+def _override(key: str, value: object) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"++{key}={text}"
+
+
+def cpu_runtime_overrides() -> list[str]:
+    """Hydra overrides for ``python -m verl.trainer.main_ppo`` on CPU (``++`` adds or sets)."""
+    return [_override(key, value) for key, value in CPU_SETTINGS]
+
+
+def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> None:
+    """Switch an already-composed verl config and this process to the CPU runtime.
+
+    Sets :data:`CPU_SETTINGS` in ``config``, exports :func:`cpu_runtime_env` (Ray workers started afterwards inherit
+    it) and imports the platform and rollout modules here, since this process may have imported verl already.
+    """
+    for key, value in CPU_SETTINGS:
+        OmegaConf.update(config, key, value, force_add=True)
+    env = cpu_runtime_env(extra_modules)
+    current = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
+    env["VERL_USE_EXTERNAL_MODULES"] = ",".join(dict.fromkeys([*env["VERL_USE_EXTERNAL_MODULES"].split(","), *current]))
+    os.environ.update(env)
+    for module in (PLATFORM_MODULE, ROLLOUT_MODULE):
+        importlib.import_module(module)

@@ -1,0 +1,275 @@
+"""``hf_cpu``: a verl rollout backend that generates with HF transformers on CPU.
+
+Registered in verl's registries (no verl edit):
+- ``RolloutReplicaRegistry["hf_cpu"]`` → :class:`HFCPUReplica` (driver side; starts one server actor per replica);
+- ``_ROLLOUT_REGISTRY[("hf_cpu", "async")]`` → :class:`HFCPUWeightReceiver` (inside verl's hybrid actor worker;
+  forwards the trainer's weights to the server on every ``checkpoint_manager.update_weights()``).
+
+The server actor (:class:`HFCPURolloutServer`, named ``hf_cpu_rollout_server_<replica rank>``) exposes verl's
+token-in/token-out ``generate(prompt_ids, sampling_params, request_id)`` like verl's vLLM server. Requests that arrive
+within ``batch_wait_s`` of each other run as one left-padded batched ``generate`` in a worker thread; a weight load
+takes the same lock, so no batch ever mixes two policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from verl.workers.rollout import base as rollout_base
+from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_NAME = "hf_cpu"
+
+
+def server_actor_name(replica_rank: int) -> str:
+    """The Ray actor name of a replica's server (``ray.get_actor(server_actor_name(0))``)."""
+    return f"hf_cpu_rollout_server_{replica_rank}"
+
+
+@dataclass(frozen=True)
+class SamplingKey:
+    """Requests with equal keys can share one batched ``generate``."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    key: SamplingKey
+    max_tokens: int
+    want_logprobs: bool
+    future: asyncio.Future | None = field(default=None, repr=False)
+
+
+def sampling_key(sampling_params: dict[str, Any]) -> SamplingKey:
+    temperature = sampling_params.get("temperature")
+    top_p = sampling_params.get("top_p")
+    top_k = sampling_params.get("top_k")
+    return SamplingKey(
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_k=-1 if top_k is None else int(top_k),
+    )
+
+
+class HFGenerator:
+    """Batched HF ``generate`` with per-token log-probs of the sampled tokens; the policy version counts loads."""
+
+    def __init__(self, model_path: str, response_length: int, num_threads: int | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="eager")
+        self.model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids: list[int] = list(eos) if isinstance(eos, list | tuple) else [int(eos)]
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self.response_length = response_length
+        self.policy_version = 0
+        self.n_weight_updates = 0
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int | None = None) -> None:
+        """Load trained weights (HF parameter names); ``policy_version`` defaults to the previous one + 1."""
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if unexpected:
+            raise KeyError(f"hf_cpu rollout received weights it does not have: {unexpected[:5]}")
+        if missing:
+            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+            if set(missing) - tied:
+                logger.warning("hf_cpu rollout: %d parameters not in the update, e.g. %s", len(missing), missing[:3])
+        self.n_weight_updates += 1
+        self.policy_version = self.policy_version + 1 if policy_version is None else int(policy_version)
+
+    @torch.no_grad()
+    def generate_batch(
+        self, prompts: list[list[int]], key: SamplingKey, max_tokens: list[int], want_logprobs: bool = True
+    ) -> list[tuple[list[int], list[float]]]:
+        """One left-padded batch → per prompt ``(token_ids [L_i], log_probs [L_i])``, cut at EOS and max_tokens.
+
+        Log-probs are ``log_softmax(logits / temperature)`` at the sampled token (temperature 0 → 1.0), exactly what
+        verl's actor recomputes for the same tokens.
+        """
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(max_tokens),
+            "eos_token_id": self.eos_ids,
+            "pad_token_id": self.pad_id,
+            "return_dict_in_generate": True,
+            "output_logits": True,
+        }
+        if key.temperature > 0:
+            kwargs.update(do_sample=True, temperature=key.temperature, top_p=key.top_p, top_k=max(key.top_k, 0))
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        scale = key.temperature if key.temperature > 0 else 1.0
+        logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float() / scale, dim=-1)  # [B, T_new, V]
+        results = []
+        for i in range(len(prompts)):
+            seq = out.sequences[i, width:].tolist()
+            end = next((j + 1 for j, t in enumerate(seq) if t in self.eos_ids), len(seq))
+            seq = seq[: min(end, max_tokens[i])]
+            lps = logprobs[i, torch.arange(len(seq)), torch.tensor(seq, dtype=torch.long)].tolist() if seq else []
+            results.append((seq, lps if want_logprobs else []))
+        return results
+
+
+@ray.remote(num_cpus=0)
+class HFCPURolloutServer:
+    """Ray actor serving concurrent ``generate`` calls in micro-batches (see module docstring)."""
+
+    def __init__(self, model_path: str, response_length: int) -> None:
+        threads = int(os.environ.get("ATROPOS_HF_CPU_THREADS", "0")) or os.cpu_count()
+        self.generator = HFGenerator(model_path, response_length, num_threads=threads)
+        self.batch_wait_s = float(os.environ.get("ATROPOS_HF_CPU_BATCH_WAIT_S", "0.05"))
+        self.max_batch = int(os.environ.get("ATROPOS_HF_CPU_MAX_BATCH", "64"))
+        self._queue: list[GenerationRequest] = []
+        self._lock = asyncio.Lock()
+        self._drainer: asyncio.Task | None = None
+        self._stats = {"n_requests": 0, "n_batches": 0, "max_batch_seen": 0}
+
+    async def generate(
+        self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str, **kwargs: Any
+    ) -> TokenOutput:
+        params = dict(sampling_params)
+        max_tokens = params.get("max_tokens") or params.get("max_new_tokens") or self.generator.response_length
+        request = GenerationRequest(
+            prompt_ids=list(prompt_ids),
+            key=sampling_key(params),
+            max_tokens=max(1, min(int(max_tokens), self.generator.response_length)),
+            want_logprobs=bool(params.get("logprobs", False)),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(request)
+        self._stats["n_requests"] += 1
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        token_ids, log_probs, version = await request.future
+        return TokenOutput(
+            token_ids=token_ids,
+            log_probs=log_probs if request.want_logprobs else None,
+            stop_reason="completed",
+            extra_fields={"policy_version": version},
+        )
+
+    async def _drain(self) -> None:
+        while self._queue:
+            await asyncio.sleep(self.batch_wait_s)  # let concurrent requests join the batch
+            async with self._lock:
+                key = self._queue[0].key
+                batch = [r for r in self._queue if r.key == key][: self.max_batch]
+                self._queue = [r for r in self._queue if not any(r is b for b in batch)]
+                self._stats["n_batches"] += 1
+                self._stats["max_batch_seen"] = max(self._stats["max_batch_seen"], len(batch))
+                try:
+                    results = await asyncio.to_thread(
+                        self.generator.generate_batch,
+                        [r.prompt_ids for r in batch],
+                        key,
+                        [r.max_tokens for r in batch],
+                        True,
+                    )
+                except Exception as exc:  # every waiter gets the error; none is left hanging
+                    logger.exception("hf_cpu batched generate failed for %d requests", len(batch))
+                    for r in batch:
+                        r.future.set_exception(exc)
+                    continue
+                version = self.generator.policy_version
+                for r, (ids, lps) in zip(batch, results, strict=True):
+                    r.future.set_result((ids, lps, version))
+
+    async def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int | None = None) -> int:
+        async with self._lock:
+            self.generator.load_weights(state_dict, policy_version)
+            return self.generator.policy_version
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **self._stats,
+            "n_weight_updates": self.generator.n_weight_updates,
+            "policy_version": self.generator.policy_version,
+        }
+
+    # verl's lifecycle calls: vLLM frees/restores GPU memory here; on CPU there is nothing to do.
+    async def wake_up(self) -> None: ...
+    async def sleep(self) -> None: ...
+    async def clear_kv_cache(self) -> None: ...
+    async def release_kv_cache(self) -> None: ...
+    async def resume_kv_cache(self) -> None: ...
+    async def abort_all_requests(self, reject_request: bool = False) -> None: ...
+    async def resume_generation(self) -> None: ...
+    async def start_profile(self, **kwargs: Any) -> None: ...
+    async def stop_profile(self) -> None: ...
+
+
+class HFCPUReplica(RolloutReplica):
+    """One hf_cpu server per replica; it runs in its own process, outside the training workers."""
+
+    def rollout_worker_use_gpu(self) -> bool:
+        return False
+
+    async def launch_servers(self) -> None:
+        path = getattr(self.model_config, "local_path", None) or self.model_config.path
+        server = HFCPURolloutServer.options(name=server_actor_name(self.replica_rank)).remote(
+            os.path.expanduser(path), self.config.response_length
+        )
+        self.servers = [server]
+        self._server_handle = server
+        self._server_address = f"ray://{server_actor_name(self.replica_rank)}"
+
+
+class HFCPUWeightReceiver(BaseRollout):
+    """Lives in verl's hybrid ActorRolloutRefWorker: sends the full state dict to this replica's server."""
+
+    def __init__(self, config: Any, model_config: Any, device_mesh: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, model_config, device_mesh)
+        world = (
+            self.config.tensor_model_parallel_size
+            * self.config.data_parallel_size
+            * self.config.pipeline_model_parallel_size
+        )
+        rank = int(os.environ.get("RANK", 0))
+        self.replica_rank = rank // world
+        self.is_leader = rank % world == 0
+        self.sleep_level = 2
+
+    async def resume(self, tags: list[str]) -> None:
+        return None
+
+    async def release(self) -> None:
+        return None
+
+    async def update_weights(self, weights: Any, **kwargs: Any) -> None:
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in weights:  # consumed on every rank: the generator may all-gather shards
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
+            state[name] = tensor.detach().to("cpu").clone()
+        if self.is_leader:
+            server = ray.get_actor(server_actor_name(self.replica_rank))
+            await server.load_weights.remote(state, kwargs.get("global_steps"))
+
+
+rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFCPUWeightReceiver"
+RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFCPUReplica)

@@ -1,0 +1,320 @@
+"""RayAtroposTrainer: verl's RayPPOTrainer whose rollouts come from Atropos environments.
+
+Each step: poll one batch of scored groups from the Atropos API → convert to a DataProto → (pause the inference
+endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) → reference log-probs when KL is on →
+advantages (env token-level where given, verl GRPO elsewhere) → actor update → checkpoint → push weights → resume the
+endpoint on the new policy version. Every stage is a method so other recipes can override one without copying the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm import tqdm
+from verl import DataProto
+from verl.trainer.ppo.metric_utils import (
+    compute_data_metrics,
+    compute_throughout_metrics,
+    compute_timing_metrics,
+)
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer, apply_kl_penalty
+from verl.utils.debug import marked_timer
+from verl.utils.metric import reduce_metrics
+from verl.utils.tracking import Tracking
+
+from recipe.atropos.advantages import compute_atropos_advantages
+from recipe.atropos.batching import group_scores, select_groups
+from recipe.atropos.client import AtroposClient
+from recipe.atropos.data import scored_data_to_dataproto
+from recipe.atropos.inference import (
+    CompletionLedger,
+    InferenceEndpoint,
+    RayReplicaBackend,
+    VLLMCompletionsBackend,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ApiStepSource:
+    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record only the source."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def state_dict(self) -> dict[str, str]:
+        return {"source": "atropos"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class RayAtroposTrainer(RayPPOTrainer):
+    """GRPO on Atropos environments; constructor as RayPPOTrainer's (datasets are not used)."""
+
+    def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
+        if config.trainer.get("total_training_steps") in (None, "", 0):
+            raise ValueError(
+                "trainer.total_training_steps is required: data comes from the Atropos API, so there is no dataset "
+                "to count epochs over. Pass e.g. trainer.total_training_steps=100"
+            )
+        super().__init__(config, *args, **kwargs)
+        self.atropos_cfg = config.atropos
+        self.endpoint: InferenceEndpoint | None = None
+        self.ledger = CompletionLedger(int(self.atropos_cfg.inference.max_tracked_completions))
+        self.client = AtroposClient(
+            self.atropos_cfg.api_url,
+            request_timeout_s=float(self.atropos_cfg.request_timeout_s),
+            rejected_groups_file=self.atropos_cfg.get("rejected_groups_file"),
+        )
+        self._carry: list[Any] = []  # groups polled beyond one step's batch, trained next step
+
+    # ---- verl hooks -------------------------------------------------------------------------------------------
+    def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
+        self.train_dataloader = ApiStepSource()
+        self.val_dataloader = None
+        self.total_training_steps = int(self.config.trainer.total_training_steps)
+        with open_dict(self.config):
+            self.config.actor_rollout_ref.actor.optim.total_training_steps = self.total_training_steps
+            if "critic" in self.config and "optim" in self.config.critic:
+                self.config.critic.optim.total_training_steps = self.total_training_steps
+
+    def _validate(self, merged: bool = False) -> dict[str, float]:
+        return {}  # Atropos environments evaluate themselves (BaseEnv.evaluate)
+
+    # ---- stages ---------------------------------------------------------------------------------------------
+    def _start_inference_endpoint(self) -> InferenceEndpoint:
+        """Expose verl's rollout replicas to Atropos environments at atropos.inference.{host,port}."""
+        icfg = self.atropos_cfg.inference
+        eos = self.tokenizer.eos_token_id
+        eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+        if icfg.backend == "ray":
+            backend = RayReplicaBackend(self.llm_server_manager.server_handles, eos_ids)
+        elif icfg.backend == "vllm_http":
+            model_name = icfg.get("served_model_name") or self.config.actor_rollout_ref.model.path
+            backend = VLLMCompletionsBackend(self.llm_server_manager.server_addresses, model_name)
+        else:
+            raise ValueError(f"atropos.inference.backend={icfg.backend!r}: use 'ray' or 'vllm_http'")
+        endpoint = InferenceEndpoint(
+            backend,
+            host=icfg.host,
+            port=int(icfg.port),
+            max_tokens_cap=int(self.config.data.max_response_length),
+            eos_token_ids=eos_ids,
+            tokenizer=self.tokenizer,
+            policy_version=self.global_steps,
+            ledger=self.ledger,
+            ready_file=icfg.get("ready_file"),
+        )
+        return endpoint.start()
+
+    def _register(self) -> None:
+        """Register with the API at the true starting step (after a checkpoint load), then make envs admissible."""
+        cfg = self.config
+        self.client.register(
+            batch_size=int(cfg.data.train_batch_size),
+            max_token_len=int(cfg.data.max_prompt_length + cfg.data.max_response_length),
+            starting_step=int(self.global_steps),
+            num_steps=int(self.total_training_steps),
+            wandb_group=str(self.atropos_cfg.wandb_group),
+            wandb_project=str(self.atropos_cfg.wandb_project),
+            checkpoint_dir=str(cfg.trainer.default_local_dir),
+            save_checkpoint_interval=int(cfg.trainer.save_freq),
+        )
+        # Environments wait for the trainer's first /batch before the API admits them.
+        self._carry.extend(self.client.get_batch() or [])
+
+    def _policy_lag(self, tokens: Sequence[int]) -> int | None:
+        """Weight updates between the policy that generated ``tokens`` and the one being trained (None = unknown)."""
+        version = self.ledger.version_of(tokens)
+        return None if version is None else (self.global_steps - 1) - version
+
+    def _poll_groups(self, metrics: dict[str, float]) -> list[Any]:
+        """Exactly data.train_batch_size sequences of whole groups: stale groups dropped, extras carried over."""
+        batch_size = int(self.config.data.train_batch_size)
+        max_lag = self.atropos_cfg.get("max_policy_lag")
+        max_lag = None if max_lag is None else int(max_lag)
+        pending, self._carry = list(self._carry), []
+        sel = select_groups(pending, batch_size, self._policy_lag, max_lag)
+        polls, wait_s = 0, 0.0
+        while sel.n_sequences < batch_size:
+            start = time.monotonic()
+            polled = self.client.poll_batch(timeout=float(self.atropos_cfg.poll_timeout_s))
+            wait_s += time.monotonic() - start
+            polls += 1
+            carry, sel.carry = sel.carry, []
+            sel = select_groups([*carry, *polled], batch_size, self._policy_lag, max_lag, already=sel)
+        self._carry = sel.carry
+        metrics.update(
+            {
+                "atropos/polls": float(polls),
+                "atropos/poll_wait_s": wait_s,
+                "atropos/carried_groups": float(len(self._carry)),
+                "atropos/stale_groups_dropped": float(sel.stale_groups_dropped),
+                "atropos/policy_lag_unknown": float(sel.policy_lag_unknown),
+            }
+        )
+        if sel.lags:
+            metrics["atropos/policy_lag_mean"] = float(np.mean(sel.lags))
+            metrics["atropos/policy_lag_max"] = float(np.max(sel.lags))
+        return sel.chosen
+
+    def _to_dataproto(self, groups: Sequence[Any], metrics: dict[str, float]) -> DataProto:
+        cfg = self.config.data
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch = scored_data_to_dataproto(
+            groups,
+            max_prompt_length=int(cfg.max_prompt_length),
+            max_response_length=int(cfg.max_response_length),
+            pad_token_id=int(pad),
+        )
+        metrics.update(batch.meta_info.pop("atropos_metrics", {}))
+        scores = [s for g in groups for s in group_scores(g)]
+        identical = [len(set(group_scores(g))) == 1 for g in groups]
+        metrics.update(
+            {
+                "atropos/groups": float(len(groups)),
+                "atropos/sequences": float(len(scores)),
+                "atropos/mean_score": float(np.mean(scores)),
+                "atropos/identical_score_rate": float(np.mean(identical)),
+            }
+        )
+        batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
+        batch.meta_info["images_seqlens"] = []
+        batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
+        return batch
+
+    def _compute_log_probs(self, batch: DataProto, metrics: dict[str, float], timing: dict[str, float]) -> DataProto:
+        rollout_corr = self.config.algorithm.get("rollout_correction", None)
+        has_rollout_lp = "rollout_log_probs" in batch.batch.keys()
+        if rollout_corr is not None and rollout_corr.get("bypass_mode", False):
+            if not has_rollout_lp:
+                raise ValueError(
+                    "algorithm.rollout_correction.bypass_mode=true needs inference_logprobs in every group; "
+                    "use ManagedServer in the environments or set bypass_mode=false"
+                )
+            from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+
+            apply_bypass_mode(batch, rollout_corr, self.config.actor_rollout_ref.actor.policy_loss)
+        else:
+            with marked_timer("old_log_prob", timing):
+                old_log_prob, _mfu = self._compute_old_log_prob(batch)
+                old_log_prob.batch.pop("entropys")
+                batch = batch.union(old_log_prob)
+            if has_rollout_lp:
+                from verl.utils.debug.metrics import calculate_debug_metrics
+
+                metrics.update(calculate_debug_metrics(batch))
+        if self.use_reference_policy:
+            with marked_timer("ref", timing):
+                batch = batch.union(self._compute_ref_log_prob(batch))
+        return batch
+
+    def _compute_advantages(self, batch: DataProto, metrics: dict[str, float]) -> DataProto:
+        if self.config.algorithm.use_kl_in_reward:
+            batch, kl_metrics = apply_kl_penalty(batch, self.kl_ctrl_in_reward, self.config.algorithm.kl_penalty)
+            metrics.update(kl_metrics)
+        else:
+            batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
+        rollout_corr = self.config.algorithm.get("rollout_correction", None)
+        if (
+            rollout_corr is not None
+            and "rollout_log_probs" in batch.batch.keys()
+            and not rollout_corr.get("bypass_mode", False)
+        ):
+            from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+            batch, is_metrics = compute_rollout_correction_and_add_to_batch(batch, rollout_corr)
+            metrics.update(is_metrics)
+        batch = compute_atropos_advantages(
+            batch,
+            use_env_advantages=bool(self.atropos_cfg.use_env_advantages),
+            fallback_to_grpo=bool(self.atropos_cfg.fallback_to_grpo),
+            norm_adv_by_std_in_grpo=bool(self.config.algorithm.get("norm_adv_by_std_in_grpo", True)),
+        )
+        metrics.update(batch.meta_info.pop("atropos_metrics", {}))
+        return batch
+
+    def _push_weights(self) -> None:
+        """Weights of the just-trained actor to every replica; the endpoint then serves the new policy version."""
+        self.checkpoint_manager.update_weights(self.global_steps)
+        self.endpoint.resume(self.global_steps)
+
+    def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
+        path = self.atropos_cfg.get("metrics_file")
+        if not path:
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        row = {"step": self.global_steps}
+        row.update({k: float(v) for k, v in metrics.items() if isinstance(v, int | float | np.floating | np.integer)})
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        tracking = Tracking(
+            project_name=self.config.trainer.project_name,
+            experiment_name=self.config.trainer.experiment_name,
+            default_backend=self.config.trainer.logger,
+            config=OmegaConf.to_container(self.config, resolve=True),
+        )
+        self.global_steps = 0
+        self._load_checkpoint()
+        self.checkpoint_manager.update_weights(self.global_steps)
+        self.endpoint = self._start_inference_endpoint()
+        try:
+            self._register()
+            self._train_loop(tracking)
+        finally:
+            self.endpoint.stop()
+            tracking.finish(exit_code=0) if hasattr(tracking, "finish") else None
+
+    def _train_loop(self, tracking: Tracking) -> None:
+        progress = tqdm(total=self.total_training_steps, initial=self.global_steps, desc="Training Progress")
+        self.global_steps += 1
+        while self.global_steps <= self.total_training_steps:
+            metrics: dict[str, Any] = {}
+            timing: dict[str, float] = {}
+            with marked_timer("step", timing):
+                with marked_timer("poll", timing):
+                    groups = self._poll_groups(metrics)
+                batch = self._to_dataproto(groups, metrics)
+                # Envs wait while the actor trains: replicas share the device with it (hybrid engine) and the
+                # next completions must come from the updated weights.
+                with marked_timer("pause_endpoint", timing):
+                    self.endpoint.pause(float(self.atropos_cfg.inference.drain_timeout_s))
+                self.checkpoint_manager.sleep_replicas()
+                batch = self._compute_log_probs(batch, metrics, timing)
+                with marked_timer("adv", timing):
+                    batch = self._compute_advantages(batch, metrics)
+                with marked_timer("update_actor", timing):
+                    actor_output = self._update_actor(batch)
+                metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
+                save_freq = int(self.config.trainer.save_freq)
+                if save_freq > 0 and (
+                    self.global_steps % save_freq == 0 or self.global_steps == self.total_training_steps
+                ):
+                    with marked_timer("save_checkpoint", timing):
+                        self._save_checkpoint()
+                with marked_timer("update_weights", timing):
+                    self._push_weights()
+            metrics.update(self.client.metrics())
+            metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
+            metrics["training/global_step"] = self.global_steps
+            metrics.update(compute_data_metrics(batch=batch, use_critic=False))
+            metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
+            n_gpus = self.resource_pool_manager.get_n_gpus()
+            metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing, n_gpus=n_gpus))
+            tracking.log(data=metrics, step=self.global_steps)
+            self._write_metrics_line(metrics)
+            progress.update(1)
+            self.global_steps += 1
+        progress.close()

@@ -1,0 +1,164 @@
+"""End to end on CPU, every process real: run-api, the trainer (main_atropos, tiny model, Ray, verl workers), its
+inference endpoint, and the bundled environment in `serve` mode."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from recipe.atropos.processes import ManagedProcess, free_port, stop_process_tree, tail
+from recipe.atropos.runtime.assets import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
+ENV_MODULE = "recipe.atropos.envs.one_word_env"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def trainer_process(run_dir: Path, model: Path, api_url: str, port: int, *overrides: str) -> ManagedProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "recipe.atropos.main_atropos",
+        "--config-path",
+        str(CONFIG_DIR),
+        "--config-name",
+        "atropos_grpo_tiny",
+        f"actor_rollout_ref.model.path={model}",
+        f"atropos.api_url={api_url}",
+        f"atropos.inference.port={port}",
+        f"atropos.metrics_file={run_dir / 'metrics.jsonl'}",
+        f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        *overrides,
+    ]
+    return ManagedProcess("trainer", argv, run_dir / "trainer.log")
+
+
+def env_process(run_dir: Path, model: Path, api_url: str, port: int, name: str = "env") -> ManagedProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        ENV_MODULE,
+        "serve",
+        "--env.rollout_server_url",
+        api_url,
+        "--env.tokenizer_name",
+        str(model),
+        "--env.group_size",
+        "4",
+        "--env.ensure_scores_are_not_same",
+        "false",
+        "--env.use_wandb",
+        "false",
+        "--openai.server_type",
+        "vllm",
+        "--openai.base_url",
+        f"http://127.0.0.1:{port}/v1",
+        "--openai.model_name",
+        str(model),
+        "--openai.tokenizer_name",
+        str(model),
+    ]
+    return ManagedProcess(name, argv, run_dir / f"{name}.log")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_exit(proc: ManagedProcess, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return int(proc.poll())
+        time.sleep(1)
+    raise TimeoutError(f"{proc.name} still running after {timeout} s:\n{tail(proc.log_path, 60)}")
+
+
+@pytest.fixture()
+def processes() -> Iterator[list[ManagedProcess]]:
+    """Every process a test starts; all stopped (whole trees) at the end, then no descendant may remain."""
+    started: list[ManagedProcess] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    assert not [p.cmdline() for p in leftovers if "run-api" not in " ".join(p.cmdline())], leftovers
+
+
+@pytest.mark.timeout(600)
+def test_online_loop_trains_on_env_groups_with_both_advantage_paths(
+    run_api, tiny_model: Path, tmp_path: Path, processes: list[ManagedProcess]
+) -> None:
+    port = free_port()
+    trainer = trainer_process(tmp_path, tiny_model, run_api.url, port, "trainer.total_training_steps=3")
+    processes.append(trainer.start())
+    trainer.wait_http(f"http://127.0.0.1:{port}/health", timeout=400)
+    processes.append(env_process(tmp_path, tiny_model, run_api.url, port).start())
+
+    assert wait_exit(trainer, timeout=400) == 0, tail(trainer.log_path, 80)
+
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["atropos/sequences"] == 8 and row["atropos/groups"] == 2
+        assert "atropos/policy_lag_mean" in row
+        assert row["atropos/policy_version"] == row["step"]  # weights pushed every step
+    fractions = [r["atropos/env_advantage_fraction"] for r in rows]
+    # the env attaches token-level advantages to some groups only: both paths ran
+    assert 0.0 < sum(fractions) / len(fractions) < 1.0, fractions
+    status = requests.get(f"{run_api.url}/status", timeout=5).json()
+    assert status["current_step"] >= 3
+
+
+@pytest.mark.timeout(900)
+def test_resume_after_kill_continues_from_the_checkpoint(
+    run_api, tiny_model: Path, tmp_path: Path, processes: list[ManagedProcess]
+) -> None:
+    port = free_port()
+    common = ("trainer.total_training_steps=4", "trainer.save_freq=1", "trainer.resume_mode=auto")
+    first = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
+    processes.append(first.start())
+    first.wait_http(f"http://127.0.0.1:{port}/health", timeout=400)
+    env = env_process(tmp_path, tiny_model, run_api.url, port).start()
+    processes.append(env)
+
+    latest = tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt"
+    first.wait_until(lambda: latest.exists() and int(latest.read_text() or 0) >= 2, 400, "checkpoint of step 2")
+    stop_process_tree(first.pid)
+    env.stop()
+    saved = int(latest.read_text())
+
+    # A fresh API (its state is in memory); the resumed trainer registers at the checkpoint's step.
+    run_api.stop()
+    run_api.start()
+    port = free_port()
+    second = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
+    second.log_path = tmp_path / "trainer_resumed.log"
+    processes.append(second.start())
+    second.wait_http(f"http://127.0.0.1:{port}/health", timeout=400)
+
+    def registered() -> bool:
+        return requests.get(f"{run_api.url}/info", timeout=5).json()["batch_size"] != -1
+
+    second.wait_until(registered, 120, "registration with the API")
+    # No env is running yet, so no batch was built: the API's step is exactly the one the trainer registered.
+    assert requests.get(f"{run_api.url}/status", timeout=5).json()["current_step"] == saved
+    n_before = len(read_metrics(tmp_path / "metrics.jsonl"))
+    processes.append(env_process(tmp_path, tiny_model, run_api.url, port, name="env2").start())
+    assert wait_exit(second, timeout=400) == 0, tail(second.log_path, 80)
+
+    steps_after = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")[n_before:]]
+    assert steps_after == list(range(saved + 1, 5))
