@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,21 @@ class RunApi:
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
+
+
+@pytest.fixture()
+def make_run_api(tmp_path: Path) -> Iterator[Callable[[], RunApi]]:
+    """Factory for extra `run-api` processes (not started); each is stopped at the end of the test."""
+    made: list[RunApi] = []
+
+    def make() -> RunApi:
+        api = RunApi(port=free_port(), log_dir=tmp_path / f"run_api_{len(made)}")
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.stop()
 
 
 @pytest.fixture(scope="module")
