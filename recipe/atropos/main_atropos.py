@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipe.atropos import extensions
 from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
+from recipe.atropos.runtime.assets import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def _add_external_module(module: str) -> None:
 
 
 def prepare_runtime(config: DictConfig) -> bool:
-    """Select the CPU runtime when asked or when no CUDA device exists; returns True when it is on."""
+    """Resolve the embedded model, select the CPU runtime when asked or without CUDA; True when it is on."""
+    config.actor_rollout_ref.model.path = resolve_model_path(str(config.actor_rollout_ref.model.path))
     use_cpu = should_use_cpu_runtime(str(config.atropos.get("runtime", "auto")))
     if use_cpu:
         apply_cpu_runtime(config, extra_modules=[extensions.MODULE])

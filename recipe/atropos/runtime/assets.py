@@ -20,6 +20,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A model path configs may name instead of a directory: the demo model, converted on first use.
+EMBEDDED_DEMO_MODEL = "embedded:SmolLM2-135M-Instruct"
 
 
 def default_cache_dir() -> Path:
@@ -120,6 +122,11 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
     model.save_pretrained(build, safe_serialization=True)
     tokenizer.save_pretrained(build)
     return _publish(build, out_dir)
+
+
+def resolve_model_path(path: str) -> str:
+    """``EMBEDDED_DEMO_MODEL`` → the converted SmolLM2 directory (built once); any other path unchanged."""
+    return str(prepare_smollm2()) if path == EMBEDDED_DEMO_MODEL else path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,6 +67,13 @@ class CPUDeviceModule:
     def manual_seed_all(self, seed: int) -> None:
         torch.manual_seed(seed)
 
+    def get_rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        # verl restores "the device's" RNG from a checkpoint; on CPU that is torch's CPU generator.
+        torch.set_rng_state(state)
+
 
 CPU_DEVICE_MODULE = CPUDeviceModule()
 

@@ -1,0 +1,142 @@
+"""The launcher: config checks (unit) and whole supervised runs with real processes (e2e, tiny config)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from recipe.atropos.launch_atropos_verl_services import EnvSpec, LaunchError, env_specs, load_config
+from recipe.atropos.plotting import read_metrics, step_line, summarize
+from recipe.atropos.runtime.assets import build_tiny_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
+TINY = CONFIGS / "atropos_grpo_tiny.yaml"
+
+
+@pytest.mark.parametrize("name", ["atropos_grpo", "atropos_grpo_tiny", "atropos_grpo_cpu_demo", "atropos_grpo_gpu"])
+def test_every_shipped_config_composes(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.yaml", [])
+    assert config.algorithm.adv_estimator == "atropos"
+    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "advantage_weighted_ce"
+
+
+def test_batch_size_must_be_a_multiple_of_every_group_size() -> None:
+    config = load_config(TINY, ["data.train_batch_size=6"])
+    with pytest.raises(LaunchError, match="train_batch_size=6 is not a multiple of env 'one_word' group_size=4"):
+        env_specs(config)
+
+
+def test_env_entry_needs_exactly_one_of_module_or_script() -> None:
+    config = load_config(TINY, ["+atropos.launcher.envs.0.script=x.py"])
+    with pytest.raises(LaunchError, match="exactly one of `module` or `script`"):
+        env_specs(config)
+
+
+def test_env_command_line_fills_in_endpoints_and_lets_env_flags_win() -> None:
+    spec = EnvSpec(name="gsm8k", script="/x/gsm8k_server.py", group_size=8, weight=2.0, args={"env.use_wandb": True})
+    argv = spec.argv("http://127.0.0.1:1", "http://127.0.0.1:2", "/models/m", 640)
+    assert argv[1:3] == ["/x/gsm8k_server.py", "serve"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:1"
+    assert flags["--openai.base_url"] == "http://127.0.0.1:2/v1"
+    assert flags["--openai.server_type"] == "vllm"
+    assert flags["--env.group_size"] == "8" and flags["--env.inference_weight"] == "2.0"
+    assert flags["--env.max_token_length"] == "640"
+    assert flags["--env.use_wandb"] == "true"  # the env's own flag overrides the launcher default (false)
+
+
+def test_summary_and_step_line_from_a_metrics_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    scores = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    path.write_text("".join(f'{{"step": {i + 1}, "atropos/mean_score": {s}}}\n' for i, s in enumerate(scores)) + "{")
+    rows = read_metrics(path)  # the half-written last line is skipped
+    assert len(rows) == 7
+    assert summarize(rows) == "mean score first 5 steps 0.200 -> last 5 steps 0.400 (7 steps)"
+    assert step_line(rows[0], 7).startswith("step 1/7 | mean score 0.000")
+
+
+# ---- whole runs -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture()
+def no_leftovers() -> Iterator[None]:
+    yield
+    time.sleep(1)
+    left = [p.cmdline() for p in psutil.Process().children(recursive=True) if p.is_running()]
+    assert not left, f"processes left behind: {left}"
+
+
+def launch(tmp_path: Path, model: Path, *overrides: str) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        "-m",
+        "recipe.atropos.launch_atropos_verl_services",
+        "--config",
+        str(TINY),
+        f"actor_rollout_ref.model.path={model}",
+        f"atropos.launcher.run_dir={tmp_path / 'run'}",
+        *overrides,
+    ]
+    return subprocess.Popen(argv, stdout=open(tmp_path / "launcher.log", "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"launcher exited ({proc.poll()}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError(f"timeout waiting for {what}:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_launcher_runs_to_completion_plots_and_summarises(tmp_path: Path, tiny_model: Path, no_leftovers) -> None:
+    proc = launch(tmp_path, tiny_model, "trainer.total_training_steps=2")
+    assert proc.wait(timeout=540) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    run = tmp_path / "run"
+    out = (tmp_path / "launcher.log").read_text()
+    assert "step 2/2 | mean score" in out
+    assert "mean score first 2 steps" in (run / "summary.txt").read_text()
+    assert (run / "metrics.png").stat().st_size > 0
+    assert {p.name for p in (run / "logs").iterdir()} >= {"run-api.log", "trainer.log", "one_word.log"}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_dying_env_stops_the_run_naming_it(tmp_path: Path, tiny_model: Path, no_leftovers) -> None:
+    proc = launch(tmp_path, tiny_model, "trainer.total_training_steps=50")
+    log = tmp_path / "launcher.log"
+    wait_for(lambda: "step 1/50" in log.read_text(), 480, "the first step", proc, log)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    env = next(p for p in children if "recipe.atropos.envs.one_word_env" in p.cmdline())
+    env.kill()
+    assert proc.wait(timeout=120) == 1
+    assert "one_word exited with code" in log.read_text()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_sigint_stops_everything_and_leaves_a_usable_checkpoint(tmp_path: Path, tiny_model: Path, no_leftovers) -> None:
+    proc = launch(tmp_path, tiny_model, "trainer.total_training_steps=50", "trainer.save_freq=1")
+    latest = tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    wait_for(latest.exists, 480, "the first checkpoint", proc, tmp_path / "launcher.log")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    step = int(latest.read_text())
+    actor = tmp_path / "run" / "checkpoints" / f"global_step_{step}" / "actor"
+    assert any(actor.glob("model_world_size_*_rank_0.pt"))
+    assert (actor / "huggingface" / "config.json").exists()
