@@ -282,14 +282,14 @@ class InferenceEndpoint:
             version = await self._gate.enter()
             try:
                 outs = await asyncio.gather(*[self.backend.generate(prompt_ids, params) for _ in range(req.n)])
+                for out in outs:  # recorded before the gate lets a weight update start
+                    self.ledger.record(prompt_ids, out.token_ids, version)
             except Exception as exc:
                 self.stats["failed_requests"] += 1
                 logger.exception("generation failed for a /generate request (n=%d)", req.n)
                 return JSONResponse({"error": f"generation failed: {exc!r}"}, status_code=500)
             finally:
                 self._gate.exit()
-            for out in outs:
-                self.ledger.record(prompt_ids, out.token_ids, version)
             self.stats["completions"] += len(outs)
             return JSONResponse(self._response(prompt_ids, outs, version))
 
