@@ -26,6 +26,7 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
 logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # verl's root config is WARNING; weight loads are news
 
 ROLLOUT_NAME = "hf_cpu"
 
@@ -95,6 +96,7 @@ class HFGenerator:
                 logger.warning("hf_cpu rollout: %d parameters not in the update, e.g. %s", len(missing), missing[:3])
         self.n_weight_updates += 1
         self.policy_version = self.policy_version + 1 if policy_version is None else int(policy_version)
+        logger.info("hf_cpu rollout: policy version %d (%d weight loads)", self.policy_version, self.n_weight_updates)
 
     @torch.no_grad()
     def generate_batch(
