@@ -78,6 +78,8 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     """Start Ray (if needed), train, and shut down the Ray cluster this call started."""
     from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
 
+    os.environ.setdefault("WANDB_MODE", "offline")  # wandb logs locally unless the user says otherwise
+
     prepare_runtime(config)
     started_ray = False
     if not ray.is_initialized():

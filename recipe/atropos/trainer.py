@@ -87,6 +87,20 @@ class RayAtroposTrainer(RayPPOTrainer):
             if "critic" in self.config and "optim" in self.config.critic:
                 self.config.critic.optim.total_training_steps = self.total_training_steps
 
+    def _update_actor(self, batch: DataProto) -> DataProto:
+        """verl's update; a batch that lost groups (fallback_to_grpo=false) trains as one smaller mini-batch."""
+        actor = self.config.actor_rollout_ref.actor
+        configured = int(actor.ppo_mini_batch_size)
+        if len(batch) >= configured:
+            return super()._update_actor(batch)
+        with open_dict(self.config):
+            actor.ppo_mini_batch_size = len(batch)
+        try:
+            return super()._update_actor(batch)
+        finally:
+            with open_dict(self.config):
+                actor.ppo_mini_batch_size = configured
+
     def _validate(self, merged: bool = False) -> dict[str, float]:
         return {}  # Atropos environments evaluate themselves (BaseEnv.evaluate)
 

