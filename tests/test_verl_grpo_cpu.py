@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -51,6 +53,8 @@ def test_verl_grpo_loop_runs_on_cpu(tmp_path: Path) -> None:
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD_FN)
     ckpt = tmp_path / "ckpt"
+    # Ray's own temp dir (short: its socket paths must stay under 108 bytes), to find any Ray process left behind.
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray"))
     argv = [
         sys.executable,
         "-m",
@@ -78,6 +82,7 @@ def test_verl_grpo_loop_runs_on_cpu(tmp_path: Path) -> None:
         "trainer.total_training_steps=2",
         "trainer.save_freq=2",
         f"trainer.default_local_dir={ckpt}",
+        f"++ray_kwargs.ray_init._temp_dir={ray_dir}",
     ]
     env = {**os.environ, **cpu_runtime_env(), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -97,6 +102,10 @@ def test_verl_grpo_loop_runs_on_cpu(tmp_path: Path) -> None:
     name = "model.layers.0.mlp.down_proj.weight"
     trained = saved[name].full_tensor() if hasattr(saved[name], "full_tensor") else saved[name]
     assert not torch.allclose(trained.float(), initial[name].float())
-    # nothing left behind: no new child process, no Ray process from that run
+    # nothing left behind: no new child process, no Ray process of that run (they name its temp dir)
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after <= before
+    cmdlines = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    ray_left = [c for c in cmdlines if str(ray_dir) in c]
+    assert not ray_left, ray_left
+    shutil.rmtree(ray_dir, ignore_errors=True)

@@ -284,12 +284,14 @@ class RayAtroposTrainer(RayPPOTrainer):
         self._load_checkpoint()
         self.checkpoint_manager.update_weights(self.global_steps)
         self.endpoint = self._start_inference_endpoint()
+        succeeded = False
         try:
             self._register()
             self._train_loop(tracking)
+            succeeded = True
         finally:
             self.endpoint.stop()
-            tracking.finish(exit_code=0) if hasattr(tracking, "finish") else None
+            tracking.finish(exit_code=0 if succeeded else 1)
 
     def _train_loop(self, tracking: Tracking) -> None:
         progress = tqdm(total=self.total_training_steps, initial=self.global_steps, desc="Training Progress")
