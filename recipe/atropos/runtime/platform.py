@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -173,6 +174,14 @@ def _with_deduped_backend(init: Callable[..., Any]) -> Callable[..., Any]:
     return init_process_group
 
 
+def use_all_cores() -> None:
+    """Ray starts workers with OMP_NUM_THREADS=1; on CPU the trainer and the rollout take turns (the endpoint pauses
+    generation while the actor trains), so each may use every core. ``ATROPOS_CPU_THREADS`` overrides."""
+    threads = int(os.environ.get("ATROPOS_CPU_THREADS", "0")) or os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def install_backend_fix() -> None:
     """Wrap torch.distributed.init_process_group once (torch, not verl: verl has no hook for its backend string)."""
     current = torch.distributed.init_process_group
@@ -181,3 +190,4 @@ def install_backend_fix() -> None:
 
 
 install_backend_fix()
+use_all_cores()

@@ -142,7 +142,7 @@ class HFCPURolloutServer:
     """Ray actor serving concurrent ``generate`` calls in micro-batches (see module docstring)."""
 
     def __init__(self, model_path: str, response_length: int) -> None:
-        threads = int(os.environ.get("ATROPOS_HF_CPU_THREADS", "0")) or os.cpu_count()
+        threads = int(os.environ.get("ATROPOS_CPU_THREADS", "0")) or os.cpu_count()
         self.generator = HFGenerator(model_path, response_length, num_threads=threads)
         self.batch_wait_s = float(os.environ.get("ATROPOS_HF_CPU_BATCH_WAIT_S", "0.05"))
         self.max_batch = int(os.environ.get("ATROPOS_HF_CPU_MAX_BATCH", "64"))
