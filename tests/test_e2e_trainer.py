@@ -41,6 +41,7 @@ def trainer_process(run_dir: Path, model: Path, api_url: str, port: int, *overri
         f"atropos.inference.port={port}",
         f"atropos.metrics_file={run_dir / 'metrics.jsonl'}",
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        f"hydra.run.dir={run_dir / 'hydra'}",
         *overrides,
     ]
     return ManagedProcess("trainer", argv, run_dir / "trainer.log")
@@ -140,7 +141,13 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     run_api, tiny_model: Path, tmp_path: Path, processes: list[ManagedProcess]
 ) -> None:
     port = free_port()
-    common = ("trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.resume_mode=auto")
+    common = (
+        "trainer.total_training_steps=3",
+        "trainer.save_freq=1",
+        "trainer.resume_mode=auto",
+        # the env's inference_logprobs feed verl's rollout correction (token-level importance weights)
+        "algorithm.rollout_correction.rollout_is=token",
+    )
     first = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
     processes.append(first.start())
     first.wait_http(f"http://127.0.0.1:{port}/health", timeout=400)
@@ -172,5 +179,6 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     processes.append(env_process(tmp_path, tiny_model, run_api.url, port, name="env2").start())
     assert wait_exit(second, timeout=400) == 0, tail(second.log_path, 80)
 
-    steps_after = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")[n_before:]]
-    assert steps_after == list(range(saved + 1, 4))
+    rows_after = read_metrics(tmp_path / "metrics.jsonl")[n_before:]
+    assert [r["step"] for r in rows_after] == list(range(saved + 1, 4))
+    assert all("rollout_corr/rollout_is_mean" in r for r in rows_after), sorted(rows_after[0])

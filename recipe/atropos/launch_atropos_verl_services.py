@@ -139,6 +139,7 @@ class Launcher:
             f"atropos.inference.port={self.inference_port}",
             f"atropos.metrics_file={self.metrics_file}",
             f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
+            f"hydra.run.dir={self.run_dir / 'hydra'}",  # not ./outputs/<date>/<time>
         ]
 
     def _start_env(self, spec: EnvSpec) -> ManagedProcess:

@@ -73,6 +73,9 @@ class OneWordEnvConfig(BaseEnvConfig):
     seed: int = Field(0, description="Seed of the question stream (deterministic across runs).")
     max_new_tokens: int = Field(32, description="Most tokens per completion.")
     temperature: float = Field(1.0, description="Sampling temperature (match actor_rollout_ref.rollout.temperature).")
+    system_prompt: str | None = Field(
+        None, description="System message before each question (None: the chat template's default, if any)."
+    )
     env_advantage_every: int = Field(
         2, description="Every k-th group carries token-level `advantages` (0 = never); the rest use trainer GRPO."
     )
@@ -114,7 +117,8 @@ class OneWordEnv(BaseEnv):
         return question(self.rng)
 
     async def collect_trajectories(self, item: str) -> tuple[ScoredDataGroup | None, list]:
-        messages = [{"role": "user", "content": item}]
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        messages = [*system, {"role": "user", "content": item}]
         async with self.server.managed_server(tokenizer=self.tokenizer) as managed:
             completion = await managed.chat_completion(
                 messages=messages,
