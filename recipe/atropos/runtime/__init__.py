@@ -21,6 +21,9 @@ ROLLOUT_MODULE = "recipe.atropos.runtime.rollout"
 RAY_NUM_CPUS = 8
 RAY_NUM_GPUS = 1
 
+# FSDP computes in bf16 unless told otherwise; bf16 matmuls on CPUs without bf16 units are many times slower.
+FP32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+
 # (key, value) pairs every CPU run needs, as dotted keys of verl's ppo_trainer config.
 CPU_SETTINGS: tuple[tuple[str, object], ...] = (
     ("trainer.use_v1", False),  # the v0 RayPPOTrainer path (v1 needs transfer_queue)
@@ -35,11 +38,13 @@ CPU_SETTINGS: tuple[tuple[str, object], ...] = (
     ("actor_rollout_ref.actor.strategy", "fsdp2"),  # FSDP1 needs an accelerator for sync_module_states
     ("actor_rollout_ref.actor.fsdp_config.strategy", "fsdp2"),
     ("actor_rollout_ref.actor.fsdp_config.dtype", "float32"),
+    ("actor_rollout_ref.actor.fsdp_config.mixed_precision", FP32),
     ("actor_rollout_ref.actor.use_torch_compile", False),
     ("actor_rollout_ref.actor.fsdp_config.use_torch_compile", False),
     ("actor_rollout_ref.ref.strategy", "fsdp2"),
     ("actor_rollout_ref.ref.fsdp_config.strategy", "fsdp2"),
     ("actor_rollout_ref.ref.fsdp_config.dtype", "float32"),
+    ("actor_rollout_ref.ref.fsdp_config.mixed_precision", FP32),
     ("actor_rollout_ref.ref.use_torch_compile", False),
     ("actor_rollout_ref.rollout.name", "hf_cpu"),
     ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1),
@@ -75,7 +80,10 @@ def cpu_runtime_env(extra_modules: Sequence[str] = ()) -> dict[str, str]:
 
 
 def _override(key: str, value: object) -> str:
-    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, dict):
+        text = "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}"
+    else:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
     return f"++{key}={text}"
 
 
