@@ -129,3 +129,11 @@ def test_sigint_stops_everything_and_leaves_a_usable_checkpoint(tmp_path: Path, 
     actor = tmp_path / "run" / "checkpoints" / f"global_step_{step}" / "actor"
     assert any(actor.glob("model_world_size_*_rank_0.pt"))
     assert (actor / "huggingface" / "config.json").exists()
+
+
+def test_trainer_without_total_steps_fails_fast_naming_the_key(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "recipe.atropos.main_atropos", "actor_rollout_ref.model.path=/nowhere"]
+    argv.append(f"hydra.run.dir={tmp_path}")
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "trainer.total_training_steps is required" in run.stderr + run.stdout

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from recipe.atropos import extensions
 from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.runtime.assets import resolve_model_path
+from recipe.atropos.trainer import check_atropos_config
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
 
     os.environ.setdefault("WANDB_MODE", "offline")  # wandb logs locally unless the user says otherwise
+    check_atropos_config(config)
 
     prepare_runtime(config)
     started_ray = False

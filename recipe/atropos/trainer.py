@@ -57,15 +57,24 @@ class ApiStepSource:
         return None
 
 
+def check_atropos_config(config: DictConfig) -> None:
+    """Fail before Ray starts, naming the key and the fix."""
+    if not config.trainer.get("total_training_steps"):
+        raise ValueError(
+            "trainer.total_training_steps is required: data comes from the Atropos API, so there is no dataset to "
+            "count epochs over. Pass e.g. trainer.total_training_steps=100"
+        )
+    if not config.actor_rollout_ref.model.get("path"):
+        raise ValueError("actor_rollout_ref.model.path is required: a model directory or hub name")
+    if config.atropos.inference.backend not in ("ray", "vllm_http"):
+        raise ValueError(f"atropos.inference.backend={config.atropos.inference.backend!r}: use 'ray' or 'vllm_http'")
+
+
 class RayAtroposTrainer(RayPPOTrainer):
     """GRPO on Atropos environments; constructor as RayPPOTrainer's (datasets are not used)."""
 
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
-        if config.trainer.get("total_training_steps") in (None, "", 0):
-            raise ValueError(
-                "trainer.total_training_steps is required: data comes from the Atropos API, so there is no dataset "
-                "to count epochs over. Pass e.g. trainer.total_training_steps=100"
-            )
+        check_atropos_config(config)
         super().__init__(config, *args, **kwargs)
         self.atropos_cfg = config.atropos
         self.endpoint: InferenceEndpoint | None = None
