@@ -19,7 +19,7 @@ from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
 POLICY_LOSS_NAME = "advantage_weighted_ce"
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "sum", "none")
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 512
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -34,23 +34,31 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
         nll = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        lse = torch.empty_like(nll)
         for start in range(0, logits.shape[0], chunk):
-            z = logits[start : start + chunk].to(dtype) / temperature
-            lse = torch.logsumexp(z, dim=-1)
-            nll[start : start + chunk] = lse - z.gather(1, targets[start : start + chunk, None]).squeeze(1)
-        ctx.save_for_backward(logits, targets)
+            stop = start + chunk
+            z = logits[start:stop].to(dtype, copy=True)  # the chunk's only full-width temporary
+            if temperature != 1.0:
+                z.div_(temperature)
+            lse[start:stop] = torch.logsumexp(z, dim=-1)
+            nll[start:stop] = lse[start:stop] - z.gather(1, targets[start:stop, None]).squeeze(1)
+        ctx.save_for_backward(logits, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return nll
 
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        logits, targets = ctx.saved_tensors
+        logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk):
             stop = start + ctx.chunk
-            probs = torch.softmax(logits[start:stop].to(grad_nll.dtype) / ctx.temperature, dim=-1)
+            probs = logits[start:stop].to(lse.dtype, copy=True)  # softmax(z / T) = exp(z / T - lse), built in place
+            if ctx.temperature != 1.0:
+                probs.div_(ctx.temperature)
+            probs.sub_(lse[start:stop, None]).exp_()
             probs.scatter_add_(1, targets[start:stop, None], torch.full_like(probs[:, :1], -1.0))
-            grad[start:stop] = (probs * (grad_nll[start:stop, None] / ctx.temperature)).to(logits.dtype)
+            probs.mul_(grad_nll[start:stop, None] / ctx.temperature)
+            grad[start:stop] = probs
         return grad, None, None, None
 
 
