@@ -117,6 +117,7 @@ def test_atroposlib_vllm_client_reads_our_endpoint_backed_by_vllm_http(fake_vllm
                     base_url=f"{endpoint.url}/v1",
                     model_name="m",
                     tokenizer_name=str(model_dir),
+                    api_key="x",
                     health_check=False,
                 )
             )
