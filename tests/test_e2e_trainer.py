@@ -3,7 +3,6 @@ inference endpoint, and the bundled environment in `serve` mode."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ import psutil
 import pytest
 import requests
 
+from recipe.atropos.plotting import read_metrics
 from recipe.atropos.processes import ManagedProcess, free_port, stop_process_tree, tail
 from recipe.atropos.runtime.assets import build_tiny_model
 
@@ -73,10 +73,6 @@ def env_process(run_dir: Path, model: Path, api_url: str, port: int, name: str =
         str(model),
     ]
     return ManagedProcess(name, argv, run_dir / f"{name}.log")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def wait_exit(proc: ManagedProcess, timeout: float) -> int:
