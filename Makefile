@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench check-extras clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_loss.py
+
+# Resolver check of the GPU extras (.[gpu], .[sglang]) in a throw-away venv: metadata only, ~1-2 min.
+check-extras:
+	bash .ci/check_extras.sh
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
