@@ -119,18 +119,36 @@ class RayReplicaBackend:
 
 
 class VLLMCompletionsBackend:
-    """Forwards to vLLM OpenAI-compatible servers: ``POST {address}/v1/completions`` with token-id prompts."""
+    """Forwards to vLLM OpenAI-compatible servers: ``POST {address}/v1/completions`` with token-id prompts.
 
-    def __init__(self, addresses: Sequence[str], model_name: str, timeout_s: float = 600.0) -> None:
+    ``model_name=None`` (the default) asks each server for the name it serves (``GET /v1/models``) on first use:
+    verl starts vLLM with ``model_config.local_path`` (which differs from ``model.path`` with ``use_shm``, a hub name
+    or Prometheus' ``served_model_name``), and a wrong name gets 404.
+    """
+
+    def __init__(self, addresses: Sequence[str], model_name: str | None = None, timeout_s: float = 600.0) -> None:
         if not addresses:
             raise ValueError("VLLMCompletionsBackend needs at least one vLLM server address")
         self._urls = itertools.cycle([a if a.startswith("http") else f"http://{a}" for a in addresses])
         self._model = model_name
+        self._served: dict[str, str] = {}  # server URL -> the model name it serves
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    def request_body(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
+    async def served_model(self, session: aiohttp.ClientSession, url: str) -> str:
+        """The configured name, else the first model id the server lists at ``/v1/models`` (cached per server)."""
+        if self._model:
+            return self._model
+        if url not in self._served:
+            async with session.get(f"{url}/v1/models") as r:
+                body = await r.json(content_type=None)
+                if r.status >= 400 or not body.get("data"):
+                    raise RuntimeError(f"vLLM {url}/v1/models answered {r.status}: {body}")
+                self._served[url] = str(body["data"][0]["id"])
+        return self._served[url]
+
+    def request_body(self, prompt_ids: list[int], params: SamplingParams, model: str | None = None) -> dict[str, Any]:
         return {
-            "model": self._model,
+            "model": model or self._model,
             "prompt": prompt_ids,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
@@ -152,10 +170,10 @@ class VLLMCompletionsBackend:
         return Completion(ids, [float(x) for x in token_logprobs], str(choice.get("finish_reason") or "stop"))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        url = next(self._urls)
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
-            async with session.post(
-                f"{next(self._urls)}/v1/completions", json=self.request_body(prompt_ids, params)
-            ) as r:
+            model = await self.served_model(session, url)
+            async with session.post(f"{url}/v1/completions", json=self.request_body(prompt_ids, params, model)) as r:
                 body = await r.json(content_type=None)
                 if r.status >= 400:
                     raise RuntimeError(f"vLLM /v1/completions answered {r.status}: {body}")

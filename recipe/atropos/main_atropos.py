@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from recipe.atropos import extensions
 from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.runtime.assets import resolve_model_path
+from recipe.atropos.runtime.gpu import check_gpu_runtime
 from recipe.atropos.trainer import check_atropos_config
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def prepare_runtime(config: DictConfig) -> bool:
     if use_cpu:
         apply_cpu_runtime(config, extra_modules=[extensions.MODULE])
     else:
+        check_gpu_runtime(config)
         _add_external_module(extensions.MODULE)
     return use_cpu
 

@@ -122,8 +122,8 @@ class RayAtroposTrainer(RayPPOTrainer):
         if icfg.backend == "ray":
             backend = RayReplicaBackend(self.llm_server_manager.server_handles, eos_ids)
         elif icfg.backend == "vllm_http":
-            model_name = icfg.get("served_model_name") or self.config.actor_rollout_ref.model.path
-            backend = VLLMCompletionsBackend(self.llm_server_manager.server_addresses, model_name)
+            # null: ask each vLLM server which name it serves (verl serves model_config.local_path, not model.path)
+            backend = VLLMCompletionsBackend(self.llm_server_manager.server_addresses, icfg.get("served_model_name"))
         else:
             raise ValueError(f"atropos.inference.backend={icfg.backend!r}: use 'ray' or 'vllm_http'")
         endpoint = InferenceEndpoint(
