@@ -46,6 +46,7 @@ class EnvSpec:
     group_size: int = 8
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
+    max_batches_offpolicy: int | None = None  # from atropos.max_policy_lag: envs generate no further ahead
 
     def argv(self, api_url: str, inference_url: str, model: str, max_token_length: int) -> list[str]:
         target = ["-m", self.module] if self.module else [str(Path(self.script).expanduser())]
@@ -63,6 +64,8 @@ class EnvSpec:
             "openai.tokenizer_name": model,
             "openai.api_key": "x",
         }
+        if self.max_batches_offpolicy is not None:
+            flags["env.max_batches_offpolicy"] = self.max_batches_offpolicy
         flags.update(self.args)  # the env's own flags win
         cli = []
         for key, value in flags.items():
@@ -85,7 +88,9 @@ def env_specs(config: DictConfig) -> list[EnvSpec]:
     batch_size = int(config.data.train_batch_size)
     specs = []
     for i, entry in enumerate(entries):
-        spec = EnvSpec(**{"name": f"env{i}", **entry})
+        max_lag = config.atropos.get("max_policy_lag")
+        ahead = None if max_lag is None else max(1, int(max_lag))
+        spec = EnvSpec(**{"name": f"env{i}", "max_batches_offpolicy": ahead, **entry})
         if bool(spec.module) == bool(spec.script):
             raise LaunchError(f"atropos.launcher.envs[{i}] ({spec.name}): give exactly one of `module` or `script`")
         if spec.group_size < 1 or batch_size % spec.group_size:
