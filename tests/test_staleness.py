@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +19,9 @@ import recipe.atropos.losses  # noqa: F401  (registers advantage_weighted_ce)
 from recipe.atropos.batching import select_groups
 from recipe.atropos.inference import CompletionLedger
 from recipe.atropos.launch_atropos_verl_services import env_specs, load_config
+from recipe.atropos.plotting import read_metrics
+from recipe.atropos.processes import ManagedProcess, tail
+from recipe.atropos.runtime.assets import build_tiny_model
 from recipe.atropos.staleness import (
     check_staleness_config,
     is_weight_metrics,
@@ -187,3 +192,39 @@ def test_bypass_is_metrics_from_the_actor_get_the_short_names() -> None:
     metrics = {"actor/atropos/is_weight_mean": 1.1, "actor/atropos/is_weight_max": 2.0}
     promote_actor_is_metrics(metrics)
     assert metrics["atropos/is_weight_mean"] == 1.1 and metrics["atropos/is_weight_max"] == 2.0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: Path) -> None:
+    """The demo's mode on the tiny config: the actor applies min(π_θ/π_rollout, 2) itself; no old-log-prob pass."""
+    model = build_tiny_model(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "recipe.atropos.launch_atropos_verl_services",
+        "--config",
+        str(CONFIGS / "atropos_grpo_tiny.yaml"),
+        f"actor_rollout_ref.model.path={model}",
+        f"atropos.launcher.run_dir={run_dir}",
+        "trainer.total_training_steps=3",
+        "algorithm.rollout_correction.bypass_mode=true",
+    ]
+    launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log").start()
+    try:
+        deadline = 540.0
+        while launcher.poll() is None and deadline > 0:
+            time.sleep(1)
+            deadline -= 1
+        assert launcher.poll() == 0, tail(launcher.log_path, 80)
+    finally:
+        launcher.stop()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert "timing_s/old_log_prob" not in row  # skipped: the rollout's log-probs are the behaviour policy
+        assert 0.0 < row["atropos/is_weight_mean"] <= 2.0 and row["atropos/is_weight_max"] <= 2.0
+        assert 0.0 <= row["atropos/is_truncated_fraction"] <= 1.0
+        lags = [row["atropos/policy_lag_0"], row["atropos/policy_lag_1"], row["atropos/policy_lag_2plus"]]
+        assert sum(lags) == pytest.approx(1.0)
