@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -159,6 +160,7 @@ class Launcher:
         trainer = self._start("trainer", self.trainer_argv())
         logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
         trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
+        os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
         for spec in self.envs:
             self._start_env(spec)
 
