@@ -182,7 +182,10 @@ def test_launcher_keeps_envs_within_the_lag_cap() -> None:
     config = load_config(CONFIGS / "atropos_grpo_cpu_demo.yaml", [])
     argv = env_specs(config)[0].argv("http://a", "http://b", "/m", 64)
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
-    assert flags["--env.max_batches_offpolicy"] == "2"
+    assert flags["--env.max_batches_offpolicy"] == "1"  # max_policy_lag 2: one batch queued ahead + in-flight
+    deeper = load_config(CONFIGS / "atropos_grpo_cpu_demo.yaml", ["atropos.max_policy_lag=4"])
+    argv = env_specs(deeper)[0].argv("http://a", "http://b", "/m", 64)
+    assert dict(zip(argv[4::2], argv[5::2], strict=True))["--env.max_batches_offpolicy"] == "3"
     on_policy = load_config(CONFIGS / "atropos_grpo_cpu_demo.yaml", ["atropos.max_policy_lag=0"])
     argv = env_specs(on_policy)[0].argv("http://a", "http://b", "/m", 64)
     assert dict(zip(argv[4::2], argv[5::2], strict=True))["--env.max_batches_offpolicy"] == "1"

@@ -90,7 +90,8 @@ def env_specs(config: DictConfig) -> list[EnvSpec]:
     specs = []
     for i, entry in enumerate(entries):
         max_lag = config.atropos.get("max_policy_lag")
-        ahead = None if max_lag is None else max(1, int(max_lag))
+        # Queue depth one below the cap: groups still in flight when an update starts take the last version of slack.
+        ahead = None if max_lag is None else max(1, int(max_lag) - 1)
         spec = EnvSpec(**{"name": f"env{i}", "max_batches_offpolicy": ahead, **entry})
         if bool(spec.module) == bool(spec.script):
             raise LaunchError(f"atropos.launcher.envs[{i}] ({spec.name}): give exactly one of `module` or `script`")
