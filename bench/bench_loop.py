@@ -82,7 +82,9 @@ def step_metrics_from_console(log: str) -> list[dict[str, float]]:
     for line in log.splitlines():
         if "training/global_step:" not in line:
             continue
-        rows.append({k: float(v) for k, v in re.findall(r"([\w/@.-]+):([-\d.e+]+)(?= - |$)", line)})
+        rows.append(
+            {k: float(v) for k, v in re.findall(r"([\w/@.-]+):(?:np\.float\d+\()?([-\d.e+]+)\)?(?= - |$)", line)}
+        )
     return rows
 
 
@@ -203,7 +205,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="questions per step")
     parser.add_argument("--group", type=int, default=8, help="samples per question")
     parser.add_argument("--max-response-length", type=int, default=16)
-    parser.add_argument("--max-prompt-length", type=int, default=None, help="default 48 (SmolLM2), 128 (tiny)")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="default 48 (SmolLM2), 160 (tiny)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=None)
@@ -212,7 +214,7 @@ def main() -> None:
     out = args.out or ROOT / "outputs" / f"bench-loop-{datetime.now():%Y%m%d-%H%M%S}"
     if args.model == "tiny":
         model = str(build_tiny_model(out / "tiny"))
-        args.max_prompt_length = args.max_prompt_length or 128
+        args.max_prompt_length = args.max_prompt_length or 160
     else:
         model = resolve_model_path(args.model)
         args.max_prompt_length = args.max_prompt_length or 48
