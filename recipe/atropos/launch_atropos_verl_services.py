@@ -159,11 +159,13 @@ class Launcher:
         api = self._start("run-api", run_api_argv(self.api_port))
         api.wait_http(f"{self.api_url}/status", timeout=60)
         trainer = self._start("trainer", self.trainer_argv())
-        logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
-        trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
+        # Envs start beside the trainer (their start-up overlaps its Ray start-up): they wait for the API to admit
+        # them, which happens only once the trainer registers, after its endpoint is up.
         os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
         for spec in self.envs:
             self._start_env(spec)
+        logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
+        trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
 
     def stop_all(self) -> None:
         for name in [*(s.name for s in self.envs), "trainer", "run-api"]:

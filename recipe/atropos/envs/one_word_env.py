@@ -215,7 +215,15 @@ class OneWordEnv(BaseEnv):
             ]
         return group, []
 
-    async def _policy_version(self) -> int | None:
+    async def _wait_for_endpoint(self, timeout_s: float = 1800.0) -> None:
+        """Envs may start before the trainer's endpoint (the launcher overlaps their start-ups): wait for /health."""
+        deadline = time.monotonic() + timeout_s
+        while await self._policy_version(quiet=True) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the inference endpoint did not answer /health within {timeout_s} s")
+            await asyncio.sleep(1.0)
+
+    async def _policy_version(self, quiet: bool = False) -> int | None:
         """The version of the weights the trainer's endpoint serves now (its ``/health``), None if unknown."""
         base = self.server.servers[0].config.base_url.rstrip("/").removesuffix("/v1")
         try:
@@ -223,7 +231,8 @@ class OneWordEnv(BaseEnv):
                 async with session.get(f"{base}/health") as resp:
                     return int((await resp.json())["policy_version"])
         except (TimeoutError, aiohttp.ClientError, KeyError, ValueError, TypeError) as exc:
-            logger.warning("policy version unknown (GET %s/health failed: %r)", base, exc)
+            if not quiet:
+                logger.warning("policy version unknown (GET %s/health failed: %r)", base, exc)
             return None
 
     async def _sample_scores(self, item: str) -> list[float]:
@@ -239,6 +248,7 @@ class OneWordEnv(BaseEnv):
 
     async def evaluate(self, *args: object, **kwargs: object) -> dict[str, Any]:
         """Held-out success rate at the training temperature, with the generation-side counts so far."""
+        await self._wait_for_endpoint()
         start = time.time()
         version = await self._policy_version()
         per_question = await asyncio.gather(
