@@ -35,5 +35,12 @@ bench: install
 check-extras:
 	bash .ci/check_extras.sh
 
+# verl's native GRPO and our full loop on the same work, one after the other; ends with `ratio ours/native: ...`.
+# BENCH_LOOP_ARGS e.g. "--model tiny --steps 3" for a quick run (default: SmolLM2, 5 steps of 4x8).
+.PHONY: bench-loop
+BENCH_LOOP_ARGS ?=
+bench-loop: install
+	$(PY) bench/bench_loop.py $(BENCH_LOOP_ARGS)
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -46,6 +47,7 @@ class EnvSpec:
     group_size: int = 8
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
+    max_batches_offpolicy: int | None = None  # from atropos.max_policy_lag: envs generate no further ahead
 
     def argv(self, api_url: str, inference_url: str, model: str, max_token_length: int) -> list[str]:
         target = ["-m", self.module] if self.module else [str(Path(self.script).expanduser())]
@@ -63,6 +65,8 @@ class EnvSpec:
             "openai.tokenizer_name": model,
             "openai.api_key": "x",
         }
+        if self.max_batches_offpolicy is not None:
+            flags["env.max_batches_offpolicy"] = self.max_batches_offpolicy
         flags.update(self.args)  # the env's own flags win
         cli = []
         for key, value in flags.items():
@@ -85,7 +89,10 @@ def env_specs(config: DictConfig) -> list[EnvSpec]:
     batch_size = int(config.data.train_batch_size)
     specs = []
     for i, entry in enumerate(entries):
-        spec = EnvSpec(**{"name": f"env{i}", **entry})
+        max_lag = config.atropos.get("max_policy_lag")
+        # Queue depth one below the cap: groups still in flight when an update starts take the last version of slack.
+        ahead = None if max_lag is None else max(1, int(max_lag) - 1)
+        spec = EnvSpec(**{"name": f"env{i}", "max_batches_offpolicy": ahead, **entry})
         if bool(spec.module) == bool(spec.script):
             raise LaunchError(f"atropos.launcher.envs[{i}] ({spec.name}): give exactly one of `module` or `script`")
         if spec.group_size < 1 or batch_size % spec.group_size:
@@ -152,10 +159,13 @@ class Launcher:
         api = self._start("run-api", run_api_argv(self.api_port))
         api.wait_http(f"{self.api_url}/status", timeout=60)
         trainer = self._start("trainer", self.trainer_argv())
-        logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
-        trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
+        # Envs start beside the trainer (their start-up overlaps its Ray start-up): they wait for the API to admit
+        # them, which happens only once the trainer registers, after its endpoint is up.
+        os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
         for spec in self.envs:
             self._start_env(spec)
+        logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
+        trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
 
     def stop_all(self) -> None:
         for name in [*(s.name for s in self.envs), "trainer", "run-api"]:

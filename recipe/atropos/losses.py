@@ -130,6 +130,41 @@ def compute_advantage_weighted_sft_loss(
     return seq_means.mean() if seq_means.numel() else per_token.sum() * 0.0
 
 
+def behaviour_is_weights(
+    old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor, rollout_correction: Any
+) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
+    """Truncated importance weights ``π_θ / π_old`` (detached), verl's rollout correction applied in the loss.
+
+    In bypass mode ``old_log_prob`` is the rollout's log-probs, so these are the weights that correct for the policy
+    lag: token level ``min(exp(log π_θ - log π_rollout), C)`` with ``C`` = ``rollout_is_threshold`` (or sequence level,
+    or with rejection sampling, as configured). All tensors [bs, response_length]; returns (weights or None when
+    ``rollout_is`` is unset, the response mask after rejection sampling, metrics).
+    """
+    if rollout_correction is None or not bool(response_mask.any()):
+        return None, response_mask, {}
+    rollout_is = rollout_correction.get("rollout_is", None)
+    rollout_rs = rollout_correction.get("rollout_rs", None)
+    if rollout_is is None and rollout_rs is None:
+        return None, response_mask, {}
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    from recipe.atropos.staleness import is_weight_metrics
+
+    with torch.no_grad():
+        weights_proto, mask, corr_metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob.detach(),  # verl's name for the policy being trained
+            rollout_log_prob=old_log_prob,  # the behaviour policy
+            response_mask=response_mask,
+            rollout_is=rollout_is,
+            rollout_is_threshold=rollout_correction.get("rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=rollout_correction.get("rollout_is_batch_normalize", False),
+            rollout_rs=rollout_rs,
+            rollout_rs_threshold=rollout_correction.get("rollout_rs_threshold", None),
+        )
+    weights = None if weights_proto is None else weights_proto.batch["rollout_is_weights"]
+    return weights, mask.to(response_mask.dtype), is_weight_metrics(corr_metrics)
+
+
 @register_policy_loss(POLICY_LOSS_NAME)
 def compute_policy_loss_advantage_weighted_ce(
     old_log_prob: torch.Tensor,
@@ -142,9 +177,16 @@ def compute_policy_loss_advantage_weighted_ce(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """verl policy loss: ``agg_loss(-A · log π · w, mask)``, all tensors [bs, response_length].
 
-    ``w`` = verl's rollout-correction importance weights when given (``algorithm.rollout_correction.rollout_is``),
-    else 1. Gradient: ``-A ∇log π`` per token, i.e. REINFORCE/GRPO on policy.
+    ``w`` = the trainer's rollout-correction weights ``min(π_old / π_rollout, C)`` when given (decoupled mode); else,
+    when ``policy_loss.rollout_correction.rollout_is`` is set, ``min(π_θ / π_old, C)`` computed here (bypass mode,
+    where ``π_old`` is the rollout policy); else 1. ``w`` is detached: the gradient is ``-A · w · ∇log π`` per token,
+    truncated-IS REINFORCE/GRPO. Correct for one update per batch (``check_staleness_config`` refuses more).
     """
+    metrics: dict[str, Any] = {}
+    if rollout_is_weights is None:
+        policy_loss_cfg = getattr(config, "policy_loss", None)
+        corr = policy_loss_cfg.get("rollout_correction", None) if policy_loss_cfg is not None else None
+        rollout_is_weights, response_mask, metrics = behaviour_is_weights(old_log_prob, log_prob, response_mask, corr)
     losses = -advantages * log_prob
     if rollout_is_weights is not None:
         losses = losses * rollout_is_weights
@@ -153,4 +195,5 @@ def compute_policy_loss_advantage_weighted_ce(
     with torch.no_grad():
         mask = response_mask.bool()
         approx_kl = (old_log_prob - log_prob)[mask].mean() if mask.any() else torch.zeros(())
-    return loss, {"actor/ppo_kl": float(approx_kl), "actor/pg_clipfrac": 0.0, "actor/pg_clipfrac_lower": 0.0}
+    metrics.update({"actor/ppo_kl": float(approx_kl), "actor/pg_clipfrac": 0.0, "actor/pg_clipfrac_lower": 0.0})
+    return loss, metrics

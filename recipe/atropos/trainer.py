@@ -40,6 +40,13 @@ from recipe.atropos.inference import (
     RayReplicaBackend,
     VLLMCompletionsBackend,
 )
+from recipe.atropos.staleness import (
+    check_staleness_config,
+    is_weight_metrics,
+    lag_histogram,
+    promote_actor_is_metrics,
+    share_rollout_correction_with_actor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +75,7 @@ def check_atropos_config(config: DictConfig) -> None:
         raise ValueError("actor_rollout_ref.model.path is required: a model directory or hub name")
     if config.atropos.inference.backend not in ("ray", "vllm_http"):
         raise ValueError(f"atropos.inference.backend={config.atropos.inference.backend!r}: use 'ray' or 'vllm_http'")
+    check_staleness_config(config)
 
 
 class RayAtroposTrainer(RayPPOTrainer):
@@ -75,6 +83,7 @@ class RayAtroposTrainer(RayPPOTrainer):
 
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
         check_atropos_config(config)
+        share_rollout_correction_with_actor(config)  # before the workers copy the config
         super().__init__(config, *args, **kwargs)
         self.atropos_cfg = config.atropos
         self.endpoint: InferenceEndpoint | None = None
@@ -188,6 +197,7 @@ class RayAtroposTrainer(RayPPOTrainer):
         if sel.lags:
             metrics["atropos/policy_lag_mean"] = float(np.mean(sel.lags))
             metrics["atropos/policy_lag_max"] = float(np.max(sel.lags))
+            metrics.update(lag_histogram(sel.lags))
         return sel.chosen
 
     def _to_dataproto(self, groups: Sequence[Any], metrics: dict[str, float]) -> DataProto:
@@ -224,9 +234,9 @@ class RayAtroposTrainer(RayPPOTrainer):
                     "algorithm.rollout_correction.bypass_mode=true needs inference_logprobs in every group; "
                     "use ManagedServer in the environments or set bypass_mode=false"
                 )
-            from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
-
-            apply_bypass_mode(batch, rollout_corr, self.config.actor_rollout_ref.actor.policy_loss)
+            # The behaviour policy's log-probs stand in for the old policy's (no old-log-prob pass); the actor's loss
+            # applies the truncated IS weights from its own copy of rollout_correction (staleness.py).
+            batch.batch["old_log_probs"] = batch.batch["rollout_log_probs"]
         else:
             with marked_timer("old_log_prob", timing):
                 old_log_prob, _mfu = self._compute_old_log_prob(batch)
@@ -257,6 +267,7 @@ class RayAtroposTrainer(RayPPOTrainer):
 
             batch, is_metrics = compute_rollout_correction_and_add_to_batch(batch, rollout_corr)
             metrics.update(is_metrics)
+            metrics.update(is_weight_metrics(is_metrics))
         batch = compute_atropos_advantages(
             batch,
             use_env_advantages=bool(self.atropos_cfg.use_env_advantages),
@@ -323,6 +334,7 @@ class RayAtroposTrainer(RayPPOTrainer):
                 with marked_timer("update_actor", timing):
                     actor_output = self._update_actor(batch)
                 metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
+                promote_actor_is_metrics(metrics)
                 save_freq = int(self.config.trainer.save_freq)
                 if save_freq > 0 and (
                     self.global_steps % save_freq == 0 or self.global_steps == self.total_training_steps

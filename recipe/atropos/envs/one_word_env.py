@@ -8,17 +8,31 @@ Every ``env_advantage_every``-th group also carries token-level ``advantages`` (
 completion token, 0 on the prompt), so a training run exercises both of the trainer's advantage paths: the
 environment's token-level values and verl's GRPO fallback.
 
+Held-out evaluation (``evaluate``, every ``steps_per_eval`` API steps and once at start-up): a fixed set of questions
+on subjects the training stream never asks about, ``eval_samples_per_question`` samples each at the training
+temperature; the success rate, the policy version it measured (the endpoint's ``/health``) and the generation-side
+counts (groups generated, groups with identical scores, mean score over everything generated) are appended as one
+JSON line to ``metrics_file`` (the trainer's metrics file; the launcher sets ``ATROPOS_VERL_METRICS_FILE``).
+
 Run: ``python -m recipe.atropos.envs.one_word_env serve --env.tokenizer_name MODEL_DIR --openai.server_type vllm
 --openai.base_url http://127.0.0.1:PORT/v1 --openai.model_name MODEL_DIR``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import math
+import os
 import random
 import re
+import time
+from pathlib import Path
+from typing import Any
 
-from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
+import aiohttp
+from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, EvalHandlingEnum, ScoredDataGroup
 from pydantic import Field
 
 INSTRUCTION = "Answer in exactly one word."
@@ -50,7 +64,20 @@ TEMPLATES = (
     "Which single word best fits {}?",
     "Tell me about {}.",
 )
+# Never asked during training: the held-out set pairs these subjects with the training templates.
+HELD_OUT_SUBJECTS = (
+    "the colour of a lemon",
+    "the month after June",
+    "the insect that makes honey",
+    "the opposite of up",
+    "the shape of a ball",
+    "the drink cows give",
+    "the number after two",
+    "the bird that hoots at night",
+)
 WORD = re.compile(r"[A-Za-z0-9']+")
+METRICS_FILE_ENV = "ATROPOS_VERL_METRICS_FILE"
+logger = logging.getLogger(__name__)
 
 
 def one_word_score(reply: str) -> float:
@@ -69,6 +96,36 @@ def question(rng: random.Random) -> str:
     return f"{rng.choice(TEMPLATES).format(rng.choice(SUBJECTS))} {INSTRUCTION}"
 
 
+def held_out_questions(n: int) -> list[str]:
+    """The fixed evaluation set: ``n`` questions (at most 32) on HELD_OUT_SUBJECTS, the same in every run."""
+    pairs = [(t, s) for s in HELD_OUT_SUBJECTS for t in TEMPLATES]
+    random.Random(1234).shuffle(pairs)
+    return [f"{t.format(s)} {INSTRUCTION}" for t, s in pairs[:n]]
+
+
+class GenerationCounts:
+    """What the env generated, before BaseEnv drops any group: groups, identical-score groups, scores."""
+
+    def __init__(self) -> None:
+        self.groups = 0
+        self.identical = 0
+        self.samples = 0
+        self.score_sum = 0.0
+
+    def add(self, scores: list[float]) -> None:
+        self.groups += 1
+        self.identical += int(len(set(scores)) == 1)
+        self.samples += len(scores)
+        self.score_sum += sum(scores)
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}/groups_generated": float(self.groups),
+            f"{prefix}/groups_identical_scores": float(self.identical),
+            f"{prefix}/mean_score_generated": self.score_sum / self.samples if self.samples else float("nan"),
+        }
+
+
 class OneWordEnvConfig(BaseEnvConfig):
     seed: int = Field(0, description="Seed of the question stream (deterministic across runs).")
     max_new_tokens: int = Field(32, description="Most tokens per completion.")
@@ -78,6 +135,13 @@ class OneWordEnvConfig(BaseEnvConfig):
     )
     env_advantage_every: int = Field(
         2, description="Every k-th group carries token-level `advantages` (0 = never); the rest use trainer GRPO."
+    )
+    eval_questions: int = Field(8, description="Held-out questions per evaluation (at most 32).")
+    eval_samples_per_question: int = Field(4, description="Samples per held-out question, at `temperature`.")
+    eval_at_start: bool = Field(True, description="Evaluate once before training (when steps_per_eval > 0).")
+    metrics_file: str | None = Field(
+        default_factory=lambda: os.environ.get(METRICS_FILE_ENV),
+        description=f"Append evaluation rows (JSON lines) here; default ${METRICS_FILE_ENV}; None = log only.",
     )
 
 
@@ -98,6 +162,8 @@ class OneWordEnv(BaseEnv):
             max_token_length=512,
             max_batches_offpolicy=2,
             wandb_name="one_word",
+            # Held-out evaluation runs beside generation for training (it takes a few seconds), not instead of it.
+            eval_handling=EvalHandlingEnum.NONE,
         )
         server = APIServerConfig(
             server_type="vllm",
@@ -112,6 +178,9 @@ class OneWordEnv(BaseEnv):
     async def setup(self) -> None:
         self.rng = random.Random(self.config.seed)
         self.groups_sent = 0
+        self.counts = GenerationCounts()
+        if self.config.steps_per_eval > 0 and self.config.eval_at_start:
+            await self.evaluate()
 
     async def get_next_item(self) -> str:
         return question(self.rng)
@@ -136,6 +205,7 @@ class OneWordEnv(BaseEnv):
             group["scores"].append(one_word_score(reply))
             group["messages"].append([*messages, {"role": "assistant", "content": reply}])
             group["overrides"].append({})
+        self.counts.add(group["scores"])
         self.groups_sent += 1
         every = self.config.env_advantage_every
         if every > 0 and self.groups_sent % every == 0:
@@ -145,8 +215,62 @@ class OneWordEnv(BaseEnv):
             ]
         return group, []
 
-    async def evaluate(self, *args: object, **kwargs: object) -> None:
-        return None  # the training score is the signal here; held-out evaluation adds minutes on CPU
+    async def _wait_for_endpoint(self, timeout_s: float = 1800.0) -> None:
+        """Envs may start before the trainer's endpoint (the launcher overlaps their start-ups): wait for /health."""
+        deadline = time.monotonic() + timeout_s
+        while await self._policy_version(quiet=True) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the inference endpoint did not answer /health within {timeout_s} s")
+            await asyncio.sleep(1.0)
+
+    async def _policy_version(self, quiet: bool = False) -> int | None:
+        """The version of the weights the trainer's endpoint serves now (its ``/health``), None if unknown."""
+        base = self.server.servers[0].config.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with session.get(f"{base}/health") as resp:
+                    return int((await resp.json())["policy_version"])
+        except (TimeoutError, aiohttp.ClientError, KeyError, ValueError, TypeError) as exc:
+            if not quiet:
+                logger.warning("policy version unknown (GET %s/health failed: %r)", base, exc)
+            return None
+
+    async def _sample_scores(self, item: str) -> list[float]:
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        async with self.server.managed_server(tokenizer=self.tokenizer) as managed:  # the endpoint speaks tokens
+            completion = await managed.chat_completion(
+                messages=[*system, {"role": "user", "content": item}],
+                n=self.config.eval_samples_per_question,
+                max_tokens=self.config.max_new_tokens,
+                temperature=self.config.temperature,
+            )
+        return [one_word_score(c.message.content or "") for c in completion.choices]
+
+    async def evaluate(self, *args: object, **kwargs: object) -> dict[str, Any]:
+        """Held-out success rate at the training temperature, with the generation-side counts so far."""
+        await self._wait_for_endpoint()
+        start = time.time()
+        version = await self._policy_version()
+        per_question = await asyncio.gather(
+            *[self._sample_scores(q) for q in held_out_questions(self.config.eval_questions)]
+        )
+        scores = [s for qs in per_question for s in qs]
+        prefix = f"eval/{self.config.wandb_name or self.name}"
+        row: dict[str, Any] = {
+            "step": version,
+            "source": f"env:{self.config.wandb_name or self.name}",
+            f"{prefix}/held_out_success": sum(scores) / len(scores),
+            f"{prefix}/held_out_samples": float(len(scores)),
+            f"{prefix}/seconds": time.time() - start,
+            f"{prefix}/policy_version_after": await self._policy_version(),
+        }
+        row.update(self.counts.as_metrics(f"env/{self.config.wandb_name or self.name}"))
+        logger.info("held-out evaluation: %s", row)
+        if self.config.metrics_file:
+            Path(self.config.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.config.metrics_file, "a") as fh:  # one short write: appends stay whole lines
+                fh.write(json.dumps(row) + "\n")
+        return row
 
 
 if __name__ == "__main__":
