@@ -125,8 +125,8 @@ def queue_report(batch_size: int | None) -> dict[str, Any]:
     api = _api_state()
     queue = list(getattr(api, "queue", []))
     sizes = Counter(len(item.get("tokens", [])) for item in queue)
-    can_form = None
-    if batch_size and queue:
+    can_form = None  # unknown, or too few sequences to tell
+    if batch_size and sum(size * n for size, n in sizes.items()) >= batch_size:
         can_form = grab_exact_from_heterogeneous_queue(list(queue), batch_size)[0] is not None
     return {
         "queue_groups": len(queue),
