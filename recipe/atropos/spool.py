@@ -9,7 +9,8 @@ silently dropped. Layout under ``<trainer.default_local_dir>/spool/``::
 
     pending/<seq>.json   {"seq", "fetched_step", "group": ScoredData}
     stale.jsonl          one line per group set aside, with "reason"
-    counters.json        written / trained / stale / recovered totals over every run sharing this directory
+    counters.json        written / trained / deleted / stale / recovered totals over every run sharing this directory
+                         (nothing fetched is lost: written == deleted + stale + pending files)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from recipe.atropos.client import GroupValidationError, ScoredGroup, validate_gr
 
 logger = logging.getLogger(__name__)
 
-COUNTERS = ("written", "trained", "stale", "recovered")
+COUNTERS = ("written", "trained", "deleted", "stale", "recovered")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -127,6 +128,7 @@ class GroupSpool:
                 self._trained[seq] = step
             else:
                 self._path(seq).unlink(missing_ok=True)
+                self.counters["deleted"] += 1
         self._save_counters()
 
     def checkpointed(self, step: int) -> int:
@@ -135,6 +137,8 @@ class GroupSpool:
         for seq in done:
             self._path(seq).unlink(missing_ok=True)
             del self._trained[seq]
+        self.counters["deleted"] += len(done)
+        self._save_counters()
         return len(done)
 
     def resume(self, step: int, max_policy_lag: int | None) -> list[ScoredGroup]:
