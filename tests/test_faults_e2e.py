@@ -194,3 +194,39 @@ def test_ctrl_c_then_resume_trains_the_spooled_groups(tmp_path: Path, tiny_model
     again = launch(run_dir, tiny_model, log, f"trainer.total_training_steps={total}")
     assert again.wait(timeout=120) == 0
     assert "already finished" in log.read_text()
+
+
+def test_bad_groups_posted_mid_run_are_refused_and_the_run_finishes(
+    tmp_path: Path, tiny_model: Path, no_leftovers
+) -> None:
+    """The four groups that ended or stalled a run before the guard: token id past the vocabulary, NaN score,
+    a group of 5 in a batch of 8, an empty group."""
+    import requests
+
+    total = 3
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    proc = launch(run_dir, tiny_model, log, f"trainer.total_training_steps={total}")
+    wait_for(lambda: "step 1/" in log.read_text(), 600, "step 1", proc, log)
+    argv = child_with(proc, "recipe.atropos.api_guard").cmdline()
+    url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    x = -100
+    bad = [
+        {"tokens": [[1, 2, vocab]] * 4, "masks": [[x, x, vocab]] * 4, "scores": [1.0, 0.0, 1.0, 0.0]},
+        {"tokens": [[1, 2, 3]] * 4, "masks": [[x, x, 3]] * 4, "scores": [float("nan"), 0.0, 1.0, 0.0]},
+        {"tokens": [[1, 2, 3]] * 5, "masks": [[x, x, 3]] * 5, "scores": [1.0, 0.0, 1.0, 0.0, 1.0]},
+        {"tokens": [], "masks": [], "scores": []},
+    ]
+    headers = {"Content-Type": "application/json"}
+    codes = [requests.post(f"{url}/scored_data", data=json.dumps(b), headers=headers).status_code for b in bad]
+    assert codes == [422, 422, 422, 422]
+    assert proc.wait(timeout=800) == 0, log.read_text()[-4000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
+    guard = read_json(run_dir / "api_guard_stats.json")
+    assert guard["rejected"] == {"tokens": 2, "scores": 1, "group_size": 1}
+    assert len((run_dir / "rejected_groups.jsonl").read_text().splitlines()) == 4
+    assert "rejected 4 (group_size 1, scores 1, tokens 2" in (run_dir / "summary.txt").read_text()
+    acc = accounting(run_dir)
+    assert_nothing_fetched_lost(acc)
+    table_row("4 malformed groups posted after step 1", len(rows), total, acc, max_gap_s(rows), "all 4 got 422")

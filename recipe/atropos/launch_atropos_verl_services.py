@@ -267,8 +267,26 @@ class Launcher:
         if rows:
             png = plot_metrics(rows, self.run_dir / "metrics.png", title=str(self.config.trainer.experiment_name))
             logger.info("plot: %s", png)
+        faults = self.fault_summary()
+        if faults:
+            summary = f"{summary}\n{faults}"
         (self.run_dir / "summary.txt").write_text(summary + "\n")
         return summary
+
+    def fault_summary(self) -> str:
+        """One line: API/env restarts and groups the guarded API rejected ('' when there were none)."""
+        stats_file = self.run_dir / "api_guard_stats.json"
+        guard = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        rejected = guard.get("rejected") or {}
+        env_restarts = sum(self.restarts.values())
+        if not (self.api_restarts or env_restarts or rejected):
+            return ""
+        by_field = ", ".join(f"{field} {n}" for field, n in sorted(rejected.items())) or "none"
+        return (
+            f"faults: api restarts {self.api_restarts}, env restarts {env_restarts}, groups accepted "
+            f"{guard.get('accepted_groups', 0)}, rejected {sum(rejected.values())} ({by_field}; kept in "
+            f"{self.run_dir / 'rejected_groups.jsonl'})"
+        )
 
     def run(self) -> int:
         try:
