@@ -76,7 +76,9 @@ def accounting(run_dir: Path) -> dict:
     spool = read_json(spool_dir / "counters.json")
     pending = len(list((spool_dir / "pending").glob("*.json"))) if spool_dir.exists() else 0
     trainer_rejected = run_dir / "rejected_groups_trainer.jsonl"
+    final = read_json(run_dir / "api_final_stats.json")
     return {
+        "left_in_api": final.get("queue_groups", 0) + final.get("cached_groups", 0),
         "posted": guard.get("accepted_groups", 0),
         "rejected_api": guard.get("rejected_groups", 0),
         "rejected_trainer": len(trainer_rejected.read_text().splitlines()) if trainer_rejected.exists() else 0,
@@ -94,9 +96,15 @@ def assert_nothing_fetched_lost(acc: dict) -> None:
     assert acc["fetched"] == acc["deleted"] + acc["stale"] + acc["pending"], acc
 
 
+def lost_in_api(acc: dict) -> int:
+    """Accepted by the API but neither fetched by the trainer nor still queued at the end: died with an API."""
+    return acc["posted"] - acc["fetched"] - acc["left_in_api"]
+
+
 def table_row(name: str, steps: int, total: int, acc: dict, stall_s: float, extra: str = "") -> None:
     print(
         f"FAULT-TABLE | {name} | steps {steps}/{total} | posted {acc['posted']} | fetched {acc['fetched']} | "
+        f"left in API at end {acc['left_in_api']} | lost in API {lost_in_api(acc)} | "
         f"trained {acc['trained']} | rejected api {acc['rejected_api']} trainer {acc['rejected_trainer']} | "
         f"set aside {acc['stale']} | left in spool {acc['pending']} | stall {stall_s:.1f} s | {extra}",
         flush=True,
@@ -104,8 +112,8 @@ def table_row(name: str, steps: int, total: int, acc: dict, stall_s: float, extr
 
 
 def max_gap_s(rows: list[dict]) -> float:
-    """Longest step time in the run (timing_s/step), a stand-in for the stall a fault caused."""
-    return max((float(r.get("timing_s/step", 0.0)) for r in rows), default=0.0)
+    """Longest step after the first (which includes warm-up), a stand-in for the stall a fault caused."""
+    return max((float(r.get("timing_s/step", 0.0)) for r in rows[1:]), default=0.0)
 
 
 def child_with(proc: subprocess.Popen, needle: str) -> psutil.Process:

@@ -10,6 +10,11 @@ the batch size stalls batch formation forever, an empty group sits in the queue.
 plus the vocabulary size and the batch size); a bad group gets **422** with the field and the reason, is counted, is
 appended to the rejected-groups file, and never enters the queue. Valid groups of a list are still queued.
 
+With ``--queue-file``, whatever the API still holds when it stops cleanly (SIGTERM/SIGINT: queued groups, formed
+but unfetched batches, atroposlib's per-env buffers) is written there, and a later guarded API started with the same
+file puts those groups back at the front of its queue right after the trainer registers: an interrupted run loses
+no posted group (a SIGKILL still loses the in-memory queue; the trainer's spool keeps what was already fetched).
+
 It also warns when an environment registers a group size that cannot pack into the batch, and serves
 ``GET /guard/stats``: accepted/rejected counts (persisted in the stats file, so they survive an API restart) and the
 group sizes waiting in the queue with whether a batch can form from them (the trainer's poll uses this to say why no
@@ -56,8 +61,12 @@ class GuardState:
         batch_size: int | None,
         rejected_file: str | None = None,
         stats_file: str | None = None,
+        queue_file: str | None = None,
     ) -> None:
         self.vocab_size = vocab_size
+        self.queue_file = Path(queue_file) if queue_file else None
+        self.restored_groups = 0
+        self.dumped_groups = 0
         self.batch_size = batch_size
         self.rejected_file = Path(rejected_file) if rejected_file else None
         self.stats_file = Path(stats_file) if stats_file else None
@@ -72,6 +81,11 @@ class GuardState:
             self.accepted_sequences = int(old.get("accepted_sequences", 0))
             self.rejected.update({k: int(v) for k, v in old.get("rejected", {}).items()})
             self.starts = int(old.get("starts", 0)) + 1
+            self.restored_groups = int(old.get("restored_groups", 0))
+            self.dumped_groups = int(old.get("dumped_groups", 0))
+        self.to_restore: list[dict[str, Any]] = []
+        if self.queue_file is not None and self.queue_file.exists():
+            self.to_restore = [json.loads(line) for line in self.queue_file.read_text().splitlines() if line.strip()]
         self.save()
 
     def counters(self) -> dict[str, Any]:
@@ -81,6 +95,8 @@ class GuardState:
             "rejected_groups": sum(self.rejected.values()),
             "rejected": dict(self.rejected),
             "starts": self.starts,
+            "restored_groups": self.restored_groups,
+            "dumped_groups": self.dumped_groups,
             "unpackable_envs": self.unpackable_envs,
         }
 
@@ -97,6 +113,39 @@ class GuardState:
             with open(self.rejected_file, "a") as fh:
                 fh.write(json.dumps(record, default=str) + "\n")
         self.save()
+
+    def restore_into_queue(self) -> None:
+        """Put the groups of an earlier API (``queue_file``) at the front of the queue; once, after /register."""
+        if not self.to_restore:
+            return
+        api = _api_state()
+        api.queue[:0] = self.to_restore
+        self.restored_groups += len(self.to_restore)
+        logger.info("restored %d groups left by the previous API from %s", len(self.to_restore), self.queue_file)
+        self.to_restore = []
+        self.queue_file.rename(self.queue_file.with_name(f"{self.queue_file.name}.restored-{self.starts}"))
+        self.save()
+
+    def dump_queue(self) -> int:
+        """Write every group the API still holds to ``queue_file`` (atomically); how many."""
+        if self.queue_file is None:
+            return 0
+        api = _api_state()
+        groups = [g for batch in getattr(api, "curr_batch", []) for g in batch]
+        groups += list(getattr(api, "queue", []))
+        groups += [g for buffered in getattr(api, "buffer", {}).values() for g in buffered]
+        groups += self.to_restore  # never restored (no trainer registered): keep them for the next start
+        tmp = self.queue_file.with_name(f".{self.queue_file.name}.tmp")
+        self.queue_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(g) + "\n" for g in groups)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.queue_file)
+        self.dumped_groups += len(groups)
+        self.save()
+        logger.info("wrote the %d groups the API still held to %s", len(groups), self.queue_file)
+        return len(groups)
 
     def accept(self, n_groups: int, n_sequences: int) -> None:
         self.accepted_groups += n_groups
@@ -133,6 +182,7 @@ def queue_report(batch_size: int | None) -> dict[str, Any]:
         "queue_sequences": sum(size * n for size, n in sizes.items()),
         "queue_group_sizes": {str(k): v for k, v in sorted(sizes.items())},
         "cached_batches": len(getattr(api, "curr_batch", [])),
+        "cached_groups": sum(len(batch) for batch in getattr(api, "curr_batch", [])),
         "batch_size": batch_size,
         "can_form_batch": can_form,
     }
@@ -175,6 +225,9 @@ class ApiGuard:
         self.state = state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self.inner(scope, self._on_shutdown(receive), send)
+            return
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
@@ -184,12 +237,29 @@ class ApiGuard:
             await _send_json(send, 200, report)
         elif method == "POST" and path in GUARDED_PATHS:
             await self._scored(scope, receive, send, as_list=path == "/scored_data_list")
+        elif method == "POST" and path == "/register":
+            await self.inner(scope, receive, send)
+            self.state.restore_into_queue()
         elif method == "POST" and path == "/register-env":
             body = await _read_body(receive)
             self._check_env_group_size(body)
             await self.inner(scope, _replay(body), send)
         else:
             await self.inner(scope, receive, send)
+
+    def _on_shutdown(self, receive: Any) -> Any:
+        """``receive`` that writes the held groups when the server announces its shutdown (SIGTERM / SIGINT)."""
+
+        async def wrapped() -> dict[str, Any]:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown":
+                try:
+                    self.state.dump_queue()
+                except Exception:  # a failed dump must not hide why: log it with the traceback
+                    logger.exception("could not write the API's queue to %s", self.state.queue_file)
+            return message
+
+        return wrapped
 
     def _check_env_group_size(self, body: bytes) -> None:
         try:
@@ -286,11 +356,18 @@ def build_app(
     batch_size: int | None,
     rejected_file: str | None = None,
     stats_file: str | None = None,
+    queue_file: str | None = None,
 ) -> ApiGuard:
     """atroposlib's API app (the module-level FastAPI app ``run-api`` serves) behind an :class:`ApiGuard`."""
     from atroposlib.api import app
 
-    state = GuardState(vocab_size=vocab_size, batch_size=batch_size, rejected_file=rejected_file, stats_file=stats_file)
+    state = GuardState(
+        vocab_size=vocab_size,
+        batch_size=batch_size,
+        rejected_file=rejected_file,
+        stats_file=stats_file,
+        queue_file=queue_file,
+    )
     return ApiGuard(app, state)
 
 
@@ -301,6 +378,7 @@ def guard_argv(
     batch_size: int | None,
     rejected_file: Path | None = None,
     stats_file: Path | None = None,
+    queue_file: Path | None = None,
     host: str = "127.0.0.1",
 ) -> list[str]:
     """The command line that serves the guarded API (same interpreter)."""
@@ -315,6 +393,8 @@ def guard_argv(
         argv += ["--rejected-file", str(rejected_file)]
     if stats_file:
         argv += ["--stats-file", str(stats_file)]
+    if queue_file:
+        argv += ["--queue-file", str(queue_file)]
     return argv
 
 
@@ -326,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="until the trainer registers its own")
     parser.add_argument("--rejected-file", default=None, help="append rejected groups (JSONL) here")
     parser.add_argument("--stats-file", default=None, help="counters, kept across restarts")
+    parser.add_argument("--queue-file", default=None, help="groups held at a clean stop; restored on the next start")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uvicorn
@@ -335,8 +416,9 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         rejected_file=args.rejected_file,
         stats_file=args.stats_file,
+        queue_file=args.queue_file,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the queue is written at shutdown
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import requests
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -182,6 +183,7 @@ class Launcher:
             batch_size=int(self.config.data.train_batch_size),
             rejected_file=self.run_dir / "rejected_groups.jsonl",
             stats_file=self.run_dir / "api_guard_stats.json",
+            queue_file=self.run_dir / "api_queue.jsonl",
         )
 
     def _start_api(self) -> None:
@@ -214,7 +216,20 @@ class Launcher:
         for spec in self.envs:
             self._start_env(spec)
 
+    def _record_final_api_stats(self) -> None:
+        """What the API still holds when the run ends (not trained, not lost): ``api_final_stats.json``."""
+        api = self.children.get("run-api")
+        if api is None or api.poll() is not None or not self.config.atropos.launcher.get("guard_api", True):
+            return
+        try:
+            stats = requests.get(f"{self.api_url}/guard/stats", timeout=5).json()
+        except (requests.RequestException, ValueError) as exc:
+            logger.warning("could not read the API's final counters: %s", exc)
+            return
+        (self.run_dir / "api_final_stats.json").write_text(json.dumps(stats) + "\n")
+
     def stop_all(self) -> None:
+        self._record_final_api_stats()
         for name in [*(s.name for s in self.envs), "trainer", "run-api"]:
             if name in self.children:
                 self.children[name].stop()
