@@ -143,6 +143,7 @@ def test_api_killed_mid_run_is_restarted_and_the_run_finishes(tmp_path: Path, ti
     assert rows[-1]["atropos/api_restarts"] == 1.0
     acc = accounting(run_dir)
     assert_nothing_fetched_lost(acc)
+    assert 0 <= lost_in_api(acc)
     # what the API held when it died (posted before the kill, not yet fetched) is the most that was lost
     lost_bound = before["posted"] - before["fetched"]
     table_row(
@@ -169,6 +170,7 @@ def test_env_crash_is_restarted_and_the_run_finishes(tmp_path: Path, tiny_model:
     assert sum(state["env_restarts"].values()) == 1
     acc = accounting(run_dir)
     assert_nothing_fetched_lost(acc)
+    assert lost_in_api(acc) == 0
     table_row("one env killed after step 1", len(rows), total, acc, max_gap_s(rows), f"restarts {state}")
 
 
@@ -190,13 +192,15 @@ def test_ctrl_c_then_resume_trains_the_spooled_groups(tmp_path: Path, tiny_model
     acc = accounting(run_dir)
     assert acc["recovered"] >= interrupted["pending"] - acc["stale"]
     assert_nothing_fetched_lost(acc)
+    assert lost_in_api(acc) == 0  # the first API wrote its queue at the stop, the second restored it
     table_row(
         f"Ctrl-C after checkpoint {step}, then resume",
         int(rows[-1]["step"]),
         total,
         acc,
         max_gap_s(rows),
-        f"spooled at interrupt {interrupted['pending']}, recovered {acc['recovered']}",
+        f"spooled at interrupt {interrupted['pending']}, recovered {acc['recovered']}; API queue written at the "
+        f"stop and restored: {read_json(run_dir / 'api_guard_stats.json').get('restored_groups')} groups",
     )
     # a third launch finds the run finished
     again = launch(run_dir, tiny_model, log, f"trainer.total_training_steps={total}")
@@ -237,4 +241,5 @@ def test_bad_groups_posted_mid_run_are_refused_and_the_run_finishes(
     assert "rejected 4 (group_size 1, scores 1, tokens 2" in (run_dir / "summary.txt").read_text()
     acc = accounting(run_dir)
     assert_nothing_fetched_lost(acc)
+    assert lost_in_api(acc) == 0
     table_row("4 malformed groups posted after step 1", len(rows), total, acc, max_gap_s(rows), "all 4 got 422")

@@ -229,10 +229,13 @@ class Launcher:
         (self.run_dir / "api_final_stats.json").write_text(json.dumps(stats) + "\n")
 
     def stop_all(self) -> None:
-        self._record_final_api_stats()
-        for name in [*(s.name for s in self.envs), "trainer", "run-api"]:
+        """Producers first, then the consumer, then the API (its counters read once nothing else talks to it)."""
+        for name in [*(s.name for s in self.envs), "trainer"]:
             if name in self.children:
                 self.children[name].stop()
+        self._record_final_api_stats()
+        if "run-api" in self.children:
+            self.children["run-api"].stop()
 
     # ---- supervision ------------------------------------------------------------------------------------
     def _died(self, proc: ManagedProcess) -> LaunchError:
