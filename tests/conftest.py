@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from recipe.atropos.api_guard import guard_argv
 from recipe.atropos.processes import ManagedProcess, free_port, run_api_argv
 
 # Offline, quiet, deterministic defaults for every test process.
@@ -25,13 +26,16 @@ class RunApi:
     port: int
     log_dir: Path
     proc: ManagedProcess | None = None
+    # Serve the guarded API (recipe.atropos.api_guard) with these options instead of plain `run-api`.
+    guard: dict | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> RunApi:
-        self.proc = ManagedProcess("run-api", run_api_argv(self.port), self.log_dir / "run_api.log").start()
+        argv = run_api_argv(self.port) if self.guard is None else guard_argv(self.port, **self.guard)
+        self.proc = ManagedProcess("run-api", argv, self.log_dir / "run_api.log").start()
         self.proc.wait_http(f"{self.url}/status", timeout=60)
         return self
 
@@ -46,8 +50,8 @@ def make_run_api(tmp_path: Path) -> Iterator[Callable[[], RunApi]]:
     """Factory for extra `run-api` processes (not started); each is stopped at the end of the test."""
     made: list[RunApi] = []
 
-    def make() -> RunApi:
-        api = RunApi(port=free_port(), log_dir=tmp_path / f"run_api_{len(made)}")
+    def make(guard: dict | None = None) -> RunApi:
+        api = RunApi(port=free_port(), log_dir=tmp_path / f"run_api_{len(made)}", guard=guard)
         made.append(api)
         return api
 

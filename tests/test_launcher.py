@@ -107,7 +107,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_dying_env_stops_the_run_naming_it(tmp_path: Path, tiny_model: Path, no_leftovers) -> None:
-    proc = launch(tmp_path, tiny_model, "trainer.total_training_steps=50")
+    proc = launch(tmp_path, tiny_model, "trainer.total_training_steps=50", "atropos.launcher.restart_envs=false")
     log = tmp_path / "launcher.log"
     wait_for(lambda: "step 1/50" in log.read_text(), 480, "the first step", proc, log)
     children = psutil.Process(proc.pid).children(recursive=True)

@@ -40,6 +40,8 @@ from recipe.atropos.inference import (
     RayReplicaBackend,
     VLLMCompletionsBackend,
 )
+from recipe.atropos.preflight import model_vocab_size
+from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import (
     check_staleness_config,
     is_weight_metrics,
@@ -88,10 +90,12 @@ class RayAtroposTrainer(RayPPOTrainer):
         self.atropos_cfg = config.atropos
         self.endpoint: InferenceEndpoint | None = None
         self.ledger = CompletionLedger(int(self.atropos_cfg.inference.max_tracked_completions))
-        self.client = AtroposClient(
-            self.atropos_cfg.api_url,
-            request_timeout_s=float(self.atropos_cfg.request_timeout_s),
-            rejected_groups_file=self.atropos_cfg.get("rejected_groups_file"),
+        self.spool = GroupSpool.from_config(config)
+        self.client = AtroposClient.from_config(
+            self.atropos_cfg,
+            vocab_size=model_vocab_size(str(config.actor_rollout_ref.model.path)),
+            current_step=lambda: int(self.global_steps),
+            spool=self.spool,
         )
         self._carry: list[Any] = []  # groups polled beyond one step's batch, trained next step
 
@@ -118,6 +122,12 @@ class RayAtroposTrainer(RayPPOTrainer):
         finally:
             with open_dict(self.config):
                 actor.ppo_mini_batch_size = configured
+
+    def _save_checkpoint(self) -> None:
+        """verl's checkpoint, then the spool forgets the groups it includes."""
+        super()._save_checkpoint()
+        if self.spool is not None:
+            self.spool.checkpointed(int(self.global_steps))
 
     def _validate(self, merged: bool = False) -> dict[str, float]:
         return {}  # Atropos environments evaluate themselves (BaseEnv.evaluate)
@@ -161,6 +171,9 @@ class RayAtroposTrainer(RayPPOTrainer):
             checkpoint_dir=str(cfg.trainer.default_local_dir),
             save_checkpoint_interval=int(cfg.trainer.save_freq),
         )
+        if self.spool is not None:  # groups an earlier run fetched but did not train come first
+            max_lag = self.atropos_cfg.get("max_policy_lag")
+            self._carry.extend(self.spool.resume(int(self.global_steps), None if max_lag is None else int(max_lag)))
         # Environments wait for the trainer's first /batch before the API admits them.
         self._carry.extend(self.client.get_batch() or [])
 
@@ -335,6 +348,8 @@ class RayAtroposTrainer(RayPPOTrainer):
                     actor_output = self._update_actor(batch)
                 metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
                 promote_actor_is_metrics(metrics)
+                if self.spool is not None:
+                    self.spool.trained(groups, self.global_steps, carried=self._carry)
                 save_freq = int(self.config.trainer.save_freq)
                 if save_freq > 0 and (
                     self.global_steps % save_freq == 0 or self.global_steps == self.total_training_steps
@@ -343,6 +358,9 @@ class RayAtroposTrainer(RayPPOTrainer):
                         self._save_checkpoint()
                 with marked_timer("update_weights", timing):
                     self._push_weights()
+                drain = int((self.atropos_cfg.get("spool") or {}).get("drain_max_sequences") or 0)
+                if self.spool is not None and drain > 0:  # keep the API's in-memory queue small
+                    self._carry.extend(self.client.drain(drain))
             metrics.update(self.client.metrics())
             metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
             metrics["training/global_step"] = self.global_steps
