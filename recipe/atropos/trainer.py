@@ -30,7 +30,7 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
-from recipe.atropos.advantages import compute_atropos_advantages
+from recipe.atropos.advantages import check_advantage_options, compute_atropos_advantages
 from recipe.atropos.batching import group_scores, select_groups
 from recipe.atropos.client import AtroposClient
 from recipe.atropos.data import scored_data_to_dataproto
@@ -68,6 +68,8 @@ def check_atropos_config(config: DictConfig) -> None:
         raise ValueError("actor_rollout_ref.model.path is required: a model directory or hub name")
     if config.atropos.inference.backend not in ("ray", "vllm_http"):
         raise ValueError(f"atropos.inference.backend={config.atropos.inference.backend!r}: use 'ray' or 'vllm_http'")
+    adv_cfg = config.atropos.get("advantage") or {}
+    check_advantage_options(str(adv_cfg.get("normalize", "none")), adv_cfg.get("clip"))
 
 
 class RayAtroposTrainer(RayPPOTrainer):
@@ -262,6 +264,8 @@ class RayAtroposTrainer(RayPPOTrainer):
             use_env_advantages=bool(self.atropos_cfg.use_env_advantages),
             fallback_to_grpo=bool(self.atropos_cfg.fallback_to_grpo),
             norm_adv_by_std_in_grpo=bool(self.config.algorithm.get("norm_adv_by_std_in_grpo", True)),
+            normalize=str((self.atropos_cfg.get("advantage") or {}).get("normalize", "none")),
+            clip=(self.atropos_cfg.get("advantage") or {}).get("clip"),
         )
         metrics.update(batch.meta_info.pop("atropos_metrics", {}))
         return batch
