@@ -40,6 +40,7 @@ from recipe.atropos.inference import (
     RayReplicaBackend,
     VLLMCompletionsBackend,
 )
+from recipe.atropos.offline import JsonlGroupSource, make_jsonl_source, offline_training_steps
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,13 @@ class ApiStepSource:
 
 def check_atropos_config(config: DictConfig) -> None:
     """Fail before Ray starts, naming the key and the fix."""
-    if not config.trainer.get("total_training_steps"):
+    source = str(config.atropos.get("source", "api"))
+    if source not in ("api", "jsonl"):
+        raise ValueError(f"atropos.source={source!r}: use 'api' (live run-api) or 'jsonl' (atropos.jsonl_paths)")
+    if source == "jsonl" and not config.atropos.get("jsonl_paths"):
+        raise ValueError("atropos.source=jsonl needs atropos.jsonl_paths: files or globs of saved ScoredData groups")
+    offline_epochs = source == "jsonl" and (config.atropos.get("offline") or {}).get("epochs")
+    if not config.trainer.get("total_training_steps") and not offline_epochs:
         raise ValueError(
             "trainer.total_training_steps is required: data comes from the Atropos API, so there is no dataset to "
             "count epochs over. Pass e.g. trainer.total_training_steps=100"
@@ -90,9 +97,14 @@ class RayAtroposTrainer(RayPPOTrainer):
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
-        self.train_dataloader = ApiStepSource()
+        if self.config.atropos.get("source", "api") == "jsonl":  # offline: saved groups, no API / env / endpoint
+            self.train_dataloader = make_jsonl_source(self.config)
+            requested = self.config.trainer.get("total_training_steps")
+            self.total_training_steps = offline_training_steps(requested, self.train_dataloader)
+        else:
+            self.train_dataloader = ApiStepSource()
+            self.total_training_steps = int(self.config.trainer.total_training_steps)
         self.val_dataloader = None
-        self.total_training_steps = int(self.config.trainer.total_training_steps)
         with open_dict(self.config):
             self.config.actor_rollout_ref.actor.optim.total_training_steps = self.total_training_steps
             if "critic" in self.config and "optim" in self.config.critic:
@@ -164,6 +176,10 @@ class RayAtroposTrainer(RayPPOTrainer):
 
     def _poll_groups(self, metrics: dict[str, float]) -> list[Any]:
         """Exactly data.train_batch_size sequences of whole groups: stale groups dropped, extras carried over."""
+        if isinstance(self.train_dataloader, JsonlGroupSource):  # offline: the next groups of the saved files
+            groups = self.train_dataloader.next_batch()
+            metrics.update(self.train_dataloader.metrics())
+            return groups
         batch_size = int(self.config.data.train_batch_size)
         max_lag = self.atropos_cfg.get("max_policy_lag")
         max_lag = None if max_lag is None else int(max_lag)
@@ -295,15 +311,21 @@ class RayAtroposTrainer(RayPPOTrainer):
         )
         self.global_steps = 0
         self._load_checkpoint()
-        self.checkpoint_manager.update_weights(self.global_steps)
-        self.endpoint = self._start_inference_endpoint()
+        # Offline (atropos.source=jsonl) nothing generates: no endpoint, no registration, no weight pushes; the
+        # replicas verl started stay asleep (init_workers ends with sleep_replicas).
+        offline = isinstance(self.train_dataloader, JsonlGroupSource)
+        if not offline:
+            self.checkpoint_manager.update_weights(self.global_steps)
+            self.endpoint = self._start_inference_endpoint()
         succeeded = False
         try:
-            self._register()
+            if not offline:
+                self._register()
             self._train_loop(tracking)
             succeeded = True
         finally:
-            self.endpoint.stop()
+            if self.endpoint is not None:
+                self.endpoint.stop()
             tracking.finish(exit_code=0 if succeeded else 1)
 
     def _train_loop(self, tracking: Tracking) -> None:
@@ -318,9 +340,10 @@ class RayAtroposTrainer(RayPPOTrainer):
                 batch = self._to_dataproto(groups, metrics)
                 # Envs wait while the actor trains: replicas share the device with it (hybrid engine) and the
                 # next completions must come from the updated weights.
-                with marked_timer("pause_endpoint", timing):
-                    self.endpoint.pause(float(self.atropos_cfg.inference.drain_timeout_s))
-                self.checkpoint_manager.sleep_replicas()
+                if self.endpoint is not None:  # None offline
+                    with marked_timer("pause_endpoint", timing):
+                        self.endpoint.pause(float(self.atropos_cfg.inference.drain_timeout_s))
+                    self.checkpoint_manager.sleep_replicas()
                 batch = self._compute_log_probs(batch, metrics, timing)
                 with marked_timer("adv", timing):
                     batch = self._compute_advantages(batch, metrics)
@@ -333,10 +356,12 @@ class RayAtroposTrainer(RayPPOTrainer):
                 ):
                     with marked_timer("save_checkpoint", timing):
                         self._save_checkpoint()
-                with marked_timer("update_weights", timing):
-                    self._push_weights()
+                if self.endpoint is not None:
+                    with marked_timer("update_weights", timing):
+                        self._push_weights()
             metrics.update(self.client.metrics())
-            metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
+            if self.endpoint is not None:
+                metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
             metrics["training/global_step"] = self.global_steps
             metrics.update(compute_data_metrics(batch=batch, use_critic=False))
             metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
