@@ -13,6 +13,7 @@ finishes, the run's metrics are plotted to ``<run_dir>/metrics.png`` and summari
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -22,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import requests
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -112,6 +114,8 @@ class Launcher:
         self.inference_url = f"http://127.0.0.1:{self.inference_port}"
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.children: dict[str, ManagedProcess] = {}
+        self.env_ids_file = self.run_dir / "env_ids.json"
+        self.env_ids: dict[int, str] = {}  # API env id → env name, as each env registered
         self.restarts: dict[str, int] = {}
         self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
 
@@ -138,6 +142,7 @@ class Launcher:
             f"atropos.api_url={self.api_url}",
             f"atropos.inference.port={self.inference_port}",
             f"atropos.metrics_file={self.metrics_file}",
+            f"atropos.env_ids_file={self.env_ids_file}",
             f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
             f"hydra.run.dir={self.run_dir / 'hydra'}",  # not ./outputs/<date>/<time>
         ]
@@ -145,6 +150,27 @@ class Launcher:
     def _start_env(self, spec: EnvSpec) -> ManagedProcess:
         max_len = int(self.config.data.max_prompt_length + self.config.data.max_response_length)
         return self._start(spec.name, spec.argv(self.api_url, self.inference_url, self.model, max_len))
+
+    def _start_registered_env(self, spec: EnvSpec, timeout: float) -> None:
+        """Start ``spec`` and wait until the API lists it: envs register one at a time, so the env id the API hands
+        out (its registration count) names this env; ``env_ids.json`` tells the trainer (exact env mixtures)."""
+        proc = self._start_env(spec)
+        env_id = len(self.env_ids)
+
+        def registered() -> bool:
+            try:
+                answer = requests.get(f"{self.api_url}/status-env", json={"env_id": env_id}, timeout=5)
+            except requests.RequestException:
+                return False
+            return answer.status_code == 200
+
+        try:
+            proc.wait_until(registered, timeout, f"registration with the API as env id {env_id}")
+        except (RuntimeError, TimeoutError) as error:
+            raise LaunchError(str(error)) from error
+        self.env_ids[env_id] = spec.name
+        self.env_ids_file.write_text(json.dumps({str(k): v for k, v in self.env_ids.items()}))
+        logger.info("%s registered as env id %d", spec.name, env_id)
 
     def start_all(self) -> None:
         timeout = float(self.config.atropos.launcher.startup_timeout_s)
@@ -155,7 +181,7 @@ class Launcher:
         logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
         trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
         for spec in self.envs:
-            self._start_env(spec)
+            self._start_registered_env(spec, timeout)
 
     def stop_all(self) -> None:
         for name in [*(s.name for s in self.envs), "trainer", "run-api"]:
@@ -192,7 +218,7 @@ class Launcher:
                 if lcfg.restart_envs and self.restarts.get(spec.name, 0) < int(lcfg.max_env_restarts):
                     self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
                     logger.warning("%s exited (code %s); restart %d", spec.name, proc.poll(), self.restarts[spec.name])
-                    self._start_env(spec)
+                    self._start_registered_env(spec, float(lcfg.startup_timeout_s))
                 else:
                     raise self._died(proc)
             time.sleep(1.0)

@@ -31,7 +31,14 @@ from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
 from recipe.atropos.advantages import check_advantage_options, compute_atropos_advantages
-from recipe.atropos.batching import group_scores, select_groups
+from recipe.atropos.batching import (
+    MixtureBatcher,
+    fill_mixture_batch,
+    group_scores,
+    group_tokens,
+    mixture_from_config,
+    select_groups,
+)
 from recipe.atropos.client import AtroposClient
 from recipe.atropos.data import scored_data_to_dataproto
 from recipe.atropos.inference import (
@@ -46,16 +53,20 @@ logger = logging.getLogger(__name__)
 
 
 class ApiStepSource:
-    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record only the source."""
+    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record the source and the
+    mixture's cumulative counts (when a mixture is held)."""
+
+    mixture: MixtureBatcher | None = None
 
     def __len__(self) -> int:
         return 0
 
-    def state_dict(self) -> dict[str, str]:
-        return {"source": "atropos"}
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": "atropos", "mixture": self.mixture.state_dict() if self.mixture is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        if self.mixture is not None and state.get("mixture"):
+            self.mixture.load_state_dict(state["mixture"])
 
 
 def check_atropos_config(config: DictConfig) -> None:
@@ -94,6 +105,9 @@ class RayAtroposTrainer(RayPPOTrainer):
             rejected_groups_file=self.atropos_cfg.get("rejected_groups_file"),
         )
         self._carry: list[Any] = []  # groups polled beyond one step's batch, trained next step
+        self.mixture = mixture_from_config(config) if config.atropos.get("source", "api") == "api" else None
+        if isinstance(self.train_dataloader, ApiStepSource):
+            self.train_dataloader.mixture = self.mixture
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
@@ -180,6 +194,8 @@ class RayAtroposTrainer(RayPPOTrainer):
             groups = self.train_dataloader.next_batch()
             metrics.update(self.train_dataloader.metrics())
             return groups
+        if self.mixture is not None:
+            return self._poll_mixture(metrics)
         batch_size = int(self.config.data.train_batch_size)
         max_lag = self.atropos_cfg.get("max_policy_lag")
         max_lag = None if max_lag is None else int(max_lag)
@@ -207,6 +223,42 @@ class RayAtroposTrainer(RayPPOTrainer):
             metrics["atropos/policy_lag_mean"] = float(np.mean(sel.lags))
             metrics["atropos/policy_lag_max"] = float(np.max(sel.lags))
         return sel.chosen
+
+    def _refresh_env_names(self) -> None:
+        """Env id → name from ``atropos.env_ids_file`` (the launcher writes it as each env registers)."""
+        path = self.atropos_cfg.get("env_ids_file")
+        if path and Path(path).exists():
+            self.mixture.names.update({int(k): str(v) for k, v in json.loads(Path(path).read_text()).items()})
+
+    def _poll_mixture(self, metrics: dict[str, float]) -> list[Any]:
+        """Exactly data.train_batch_size sequences filled to the env weights (:class:`MixtureBatcher`)."""
+        max_lag = self.atropos_cfg.get("max_policy_lag")
+        max_lag = None if max_lag is None else int(max_lag)
+        self._refresh_env_names()
+        self.mixture.add(self._carry)
+        self._carry = []
+
+        def poll() -> list[Any]:
+            groups = self.client.poll_batch(timeout=float(self.atropos_cfg.poll_timeout_s))
+            self._refresh_env_names()
+            return groups
+
+        start = time.monotonic()
+        groups, polls = fill_mixture_batch(self.mixture, poll, lag_of=self._policy_lag, max_policy_lag=max_lag)
+        lags = [self._policy_lag(tokens) for g in groups for tokens in group_tokens(g)]
+        known = [lag for lag in lags if lag is not None]
+        metrics.update(
+            {
+                "atropos/polls": float(polls),
+                "atropos/poll_wait_s": time.monotonic() - start,
+                "atropos/policy_lag_unknown": float(len(lags) - len(known)),
+                **self.mixture.metrics(groups),
+            }
+        )
+        if known:
+            metrics["atropos/policy_lag_mean"] = float(np.mean(known))
+            metrics["atropos/policy_lag_max"] = float(np.max(known))
+        return groups
 
     def _to_dataproto(self, groups: Sequence[Any], metrics: dict[str, float]) -> DataProto:
         cfg = self.config.data
