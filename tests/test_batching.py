@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from recipe.atropos.batching import GroupSelection, MixtureBatcher, fill_mixture_batch, mixture_quotas, select_groups
+from recipe.atropos.batching import (
+    GroupSelection,
+    MixtureBatcher,
+    fill_mixture_batch,
+    mixture_from_config,
+    mixture_quotas,
+    select_groups,
+)
 
 
 def group(first_token: int, size: int) -> dict:
@@ -146,3 +153,19 @@ def test_fill_mixture_batch_polls_until_the_batch_holds() -> None:
     chosen, n_polls = fill_mixture_batch(batcher, lambda: next(polls), clock=lambda: 0.0)
     assert n_polls == 2 and [g["env_id"] for g in chosen] == [0, 1]
     assert len(batcher.pending["a"]) == 2
+
+
+def test_mixture_from_config_explicit_weights_or_the_launchers_envs() -> None:
+    from omegaconf import OmegaConf
+
+    envs = [{"name": "a", "group_size": 4, "weight": 1.0}, {"name": "b", "group_size": 2, "weight": 0.5}]
+    base = {"data": {"train_batch_size": 8}, "atropos": {"launcher": {"envs": envs}, "mixture_wait_s": 7}}
+    assert mixture_from_config(OmegaConf.create(base)) is None  # envs started elsewhere, no atropos.mixture
+    launched = OmegaConf.merge(base, {"atropos": {"env_ids_file": "/x/env_ids.json"}})
+    batcher = mixture_from_config(launched)
+    assert batcher.weights == {"a": 1.0, "b": 0.5} and batcher.group_sizes == {"a": 4, "b": 2}
+    assert batcher.names == {0: "a", 1: "b"} and batcher.wait_s == 7.0 and batcher.max_pending is None
+    explicit = OmegaConf.merge(base, {"atropos": {"mixture": {"gsm8k": 0.7, "math": 0.3}}})
+    assert mixture_from_config(explicit).names == {0: "gsm8k", 1: "math"}
+    with pytest.raises(ValueError, match="weights"):
+        mixture_from_config(OmegaConf.merge(base, {"atropos": {"mixture": {"x": -1.0}}}))

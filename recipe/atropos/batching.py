@@ -266,9 +266,12 @@ class MixtureBatcher:
 
 
 def mixture_from_config(config: Any) -> MixtureBatcher | None:
-    """``atropos.mixture`` (name → weight), else the weights of two or more ``atropos.launcher.envs``; None = no
-    mixture to hold. Env ids map to names in this order (the launcher registers envs one by one in it) until
-    ``atropos.env_ids_file`` says otherwise."""
+    """The mixture to hold, or None.
+
+    Weights: ``atropos.mixture`` (name → weight), else — when the launcher runs the envs (it sets
+    ``atropos.env_ids_file``) — the weights of two or more ``atropos.launcher.envs``. Env ids map to names in this
+    order until ``atropos.env_ids_file`` (written as each env registers) says otherwise.
+    """
     atropos = config.atropos
     weights = {str(k): float(v) for k, v in (atropos.get("mixture") or {}).items()}
     sizes: dict[str, int] = {}
@@ -277,7 +280,7 @@ def mixture_from_config(config: Any) -> MixtureBatcher | None:
         name = str(env.get("name") or f"env{i}")
         if name in weights or not atropos.get("mixture"):
             sizes[name] = int(env.get("group_size", 8))
-    if not weights and len(launcher_envs) >= 2:
+    if not weights and len(launcher_envs) >= 2 and atropos.get("env_ids_file"):  # the launcher started them
         weights = {str(e.get("name") or f"env{i}"): float(e.get("weight", 1.0)) for i, e in enumerate(launcher_envs)}
     if not weights:
         return None

@@ -86,6 +86,11 @@ def check_atropos_config(config: DictConfig) -> None:
         raise ValueError("actor_rollout_ref.model.path is required: a model directory or hub name")
     if config.atropos.inference.backend not in ("ray", "vllm_http"):
         raise ValueError(f"atropos.inference.backend={config.atropos.inference.backend!r}: use 'ray' or 'vllm_http'")
+    if config.atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name != "vllm":
+        raise ValueError(
+            f"atropos.inference.backend=vllm_http needs actor_rollout_ref.rollout.name=vllm (got "
+            f"{config.actor_rollout_ref.rollout.name!r}): use atropos.inference.backend=ray"
+        )
     adv_cfg = config.atropos.get("advantage") or {}
     check_advantage_options(str(adv_cfg.get("normalize", "none")), adv_cfg.get("clip"))
 
