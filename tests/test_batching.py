@@ -100,6 +100,7 @@ def test_batcher_waits_for_a_short_env_then_fills_to_the_weights_and_carries_sur
     metrics = batcher.metrics(chosen)
     assert metrics["atropos/env/slow/fraction"] == 0.75 and metrics["atropos/env/fast/sequences"] == 2.0
     assert metrics["atropos/mixture/reassigned_sequences"] == 0.0
+    assert metrics["atropos/env/fast/received_fraction"] == 10 / 16  # 5 of the 8 groups received
 
 
 def test_an_env_that_cannot_keep_up_is_reported_and_its_share_reassigned_after_the_wait() -> None:

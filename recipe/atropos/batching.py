@@ -131,6 +131,7 @@ class MixtureBatcher:
     trained: dict[str, int] = field(default_factory=dict)
     credited: dict[str, int] = field(default_factory=dict)
     lagging: set[str] = field(default_factory=set)
+    received: dict[str, int] = field(default_factory=dict)
     reassigned_sequences: int = 0
     surplus_dropped: int = 0
     stale_dropped: int = 0
@@ -146,6 +147,7 @@ class MixtureBatcher:
             name = self.name_of(group)
             self.pending.setdefault(name, []).append(group)
             self.group_sizes.setdefault(name, len(group_tokens(group)))
+            self.received[name] = self.received.get(name, 0) + len(group_tokens(group))
         if self.max_pending is not None:
             for queue in self.pending.values():
                 while sum(len(group_tokens(g)) for g in queue) > self.max_pending:
@@ -240,8 +242,11 @@ class MixtureBatcher:
                 out[f"atropos/env/{name}/mean_score"] = sum(scores) / len(scores)
             out[f"atropos/env/{name}/short_steps"] = float(self.short_steps.get(name, 0))
         trained_total = sum(self.trained.values()) or 1
-        for name in sorted(set(self.weights) | set(self.trained)):
+        received_total = sum(self.received.values()) or 1
+        for name in sorted(set(self.weights) | set(self.trained) | set(self.received)):
             out[f"atropos/env/{name}/trained_fraction"] = self.trained.get(name, 0) / trained_total
+            # what the API delivered (its FIFO batches follow env speed): compare with trained_fraction
+            out[f"atropos/env/{name}/received_fraction"] = self.received.get(name, 0) / received_total
         out["atropos/mixture/reassigned_sequences"] = float(self.reassigned_sequences)
         out["atropos/mixture/surplus_dropped"] = float(self.surplus_dropped)
         out["atropos/mixture/stale_dropped"] = float(self.stale_dropped)
