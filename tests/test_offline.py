@@ -177,3 +177,23 @@ def test_reads_what_atroposlibs_writer_saves(tmp_path: Path) -> None:
     assert got[0].inference_logprobs == [[1.0, -0.5, -0.25]] * 2
     assert got[1].advantages == [[0.0, 0.5, 0.5], [0.0, -0.5, -0.5]]
     assert source.metrics()["atropos/offline/rejected_lines"] == 0.0
+
+
+def test_config_checks_for_offline_mode(tmp_path: Path) -> None:
+    from recipe.atropos.launch_atropos_verl_services import load_config
+    from recipe.atropos.offline import make_jsonl_source
+    from recipe.atropos.trainer import check_atropos_config
+
+    tiny = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
+    path = write(tmp_path / "g.jsonl", [group(g, 4) for g in range(1, 5)])
+    common = ["actor_rollout_ref.model.path=/m", "atropos.source=jsonl", f"atropos.jsonl_paths=[{path}]"]
+    config = load_config(tiny, [*common, "trainer.total_training_steps=null", "atropos.offline.epochs=3"])
+    check_atropos_config(config)  # epochs end the run: no total_training_steps needed
+    source = make_jsonl_source(config)
+    assert source.epochs == 3 and source.batch_size == 8 and offline_training_steps(None, source) == 6
+    with pytest.raises(ValueError, match="total_training_steps is required"):
+        check_atropos_config(load_config(tiny, [*common, "trainer.total_training_steps=null"]))
+    with pytest.raises(ValueError, match="needs atropos.jsonl_paths"):
+        check_atropos_config(load_config(tiny, ["actor_rollout_ref.model.path=/m", "atropos.source=jsonl"]))
+    with pytest.raises(ValueError, match="atropos.source='disk'"):
+        check_atropos_config(load_config(tiny, ["actor_rollout_ref.model.path=/m", "atropos.source=disk"]))
