@@ -3,6 +3,7 @@ inference endpoint, and the bundled environment in `serve` mode."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -125,6 +126,11 @@ def test_online_loop_trains_on_env_groups_with_both_advantage_paths(
     fractions = [r["atropos/env_advantage_fraction"] for r in rows]
     # the env attaches token-level advantages to every other group: both paths ran
     assert 0.0 < sum(fractions) / len(fractions) < 1.0, fractions
+    # the launcher's env weights 1.0 / 0.5 are held exactly: quotas 4+4, 8+0, 4+4 sequences (one_word + pairs)
+    assert json.loads((run_dir / "env_ids.json").read_text()) == {"0": "one_word", "1": "one_word_pairs"}
+    per_env = {n: sum(r[f"atropos/env/{n}/sequences"] for r in rows) for n in ("one_word", "one_word_pairs")}
+    assert per_env == {"one_word": 16.0, "one_word_pairs": 8.0}, per_env
+    assert rows[-1]["atropos/mixture/reassigned_sequences"] == 0.0
     assert "step 3/3 | mean score" in launcher.log_path.read_text()
     assert "mean score first 3 steps" in (run_dir / "summary.txt").read_text()
     assert (run_dir / "metrics.png").stat().st_size > 0

@@ -132,3 +132,31 @@ def test_registered_policy_loss_applies_rollout_is_weights() -> None:
     config = SimpleNamespace(global_batch_info={})
     loss, _ = fn(log_prob, log_prob, adv, mask, config=config, rollout_is_weights=weights)
     assert loss.item() == pytest.approx((0.5 + 2.0) / 2)
+
+
+def test_batch_normalization_of_advantages_by_hand() -> None:
+    logits, ids, adv, mask = uniform_case()
+    # trained advantages 1, -1, 3 (position 0 never counts): mean 1, unbiased var 4 → 0, -1, 1
+    per_token = compute_advantage_weighted_sft_loss(
+        logits, ids, adv, mask, reduction="none", advantage_normalization="batch"
+    )
+    expected = torch.tensor([[0.0, 0.0, 0.0], [0.0, -1.0, 1.0]]) * LOG4
+    assert torch.allclose(per_token, expected, atol=1e-6)
+
+
+def test_advantage_clipping_by_hand() -> None:
+    logits, ids, adv, mask = uniform_case()
+    # 1, -1, 3 clamped to [-0.5, 2] → 1, -0.5, 2
+    loss = compute_advantage_weighted_sft_loss(logits, ids, adv, mask, reduction="sum", advantage_clipping=(-0.5, 2.0))
+    assert loss.item() == pytest.approx(2.5 * LOG4)
+    # whitened first (0, -1, 1), then clamped to [-0.5, 0.5] → 0, -0.5, 0.5
+    both = compute_advantage_weighted_sft_loss(
+        logits, ids, adv, mask, reduction="none", advantage_normalization="batch", advantage_clipping=(-0.5, 0.5)
+    )
+    assert torch.allclose(both, torch.tensor([[0.0, 0.0, 0.0], [0.0, -0.5, 0.5]]) * LOG4, atol=1e-6)
+
+
+def test_bad_advantage_options_on_the_loss_name_the_fix() -> None:
+    logits, ids, adv, mask = uniform_case()
+    with pytest.raises(ValueError, match="'none' or 'batch'"):
+        compute_advantage_weighted_sft_loss(logits, ids, adv, mask, advantage_normalization="group")

@@ -128,6 +128,8 @@ class Launcher:
         self.inference_url = f"http://127.0.0.1:{self.inference_port}"
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.children: dict[str, ManagedProcess] = {}
+        self.env_ids_file = self.run_dir / "env_ids.json"
+        self.env_ids: dict[int, str] = {}  # API env id → env name, as each env registered
         self.restarts: dict[str, int] = {}
         self.api_restarts = 0
         self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
@@ -167,6 +169,7 @@ class Launcher:
             f"atropos.api_url={self.api_url}",
             f"atropos.inference.port={self.inference_port}",
             f"atropos.metrics_file={self.metrics_file}",
+            f"atropos.env_ids_file={self.env_ids_file}",
             f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
             *(
                 [f"atropos.rejected_groups_file={self.run_dir / 'rejected_groups_trainer.jsonl'}"]
@@ -197,6 +200,39 @@ class Launcher:
         api = self._start("run-api", self.api_argv())
         api.wait_http(f"{self.api_url}/status", timeout=60)
 
+    def _start_registered_env(self, spec: EnvSpec, timeout: float) -> None:
+        """Start ``spec`` and wait until the API lists it: envs register one at a time, so the env id the API hands
+        out (its registration count) names this env; ``env_ids.json`` tells the trainer (exact env mixtures).
+        The API admits envs only once the trainer has registered, so a trainer that dies meanwhile ends the wait."""
+        proc = self._start_env(spec)
+        env_id = len(self.env_ids)
+
+        def registered() -> bool:
+            trainer = self.children.get("trainer")
+            if trainer is not None and trainer.poll() is not None:
+                raise self._died(trainer)
+            try:
+                answer = requests.get(f"{self.api_url}/status-env", json={"env_id": env_id}, timeout=5)
+            except requests.RequestException:
+                return False
+            return answer.status_code == 200
+
+        try:
+            proc.wait_until(registered, timeout, f"registration with the API as env id {env_id}")
+        except (RuntimeError, TimeoutError) as error:
+            raise LaunchError(str(error)) from error
+        self.env_ids[env_id] = spec.name
+        self.env_ids_file.write_text(json.dumps({str(k): v for k, v in self.env_ids.items()}))
+        logger.info("%s registered as env id %d", spec.name, env_id)
+
+    def _start_envs(self) -> None:
+        """Every environment, registered in order (env id -> name for exact mixtures). The first one starts while the
+        trainer is still starting (its start-up overlaps the trainer's Ray start-up)."""
+        timeout = float(self.config.atropos.launcher.startup_timeout_s)
+        self.env_ids = {}  # a (re)started API numbers its envs from 0
+        for spec in self.envs:
+            self._start_registered_env(spec, timeout)
+
     def restart_api(self) -> None:
         """Start the API again on the same port, then the environments (their env ids died with the old API)."""
         self.api_restarts += 1
@@ -210,19 +246,15 @@ class Launcher:
         for spec in self.envs:
             self.children[spec.name].stop()
         self._start_api()
-        for spec in self.envs:
-            self._start_env(spec)
+        self._start_envs()
 
     def start_all(self) -> None:
         timeout = float(self.config.atropos.launcher.startup_timeout_s)
         self.model = resolve_model_path(str(self.config.actor_rollout_ref.model.path))
         self._start_api()
         trainer = self._start("trainer", self.trainer_argv())
-        # Envs start beside the trainer (their start-up overlaps its Ray start-up): they wait for the API to admit
-        # them, which happens only once the trainer registers, after its endpoint is up.
         os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
-        for spec in self.envs:
-            self._start_env(spec)
+        self._start_envs()
         logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
         trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
 
@@ -280,7 +312,7 @@ class Launcher:
                 if lcfg.restart_envs and self.restarts.get(spec.name, 0) < int(lcfg.max_env_restarts):
                     self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
                     logger.warning("%s exited (code %s); restart %d", spec.name, proc.poll(), self.restarts[spec.name])
-                    self._start_env(spec)
+                    self._start_registered_env(spec, float(lcfg.startup_timeout_s))
                 else:
                     raise self._died(proc)
             time.sleep(1.0)

@@ -12,10 +12,13 @@ Select it with ``actor_rollout_ref.actor.policy_loss.loss_mode=advantage_weighte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+
+from recipe.atropos.advantages import normalize_and_clip_advantages
 
 POLICY_LOSS_NAME = "advantage_weighted_ce"
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "sum", "none")
@@ -79,6 +82,8 @@ def compute_advantage_weighted_sft_loss(
     reduction: str = "token-mean",
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    advantage_normalization: str = "none",
+    advantage_clipping: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Token-level CE scaled by advantages, masked, reduced.
 
@@ -89,6 +94,10 @@ def compute_advantage_weighted_sft_loss(
     Per token: ``A[b,t] · CE[b,t] · mask[b,t]``. ``reduction``: ``"token-mean"`` (Σ loss / Σ mask),
     ``"seq-mean-token-mean"`` (mean, over sequences with at least one masked-in token, of each one's token mean),
     ``"sum"``, ``"none"`` ([B, T] float32, zeros where masked out and at t = 0).
+
+    ``advantage_normalization`` (``"none"`` | ``"batch"``) and ``advantage_clipping`` (None | ``(lo, hi)``) act on the
+    advantages of the trained tokens (``loss_mask`` = 1, t ≥ 1) before weighting, as ``atropos.advantage`` does in
+    the trainer: whiten ``(A − mean) / sqrt(var + 1e-8)`` (unbiased variance), then clamp to ``[lo, hi]``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: use one of {REDUCTIONS}")
@@ -106,6 +115,9 @@ def compute_advantage_weighted_sft_loss(
         advantages = advantages[:, None].expand(B, T)
     elif advantages.shape != input_ids.shape:
         raise ValueError(f"advantages {tuple(advantages.shape)} must be [B, T] = {tuple(input_ids.shape)} or [B]")
+
+    if advantage_normalization != "none" or advantage_clipping is not None:
+        advantages = _normalized_advantages(advantages, loss_mask, advantage_normalization, advantage_clipping)
 
     # targets[:, t] = input_ids[:, t+1]; the last position predicts nothing (its weight is 0 below).
     targets = torch.zeros_like(input_ids)
@@ -163,6 +175,16 @@ def behaviour_is_weights(
         )
     weights = None if weights_proto is None else weights_proto.batch["rollout_is_weights"]
     return weights, mask.to(response_mask.dtype), is_weight_metrics(corr_metrics)
+
+
+def _normalized_advantages(
+    advantages: torch.Tensor, loss_mask: torch.Tensor, normalization: str, clipping: Sequence[float] | None
+) -> torch.Tensor:
+    """[B, T] advantages whitened/clipped over the trained tokens (``loss_mask`` = 1 at t ≥ 1); 0 elsewhere."""
+    trained = loss_mask.to(torch.bool).clone()
+    trained[:, 0] = False  # position 0 is never trained
+    adv, _ = normalize_and_clip_advantages(advantages, trained, normalize=normalization, clip=clipping)
+    return adv
 
 
 @register_policy_loss(POLICY_LOSS_NAME)

@@ -30,8 +30,15 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
-from recipe.atropos.advantages import compute_atropos_advantages
-from recipe.atropos.batching import group_scores, select_groups
+from recipe.atropos.advantages import check_advantage_options, compute_atropos_advantages
+from recipe.atropos.batching import (
+    MixtureBatcher,
+    fill_mixture_batch,
+    group_scores,
+    group_tokens,
+    mixture_from_config,
+    select_groups,
+)
 from recipe.atropos.client import AtroposClient
 from recipe.atropos.data import scored_data_to_dataproto
 from recipe.atropos.inference import (
@@ -40,6 +47,7 @@ from recipe.atropos.inference import (
     RayReplicaBackend,
     VLLMCompletionsBackend,
 )
+from recipe.atropos.offline import JsonlGroupSource, make_jsonl_source, offline_training_steps
 from recipe.atropos.preflight import model_vocab_size
 from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import (
@@ -54,21 +62,31 @@ logger = logging.getLogger(__name__)
 
 
 class ApiStepSource:
-    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record only the source."""
+    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record the source and the
+    mixture's cumulative counts (when a mixture is held)."""
+
+    mixture: MixtureBatcher | None = None
 
     def __len__(self) -> int:
         return 0
 
-    def state_dict(self) -> dict[str, str]:
-        return {"source": "atropos"}
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": "atropos", "mixture": self.mixture.state_dict() if self.mixture is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        if self.mixture is not None and state.get("mixture"):
+            self.mixture.load_state_dict(state["mixture"])
 
 
 def check_atropos_config(config: DictConfig) -> None:
     """Fail before Ray starts, naming the key and the fix."""
-    if not config.trainer.get("total_training_steps"):
+    source = str(config.atropos.get("source", "api"))
+    if source not in ("api", "jsonl"):
+        raise ValueError(f"atropos.source={source!r}: use 'api' (live run-api) or 'jsonl' (atropos.jsonl_paths)")
+    if source == "jsonl" and not config.atropos.get("jsonl_paths"):
+        raise ValueError("atropos.source=jsonl needs atropos.jsonl_paths: files or globs of saved ScoredData groups")
+    offline_epochs = source == "jsonl" and (config.atropos.get("offline") or {}).get("epochs")
+    if not config.trainer.get("total_training_steps") and not offline_epochs:
         raise ValueError(
             "trainer.total_training_steps is required: data comes from the Atropos API, so there is no dataset to "
             "count epochs over. Pass e.g. trainer.total_training_steps=100"
@@ -78,6 +96,13 @@ def check_atropos_config(config: DictConfig) -> None:
     if config.atropos.inference.backend not in ("ray", "vllm_http"):
         raise ValueError(f"atropos.inference.backend={config.atropos.inference.backend!r}: use 'ray' or 'vllm_http'")
     check_staleness_config(config)
+    if config.atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name != "vllm":
+        raise ValueError(
+            f"atropos.inference.backend=vllm_http needs actor_rollout_ref.rollout.name=vllm (got "
+            f"{config.actor_rollout_ref.rollout.name!r}): use atropos.inference.backend=ray"
+        )
+    adv_cfg = config.atropos.get("advantage") or {}
+    check_advantage_options(str(adv_cfg.get("normalize", "none")), adv_cfg.get("clip"))
 
 
 class RayAtroposTrainer(RayPPOTrainer):
@@ -98,12 +123,20 @@ class RayAtroposTrainer(RayPPOTrainer):
             spool=self.spool,
         )
         self._carry: list[Any] = []  # groups polled beyond one step's batch, trained next step
+        self.mixture = mixture_from_config(config) if config.atropos.get("source", "api") == "api" else None
+        if isinstance(self.train_dataloader, ApiStepSource):
+            self.train_dataloader.mixture = self.mixture
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
-        self.train_dataloader = ApiStepSource()
+        if self.config.atropos.get("source", "api") == "jsonl":  # offline: saved groups, no API / env / endpoint
+            self.train_dataloader = make_jsonl_source(self.config)
+            requested = self.config.trainer.get("total_training_steps")
+            self.total_training_steps = offline_training_steps(requested, self.train_dataloader)
+        else:
+            self.train_dataloader = ApiStepSource()
+            self.total_training_steps = int(self.config.trainer.total_training_steps)
         self.val_dataloader = None
-        self.total_training_steps = int(self.config.trainer.total_training_steps)
         with open_dict(self.config):
             self.config.actor_rollout_ref.actor.optim.total_training_steps = self.total_training_steps
             if "critic" in self.config and "optim" in self.config.critic:
@@ -184,6 +217,12 @@ class RayAtroposTrainer(RayPPOTrainer):
 
     def _poll_groups(self, metrics: dict[str, float]) -> list[Any]:
         """Exactly data.train_batch_size sequences of whole groups: stale groups dropped, extras carried over."""
+        if isinstance(self.train_dataloader, JsonlGroupSource):  # offline: the next groups of the saved files
+            groups = self.train_dataloader.next_batch()
+            metrics.update(self.train_dataloader.metrics())
+            return groups
+        if self.mixture is not None:
+            return self._poll_mixture(metrics)
         batch_size = int(self.config.data.train_batch_size)
         max_lag = self.atropos_cfg.get("max_policy_lag")
         max_lag = None if max_lag is None else int(max_lag)
@@ -212,6 +251,50 @@ class RayAtroposTrainer(RayPPOTrainer):
             metrics["atropos/policy_lag_max"] = float(np.max(sel.lags))
             metrics.update(lag_histogram(sel.lags))
         return sel.chosen
+
+    def _held_groups(self) -> list[Any]:
+        """Fetched groups kept for later steps: the carry-over and, with a mixture, its surplus per env."""
+        held = list(self._carry)
+        if self.mixture is not None:
+            held += [group for queue in self.mixture.pending.values() for group in queue]
+        return held
+
+    def _refresh_env_names(self) -> None:
+        """Env id → name from ``atropos.env_ids_file`` (the launcher writes it as each env registers)."""
+        path = self.atropos_cfg.get("env_ids_file")
+        if path and Path(path).exists():
+            self.mixture.names.update({int(k): str(v) for k, v in json.loads(Path(path).read_text()).items()})
+
+    def _poll_mixture(self, metrics: dict[str, float]) -> list[Any]:
+        """Exactly data.train_batch_size sequences filled to the env weights (:class:`MixtureBatcher`)."""
+        max_lag = self.atropos_cfg.get("max_policy_lag")
+        max_lag = None if max_lag is None else int(max_lag)
+        self._refresh_env_names()
+        self.mixture.add(self._carry)
+        self._carry = []
+
+        def poll() -> list[Any]:
+            groups = self.client.poll_batch(timeout=float(self.atropos_cfg.poll_timeout_s))
+            self._refresh_env_names()
+            return groups
+
+        start = time.monotonic()
+        groups, polls = fill_mixture_batch(self.mixture, poll, lag_of=self._policy_lag, max_policy_lag=max_lag)
+        lags = [self._policy_lag(tokens) for g in groups for tokens in group_tokens(g)]
+        known = [lag for lag in lags if lag is not None]
+        metrics.update(
+            {
+                "atropos/polls": float(polls),
+                "atropos/poll_wait_s": time.monotonic() - start,
+                "atropos/policy_lag_unknown": float(len(lags) - len(known)),
+                **self.mixture.metrics(groups),
+            }
+        )
+        if known:
+            metrics["atropos/policy_lag_mean"] = float(np.mean(known))
+            metrics["atropos/policy_lag_max"] = float(np.max(known))
+            metrics.update(lag_histogram(known))
+        return groups
 
     def _to_dataproto(self, groups: Sequence[Any], metrics: dict[str, float]) -> DataProto:
         cfg = self.config.data
@@ -286,6 +369,8 @@ class RayAtroposTrainer(RayPPOTrainer):
             use_env_advantages=bool(self.atropos_cfg.use_env_advantages),
             fallback_to_grpo=bool(self.atropos_cfg.fallback_to_grpo),
             norm_adv_by_std_in_grpo=bool(self.config.algorithm.get("norm_adv_by_std_in_grpo", True)),
+            normalize=str((self.atropos_cfg.get("advantage") or {}).get("normalize", "none")),
+            clip=(self.atropos_cfg.get("advantage") or {}).get("clip"),
         )
         metrics.update(batch.meta_info.pop("atropos_metrics", {}))
         return batch
@@ -315,15 +400,21 @@ class RayAtroposTrainer(RayPPOTrainer):
         )
         self.global_steps = 0
         self._load_checkpoint()
-        self.checkpoint_manager.update_weights(self.global_steps)
-        self.endpoint = self._start_inference_endpoint()
+        # Offline (atropos.source=jsonl) nothing generates: no endpoint, no registration, no weight pushes; the
+        # replicas verl started stay asleep (init_workers ends with sleep_replicas).
+        offline = isinstance(self.train_dataloader, JsonlGroupSource)
+        if not offline:
+            self.checkpoint_manager.update_weights(self.global_steps)
+            self.endpoint = self._start_inference_endpoint()
         succeeded = False
         try:
-            self._register()
+            if not offline:
+                self._register()
             self._train_loop(tracking)
             succeeded = True
         finally:
-            self.endpoint.stop()
+            if self.endpoint is not None:
+                self.endpoint.stop()
             tracking.finish(exit_code=0 if succeeded else 1)
 
     def _train_loop(self, tracking: Tracking) -> None:
@@ -338,9 +429,10 @@ class RayAtroposTrainer(RayPPOTrainer):
                 batch = self._to_dataproto(groups, metrics)
                 # Envs wait while the actor trains: replicas share the device with it (hybrid engine) and the
                 # next completions must come from the updated weights.
-                with marked_timer("pause_endpoint", timing):
-                    self.endpoint.pause(float(self.atropos_cfg.inference.drain_timeout_s))
-                self.checkpoint_manager.sleep_replicas()
+                if self.endpoint is not None:  # None offline
+                    with marked_timer("pause_endpoint", timing):
+                        self.endpoint.pause(float(self.atropos_cfg.inference.drain_timeout_s))
+                    self.checkpoint_manager.sleep_replicas()
                 batch = self._compute_log_probs(batch, metrics, timing)
                 with marked_timer("adv", timing):
                     batch = self._compute_advantages(batch, metrics)
@@ -349,20 +441,22 @@ class RayAtroposTrainer(RayPPOTrainer):
                 metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
                 promote_actor_is_metrics(metrics)
                 if self.spool is not None:
-                    self.spool.trained(groups, self.global_steps, carried=self._carry)
+                    self.spool.trained(groups, self.global_steps, carried=self._held_groups())
                 save_freq = int(self.config.trainer.save_freq)
                 if save_freq > 0 and (
                     self.global_steps % save_freq == 0 or self.global_steps == self.total_training_steps
                 ):
                     with marked_timer("save_checkpoint", timing):
                         self._save_checkpoint()
-                with marked_timer("update_weights", timing):
-                    self._push_weights()
+                if self.endpoint is not None:
+                    with marked_timer("update_weights", timing):
+                        self._push_weights()
                 drain = int((self.atropos_cfg.get("spool") or {}).get("drain_max_sequences") or 0)
-                if self.spool is not None and drain > 0:  # keep the API's in-memory queue small
+                if self.spool is not None and self.endpoint is not None and drain > 0:  # keep the API's queue small
                     self._carry.extend(self.client.drain(drain))
             metrics.update(self.client.metrics())
-            metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
+            if self.endpoint is not None:
+                metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
             metrics["training/global_step"] = self.global_steps
             metrics.update(compute_data_metrics(batch=batch, use_critic=False))
             metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))

@@ -1,0 +1,63 @@
+"""Exact env mixture end to end: the launcher runs run-api, the trainer and two real one_word envs weighted
+0.75 / 0.25, the 0.25 env made faster (4 new tokens instead of 16); over 8 steps the trained fractions hold the
+weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recipe.atropos.plotting import read_metrics
+from recipe.atropos.processes import ManagedProcess, tail
+
+pytestmark = pytest.mark.e2e
+logger = logging.getLogger(__name__)
+
+CONFIG = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
+
+
+@pytest.mark.timeout(900)
+def test_launcher_envs_at_075_025_hold_their_weights_over_8_steps(tmp_path: Path) -> None:
+    from recipe.atropos.runtime.assets import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "recipe.atropos.launch_atropos_verl_services",
+        "--config",
+        str(CONFIG),
+        f"actor_rollout_ref.model.path={model}",
+        f"atropos.launcher.run_dir={run_dir}",
+        "trainer.total_training_steps=8",
+        "trainer.save_freq=-1",
+        "atropos.launcher.envs.0.weight=0.75",
+        "atropos.launcher.envs.1.weight=0.25",
+        # the 0.25 env answers 4x shorter: faster
+        "atropos.launcher.envs.1.args={env.ensure_scores_are_not_same:false,env.max_new_tokens:4,env.seed:1}",
+    ]
+    launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log").start()
+    try:
+        deadline = time.monotonic() + 840
+        while launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(2)
+        assert launcher.poll() == 0, tail(launcher.log_path, 80)
+    finally:
+        launcher.stop()
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert json.loads((run_dir / "env_ids.json").read_text()) == {"0": "one_word", "1": "one_word_pairs"}
+    trained = {n: sum(r[f"atropos/env/{n}/sequences"] for r in rows) for n in ("one_word", "one_word_pairs")}
+    received = {n: rows[-1][f"atropos/env/{n}/received_fraction"] for n in trained}
+    logger.info("trained sequences %s; fractions the API delivered %s", trained, received)
+    assert sum(trained.values()) == 64
+    assert abs(trained["one_word"] / 64 - 0.75) <= 0.05, trained
+    assert abs(trained["one_word_pairs"] / 64 - 0.25) <= 0.05, trained
+    assert rows[-1]["atropos/env/one_word/trained_fraction"] == pytest.approx(trained["one_word"] / 64)
