@@ -11,8 +11,9 @@ module imports vLLM, so only that choice imports it (``VERL_USE_EXTERNAL_MODULES
   verl's ``model.load_weights`` cannot load a second time. The extension wraps verl's weight load in vLLM 0.24's own
   in-place reload (``vllm.model_executor.model_loader.reload``: ``initialize_layerwise_reload`` restores each
   layer's parameters from the metadata vLLM recorded at model creation, each layer is re-processed — the oneDNN
-  handle rebuilt — once all its weights arrived, ``finalize_layerwise_reload`` does the rest). It also keeps a weight
-  probe (a checksum of the received tensors and of the loaded embedding) for tests.
+  handle rebuilt — once all its weights arrived, ``finalize_layerwise_reload`` does the rest), then rebuilds the
+  tied LM head's handle (:func:`refresh_tied_cpu_gemms`). It also keeps a weight probe (a checksum of the received
+  tensors and of the loaded embedding) for tests.
 - :class:`VLLMCPUHttpServer`: names that extension, sets vLLM's CPU environment (KV cache size, thread binding),
   refuses sleep mode (vLLM's CPU platform has none) and counts the generate requests still unfinished in the engine
   whenever a weight sync starts or ends (:meth:`VLLMCPUHttpServer.stats`).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -55,6 +57,25 @@ VLLM_CPU_ENV: dict[str, str] = {
 def weight_checksum(tensors: list[tuple[str, torch.Tensor]]) -> float:
     """Sum of every element of ``tensors`` (each any shape) in float64: a cheap fingerprint of one weight sync."""
     return float(sum(t.detach().to(torch.float64).sum().item() for _, t in tensors))
+
+
+def refresh_tied_cpu_gemms(model: torch.nn.Module) -> int:
+    """Rebuild the CPU GEMM handle of every unquantized embedding / LM head from its current weight; returns count.
+
+    The layerwise reload processes a tied weight through one owner only (its documented limitation 2): with
+    ``tie_word_embeddings`` the LM head shares ``embed_tokens.weight`` but is never re-processed, so its oneDNN
+    handle — a packed copy made at start-up — would keep the start-up (dummy) weights. Embedding layers keep their
+    weight (``remove_weight=False``), so re-dispatching them is safe and idempotent.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    refreshed = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, UnquantizedEmbeddingMethod):
+            method.process_weights_after_loading(module)
+            refreshed += 1
+    return refreshed
 
 
 class CPUWorkerExtension(vLLMColocateWorkerExtension):
@@ -95,6 +116,7 @@ class CPUWorkerExtension(vLLMColocateWorkerExtension):
             on_bucket_received=on_bucket
         )
         finalize_layerwise_reload(model, self.model_runner.vllm_config.model_config)
+        refresh_tied_cpu_gemms(model)
         self._probe = {
             "weight_syncs": getattr(self, "_probe", {}).get("weight_syncs", 0) + 1,
             "received_tensors": len(received),
@@ -128,6 +150,12 @@ class VLLMCPUHttpServer(vLLMHttpServer):
             )
         super()._validate_configs()
 
+    async def launch_server(self, *args: Any, **kwargs: Any) -> None:
+        start = time.monotonic()
+        await super().launch_server(*args, **kwargs)
+        self._sync_stats["startup_s"] = round(time.monotonic() - start, 2)
+        logger.info("vllm_cpu server (replica %d) started vLLM in %.1f s", self.replica_rank, time.monotonic() - start)
+
     def _get_worker_extension_cls(self) -> str:
         return f"{CPUWorkerExtension.__module__}.{CPUWorkerExtension.__qualname__}"
 
@@ -146,7 +174,8 @@ class VLLMCPUHttpServer(vLLMHttpServer):
         self._sync_stats["weight_syncs"] += 1
 
     async def stats(self) -> dict[str, float]:
-        """Weight syncs seen here, requests in flight during them (must be 0), the policy version, the probe."""
+        """vLLM start-up seconds, weight syncs seen here, requests in flight during them (must be 0), the policy
+        version, and the worker's weight probe."""
         probes = await self.engine.collective_rpc("weight_probe")
         probe = probes[0] if probes else {}
         return {
