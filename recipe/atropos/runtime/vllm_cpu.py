@@ -15,8 +15,9 @@ module imports vLLM, so only that choice imports it (``VERL_USE_EXTERNAL_MODULES
   tied LM head's handle (:func:`refresh_tied_cpu_gemms`). It also keeps a weight probe (a checksum of the received
   tensors and of the loaded embedding) for tests.
 - :class:`VLLMCPUHttpServer`: names that extension, sets vLLM's CPU environment (KV cache size, thread binding),
-  refuses sleep mode (vLLM's CPU platform has none) and counts the generate requests still unfinished in the engine
-  whenever a weight sync starts or ends (:meth:`VLLMCPUHttpServer.stats`).
+  refuses sleep mode (vLLM's CPU platform has none) and counts, for tests and metrics
+  (:meth:`VLLMCPUHttpServer.stats`), the requests still unfinished in the engine whenever a weight sync starts or
+  ends and the generate calls that reached the engine between the trainer's ``sleep_replicas`` and the sync's end.
 - :class:`VLLMCPUReplica`: starts that server under the actor name verl's ``ServerAdapter`` looks up
   (``vllm_cpu_server_<replica>_<node>``, from ``rollout.name``).
 
@@ -138,7 +139,14 @@ class VLLMCPUHttpServer(vLLMHttpServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         for key, value in VLLM_CPU_ENV.items():
             os.environ.setdefault(key, value)
-        self._sync_stats = {"weight_syncs": 0, "unfinished_at_sync_start": 0, "unfinished_at_sync_end": 0}
+        self._sync_stats = {
+            "weight_syncs": 0,
+            "unfinished_at_sync_start": 0,
+            "unfinished_at_sync_end": 0,
+            "generates": 0,  # engine.generate calls (the ray backend's and vLLM's HTTP API's alike)
+            "generates_in_update_windows": 0,  # of those, started between the trainer's sleep and the sync's end
+        }
+        self._generates_at_sleep: int | None = None
         super().__init__(*args, **kwargs)
 
     def _validate_configs(self) -> None:
@@ -154,10 +162,26 @@ class VLLMCPUHttpServer(vLLMHttpServer):
         start = time.monotonic()
         await super().launch_server(*args, **kwargs)
         self._sync_stats["startup_s"] = round(time.monotonic() - start, 2)
+        self._count_engine_generates()
         logger.info("vllm_cpu server (replica %d) started vLLM in %.1f s", self.replica_rank, time.monotonic() - start)
 
     def _get_worker_extension_cls(self) -> str:
         return f"{CPUWorkerExtension.__module__}.{CPUWorkerExtension.__qualname__}"
+
+    def _count_engine_generates(self) -> None:
+        """Count every ``engine.generate`` call: verl's ``generate`` and vLLM's OpenAI server both call it."""
+        generate = self.engine.generate
+
+        def counted_generate(*args: Any, **kwargs: Any) -> Any:
+            self._sync_stats["generates"] += 1
+            return generate(*args, **kwargs)
+
+        self.engine.generate = counted_generate
+
+    async def sleep(self) -> None:
+        """The trainer's update window starts here (verl's ``sleep_replicas``, after the endpoint paused)."""
+        self._generates_at_sleep = self._sync_stats["generates"]
+        await super().sleep()
 
     def _unfinished_requests(self) -> int:
         return int(self.engine.output_processor.get_num_unfinished_requests())
@@ -172,6 +196,9 @@ class VLLMCPUHttpServer(vLLMHttpServer):
         await super().collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)
         self._sync_stats["unfinished_at_sync_end"] += self._unfinished_requests()
         self._sync_stats["weight_syncs"] += 1
+        if self._generates_at_sleep is not None:
+            self._sync_stats["generates_in_update_windows"] += self._sync_stats["generates"] - self._generates_at_sleep
+            self._generates_at_sleep = None
 
     async def stats(self) -> dict[str, float]:
         """vLLM start-up seconds, weight syncs seen here, requests in flight during them (must be 0), the policy
