@@ -122,14 +122,15 @@ def test_cpu_rollout_vllm_without_vllm_names_the_fix() -> None:
 
 @requires_vllm
 def test_cpu_rollout_vllm_selects_verls_vllm_replica_without_sleep_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "")
+    import os
+
+    # apply_cpu_runtime exports the runtime's variables: keep them out of the processes later tests start
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"})
     config = load_config(CONFIG, ["atropos.cpu_rollout=vllm"])
     apply_cpu_runtime(config)
     rollout = config.actor_rollout_ref.rollout
     assert rollout.name == "vllm_cpu" and rollout.dtype == "float32" and rollout.enforce_eager
     assert not rollout.enable_sleep_mode and not rollout.free_cache_engine
-    import os
-
     assert VLLM_CPU_MODULE in os.environ["VERL_USE_EXTERNAL_MODULES"].split(",")
     assert OmegaConf.select(config, "trainer.device") == "cpu"
 
