@@ -104,13 +104,14 @@ class CPUWorkerExtension(vLLMColocateWorkerExtension):
             self.device = torch.device("cpu")
         model = self.model_runner.model
         initialize_layerwise_reload(model)
-        received: list[tuple[str, torch.Tensor]] = []
+        received = {"tensors": 0, "checksum": 0.0}
 
         def on_bucket(weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
             # The receiver reuses its shared-memory buffer for the next bucket, while the layerwise reload keeps
             # a layer's tensors until all of them arrived: load copies.
             weights = [(name, tensor.clone()) for name, tensor in weights]
-            received.extend(weights)
+            received["tensors"] += len(weights)
+            received["checksum"] += weight_checksum(weights)
             self._update_weights(weights, peft_config=None, base_sync_done=False)
 
         BucketedWeightReceiver(zmq_handle=self._get_zmq_handle(), device=self.device, use_shm=use_shm).receive_weights(
@@ -120,8 +121,8 @@ class CPUWorkerExtension(vLLMColocateWorkerExtension):
         refresh_tied_cpu_gemms(model)
         self._probe = {
             "weight_syncs": getattr(self, "_probe", {}).get("weight_syncs", 0) + 1,
-            "received_tensors": len(received),
-            "received_checksum": weight_checksum(received),
+            "received_tensors": received["tensors"],
+            "received_checksum": received["checksum"],
             "embedding_checksum": weight_checksum(
                 [(n, p) for n, p in model.named_parameters() if n.endswith("embed_tokens.weight")]
             ),
