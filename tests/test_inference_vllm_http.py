@@ -1,29 +1,34 @@
-"""The vLLM HTTP path of the inference endpoint, against a stand-in for a GPU vLLM server.
+"""The vLLM HTTP path of the inference endpoint.
 
-vLLM cannot run on this CPU machine, so `FakeVLLMOpenAIServer` (named as a stand-in) replays the response shape a
-vLLM OpenAI server returns for `/v1/completions` with `logprobs` and `return_tokens_as_token_ids` (recorded from
-vLLM's `CompletionResponse`: `choices[i].logprobs.{tokens, token_logprobs, top_logprobs, text_offset}`). Everything
-else is real: HTTP on 127.0.0.1, our endpoint, and atroposlib's own `VLLMServer` client parsing our answer.
+Unit tests of the request we send and of the response parsing run everywhere. The rest run against a real vLLM
+0.24.0 OpenAI server (its CPU build, ``.venv-vllm``; skipped where ``import vllm`` fails) serving the tiny model,
+started by the test on 127.0.0.1: our ``VLLMCompletionsBackend``, our endpoint, and atroposlib's own ``VLLMServer``
+client reading our answer. The log-probs vLLM returns are checked against the HF model's, computed here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
-import threading
-import time
+import importlib.util
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-import uvicorn
-from fastapi import FastAPI, Request
+import torch
 
 from recipe.atropos.inference import InferenceEndpoint, SamplingParams, VLLMCompletionsBackend
-from recipe.atropos.processes import free_port
+from recipe.atropos.processes import ManagedProcess, free_port
+from recipe.atropos.runtime.assets import build_tiny_model
 
-# One choice as vLLM returns it (token ids spelled "token_id:<id>").
+requires_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="needs vLLM's CPU build (make vllm-env)"
+)
+
+# One choice as vLLM 0.24.0 returns it for logprobs=1, return_tokens_as_token_ids=true (token ids spelled
+# "token_id:<id>"), as recorded from the real server below.
 RECORDED_CHOICE = {
     "index": 0,
     "text": "Paris",
@@ -39,56 +44,17 @@ RECORDED_CHOICE = {
 }
 
 
-class FakeVLLMOpenAIServer:
-    """GPU stand-in: answers /v1/completions with the recorded vLLM shape and remembers the request bodies."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.port = free_port()
-        app = FastAPI()
-
-        @app.post("/v1/completions")
-        async def completions(request: Request) -> dict:
-            body = await request.json()
-            self.requests.append(body)
-            return {
-                "id": "cmpl-1",
-                "object": "text_completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [RECORDED_CHOICE],
-                "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3, "total_tokens": 0},
-            }
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> FakeVLLMOpenAIServer:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-@pytest.fixture()
-def fake_vllm() -> Iterator[FakeVLLMOpenAIServer]:
-    with FakeVLLMOpenAIServer() as server:
-        yield server
-
-
-def test_request_body_carries_token_ids_logprobs_and_sampling(fake_vllm: FakeVLLMOpenAIServer) -> None:
-    backend = VLLMCompletionsBackend([f"127.0.0.1:{fake_vllm.port}"], model_name="m")
-    params = SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, top_k=20)
-    out = asyncio.run(backend.generate([1, 2, 3], params))
-    body = fake_vllm.requests[-1]
-    assert body["prompt"] == [1, 2, 3]
-    assert body["model"] == "m"
+# ---- unit: request and response shapes ----------------------------------------------------------------------
+def test_request_body_carries_token_ids_logprobs_and_sampling() -> None:
+    backend = VLLMCompletionsBackend(["127.0.0.1:1"], model_name="m")
+    body = backend.request_body([1, 2, 3], SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, top_k=20))
+    assert body["prompt"] == [1, 2, 3] and body["model"] == "m" and body["n"] == 1
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"]) == (5, 0.7, 0.9, 20)
     assert body["logprobs"] == 1 and body["return_tokens_as_token_ids"] is True
+
+
+def test_choice_is_parsed_into_token_ids_and_logprobs() -> None:
+    out = VLLMCompletionsBackend.parse_choice(RECORDED_CHOICE)
     assert out.token_ids == [42, 7, 2]
     assert out.log_probs == [-0.25, -1.5, -0.125]
     assert out.finish_reason == "stop"
@@ -99,37 +65,114 @@ def test_choice_without_logprobs_is_a_clear_error() -> None:
         VLLMCompletionsBackend.parse_choice({"text": "x", "finish_reason": "stop"})
 
 
-def test_atroposlib_vllm_client_reads_our_endpoint_backed_by_vllm_http(fake_vllm: FakeVLLMOpenAIServer) -> None:
+# ---- a real vLLM 0.24.0 server (CPU build) ------------------------------------------------------------------
+SERVED_NAME = "tiny"
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vllm serve``'s API server on the tiny model (fp32, eager, 1 GiB KV cache); yields its base URL."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+        "--seed",
+        "0",
+    ]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    proc = ManagedProcess("vllm", argv, tmp_path_factory.mktemp("vllm") / "vllm.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=400)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+def hf_logprobs(model_dir: Path, prompt: list[int], completion: list[int]) -> list[float]:
+    """log softmax of the HF model's logits (temperature 1) at each completion token, computed here."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1]  # [len(completion), V]
+    return torch.log_softmax(logits, dim=-1)[torch.arange(len(completion)), torch.tensor(completion)].tolist()
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.timeout(600)
+def test_backend_against_real_vllm_returns_the_models_logprobs(vllm_server: str, tiny_model: Path) -> None:
+    backend = VLLMCompletionsBackend([vllm_server], model_name=SERVED_NAME)
+    prompt = [70, 71, 72, 73, 74]
+    out = asyncio.run(backend.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0)))
+    assert 1 <= len(out.token_ids) <= MAX_TOKENS and len(out.log_probs) == len(out.token_ids)
+    assert out.finish_reason in ("stop", "length")
+    expected = hf_logprobs(tiny_model, prompt, out.token_ids)
+    assert max(abs(a - b) for a, b in zip(out.log_probs, expected, strict=True)) < 1e-3, (out.log_probs, expected)
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.timeout(600)
+def test_unknown_model_name_is_an_error_naming_the_status(vllm_server: str) -> None:
+    backend = VLLMCompletionsBackend([vllm_server], model_name="not-served")
+    with pytest.raises(RuntimeError, match="answered 404"):
+        asyncio.run(backend.generate([70, 71], SamplingParams(max_tokens=2)))
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.timeout(600)
+def test_atroposlib_vllm_client_reads_our_endpoint_backed_by_real_vllm(vllm_server: str, tiny_model: Path) -> None:
     from atroposlib.envs.server_handling.openai_server import APIServerConfig
     from atroposlib.envs.server_handling.vllm_server import VLLMServer
 
-    from recipe.atropos.runtime.assets import build_tiny_model
-
-    backend = VLLMCompletionsBackend([f"http://127.0.0.1:{fake_vllm.port}"], model_name="m")
-    endpoint = InferenceEndpoint(backend, port=0, max_tokens_cap=8, eos_token_ids=[2], policy_version=3).start()
+    backend = VLLMCompletionsBackend([vllm_server], model_name=SERVED_NAME)
+    endpoint = InferenceEndpoint(backend, port=0, max_tokens_cap=4, eos_token_ids=[2], policy_version=3).start()
     try:
         assert requests.get(f"{endpoint.url}/health", timeout=5).json()["policy_version"] == 3
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = build_tiny_model(Path(tmp) / "tiny")
-            server = VLLMServer(
-                APIServerConfig(
-                    server_type="vllm",
-                    base_url=f"{endpoint.url}/v1",
-                    model_name="m",
-                    tokenizer_name=str(model_dir),
-                    api_key="x",
-                    health_check=False,
-                )
+        server = VLLMServer(
+            APIServerConfig(
+                server_type="vllm",
+                base_url=f"{endpoint.url}/v1",
+                model_name=SERVED_NAME,
+                tokenizer_name=str(tiny_model),
+                api_key="x",
+                health_check=False,
             )
-            prompt_ids, tokens, logprobs, reasons = asyncio.run(
-                server.tokens_and_logprobs_completion(input_ids=[5, 6], n=2, max_tokens=4)
-            )
-        assert prompt_ids == [5, 6]
-        assert tokens == [[42, 7, 2], [42, 7, 2]]
-        assert logprobs == [[-0.25, -1.5, -0.125]] * 2
-        assert reasons == ["stop", "stop"]
-        # n=2 fans out to two backend calls; max_tokens is passed through under the cap
-        assert len(fake_vllm.requests) == 2 and fake_vllm.requests[0]["max_tokens"] == 4
-        assert endpoint.ledger.version_of([5, 6, 42, 7, 2]) == 3
+        )
+        prompt_ids, tokens, logprobs, reasons = asyncio.run(
+            server.tokens_and_logprobs_completion(input_ids=[70, 71, 72], n=2, max_tokens=MAX_TOKENS)
+        )
+        assert prompt_ids == [70, 71, 72]
+        assert len(tokens) == len(logprobs) == len(reasons) == 2
+        for toks, lps, reason in zip(tokens, logprobs, reasons, strict=True):
+            assert 1 <= len(toks) <= 4  # max_tokens=6 was capped at the endpoint's max_tokens_cap
+            assert len(lps) == len(toks) and all(lp <= 0 for lp in lps)
+            assert reason in ("stop", "length")
+            assert endpoint.ledger.version_of([70, 71, 72, *toks]) == 3
+        assert endpoint.stats["capped_max_tokens"] == 1 and endpoint.stats["completions"] == 2
     finally:
         endpoint.stop()

@@ -105,6 +105,20 @@ def check_atropos_config(config: DictConfig) -> None:
     check_advantage_options(str(adv_cfg.get("normalize", "none")), adv_cfg.get("clip"))
 
 
+def rollout_logprob_diff(batch: DataProto) -> dict[str, float]:
+    """Max and mean of |rollout log-prob - trainer log-prob| over response tokens (``rollout_log_probs`` and
+    ``old_log_probs`` [B, T_resp], masked by ``response_mask`` [B, T_resp]); verl's ``training/rollout_probs_diff_*``
+    compare probabilities instead."""
+    mask = batch.batch["response_mask"].bool()
+    if not mask.any():
+        return {}
+    diff = (batch.batch["rollout_log_probs"] - batch.batch["old_log_probs"]).abs()[mask]
+    return {
+        "atropos/rollout_logprob_diff_max": float(diff.max()),
+        "atropos/rollout_logprob_diff_mean": float(diff.mean()),
+    }
+
+
 class RayAtroposTrainer(RayPPOTrainer):
     """GRPO on Atropos environments; constructor as RayPPOTrainer's (datasets are not used)."""
 
@@ -342,6 +356,7 @@ class RayAtroposTrainer(RayPPOTrainer):
                 from verl.utils.debug.metrics import calculate_debug_metrics
 
                 metrics.update(calculate_debug_metrics(batch))
+                metrics.update(rollout_logprob_diff(batch))
         if self.use_reference_policy:
             with marked_timer("ref", timing):
                 batch = batch.union(self._compute_ref_log_prob(batch))
@@ -379,6 +394,18 @@ class RayAtroposTrainer(RayPPOTrainer):
         """Weights of the just-trained actor to every replica; the endpoint then serves the new policy version."""
         self.checkpoint_manager.update_weights(self.global_steps)
         self.endpoint.resume(self.global_steps)
+
+    def _rollout_server_metrics(self) -> dict[str, float]:
+        """``rollout/<replica>/<key>`` from every rollout server that has a ``stats()`` method (hf_cpu, vllm_cpu)."""
+        import ray
+
+        metrics: dict[str, float] = {}
+        for i, handle in enumerate(self.llm_server_manager.server_handles):
+            if not hasattr(handle, "stats"):  # Ray handles raise AttributeError for methods the actor lacks
+                continue
+            for key, value in ray.get(handle.stats.remote()).items():
+                metrics[f"rollout/{i}/{key}"] = float(value)
+        return metrics
 
     def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
         path = self.atropos_cfg.get("metrics_file")
@@ -455,6 +482,7 @@ class RayAtroposTrainer(RayPPOTrainer):
                 if self.spool is not None and self.endpoint is not None and drain > 0:  # keep the API's queue small
                     self._carry.extend(self.client.drain(drain))
             metrics.update(self.client.metrics())
+            metrics.update(self._rollout_server_metrics())
             if self.endpoint is not None:
                 metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
             metrics["training/global_step"] = self.global_steps

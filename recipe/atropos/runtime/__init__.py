@@ -8,6 +8,7 @@ and verl's CUDA path (FSDP + vLLM) is untouched.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PLATFORM_MODULE = "recipe.atropos.runtime.platform"
 ROLLOUT_MODULE = "recipe.atropos.runtime.rollout"
+VLLM_CPU_MODULE = "recipe.atropos.runtime.vllm_cpu"
 
 # Ray resources: verl reserves one logical GPU per worker and a few CPUs per actor; on a 2-core box these are
 # logical slots (Ray would otherwise wait forever for resources the machine does not have).
@@ -53,6 +55,33 @@ CPU_SETTINGS: tuple[tuple[str, object], ...] = (
 )
 
 
+# atropos.cpu_rollout=vllm: verl's own vLLM rollout on vLLM's CPU build (``.venv-vllm``, ``make vllm-env``) instead
+# of hf_cpu. vLLM's CPU platform has no sleep mode (weights and KV cache stay resident) and no CUDA graphs; fp32 keeps
+# the rollout's log-probs comparable with the fp32 actor's.
+VLLM_CPU_SETTINGS: tuple[tuple[str, object], ...] = (
+    ("actor_rollout_ref.rollout.name", "vllm_cpu"),
+    ("actor_rollout_ref.rollout.enable_sleep_mode", False),
+    ("actor_rollout_ref.rollout.free_cache_engine", False),
+    ("actor_rollout_ref.rollout.enforce_eager", True),
+    ("actor_rollout_ref.rollout.dtype", "float32"),
+)
+CPU_ROLLOUTS = ("hf_cpu", "vllm")
+
+
+def cpu_rollout_settings(cpu_rollout: str = "hf_cpu") -> tuple[tuple[str, object], ...]:
+    """:data:`CPU_SETTINGS`, with the vLLM rollout's settings after them for ``cpu_rollout="vllm"``."""
+    if cpu_rollout not in CPU_ROLLOUTS:
+        raise ValueError(f"atropos.cpu_rollout={cpu_rollout!r}: use 'hf_cpu' (default) or 'vllm'")
+    if cpu_rollout == "hf_cpu":
+        return CPU_SETTINGS
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(
+            "atropos.cpu_rollout=vllm needs vLLM's CPU build, which this Python environment lacks: build it with "
+            "`make vllm-env` and run with .venv-vllm/bin/python (or set atropos.cpu_rollout=hf_cpu)"
+        )
+    return CPU_SETTINGS + VLLM_CPU_SETTINGS
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -87,9 +116,9 @@ def _override(key: str, value: object) -> str:
     return f"++{key}={text}"
 
 
-def cpu_runtime_overrides() -> list[str]:
+def cpu_runtime_overrides(cpu_rollout: str = "hf_cpu") -> list[str]:
     """Hydra overrides for ``python -m verl.trainer.main_ppo`` on CPU (``++`` adds or sets)."""
-    return [_override(key, value) for key, value in CPU_SETTINGS]
+    return [_override(key, value) for key, value in cpu_rollout_settings(cpu_rollout)]
 
 
 def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> None:
@@ -97,9 +126,14 @@ def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> 
 
     Sets :data:`CPU_SETTINGS` in ``config``, exports :func:`cpu_runtime_env` (Ray workers started afterwards inherit
     it) and imports the platform and rollout modules here, since this process may have imported verl already.
+    With ``atropos.cpu_rollout=vllm`` the rollout is verl's vLLM on vLLM's CPU build (:data:`VLLM_CPU_SETTINGS`;
+    :mod:`recipe.atropos.runtime.vllm_cpu` is then imported by every verl process, not by this one).
     """
-    for key, value in CPU_SETTINGS:
+    cpu_rollout = str(OmegaConf.select(config, "atropos.cpu_rollout", default="hf_cpu"))
+    for key, value in cpu_rollout_settings(cpu_rollout):
         OmegaConf.update(config, key, value, force_add=True)
+    if cpu_rollout == "vllm":
+        extra_modules = [VLLM_CPU_MODULE, *extra_modules]
     env = cpu_runtime_env(extra_modules)
     current = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
     env["VERL_USE_EXTERNAL_MODULES"] = ",".join(dict.fromkeys([*env["VERL_USE_EXTERNAL_MODULES"].split(","), *current]))
