@@ -54,7 +54,7 @@ def save_groups_with_atroposlib(model: Path, path: Path, n_groups: int) -> list[
     return [g["scores"] for g in groups]
 
 
-def offline_trainer(tmp_path: Path, model: Path, data: Path, steps: int, log: str) -> ManagedProcess:
+def offline_trainer(tmp_path: Path, model: Path, data: Path, steps: int, log: str, *extra: str) -> ManagedProcess:
     argv = [
         sys.executable,
         "-m",
@@ -73,6 +73,7 @@ def offline_trainer(tmp_path: Path, model: Path, data: Path, steps: int, log: st
         "trainer.save_freq=1",
         "trainer.resume_mode=auto",
         f"hydra.run.dir={tmp_path / 'hydra'}",
+        *extra,
     ]
     return ManagedProcess("trainer", argv, tmp_path / log)
 
@@ -109,7 +110,9 @@ def test_offline_training_from_atroposlib_jsonl_resumes_at_the_next_unread_group
     first = offline_trainer(tmp_path, model, data, steps=2, log="trainer.log")
     processes.append(first.start())
     assert wait_exit(first, 420) == 0, tail(first.log_path, 80)
-    second = offline_trainer(tmp_path, model, data, steps=4, log="trainer_resumed.log")
+    # the resumed run also whitens and clips the advantages (atropos.advantage)
+    advantage = ("atropos.advantage.normalize=batch", "atropos.advantage.clip=[-1.5,1.5]")
+    second = offline_trainer(tmp_path, model, data, 4, "trainer_resumed.log", *advantage)
     processes.append(second.start())
     assert wait_exit(second, 420) == 0, tail(second.log_path, 80)
 
@@ -125,3 +128,6 @@ def test_offline_training_from_atroposlib_jsonl_resumes_at_the_next_unread_group
         assert row["atropos/offline/rejected_lines"] == 0.0 and row["atropos/truncated_responses"] == 0.0
         assert "atropos/policy_version" not in row  # no endpoint offline
         assert row["actor/pg_loss"] != 0.0
+        assert ("atropos/advantage_clip_fraction" in row) == (step > 2)
+    for row in rows[2:]:
+        assert row["atropos/advantage_raw_std"] > 0 and 0 <= row["atropos/advantage_clip_fraction"] < 1

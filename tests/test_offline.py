@@ -197,3 +197,11 @@ def test_config_checks_for_offline_mode(tmp_path: Path) -> None:
         check_atropos_config(load_config(tiny, ["actor_rollout_ref.model.path=/m", "atropos.source=jsonl"]))
     with pytest.raises(ValueError, match="atropos.source='disk'"):
         check_atropos_config(load_config(tiny, ["actor_rollout_ref.model.path=/m", "atropos.source=disk"]))
+
+
+def test_the_launcher_refuses_offline_mode_naming_the_entry_point() -> None:
+    from recipe.atropos.launch_atropos_verl_services import Launcher, LaunchError
+
+    tiny = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
+    with pytest.raises(LaunchError, match="recipe.atropos.main_atropos"):
+        Launcher(tiny, ["atropos.source=jsonl", "atropos.jsonl_paths=[x.jsonl]"])

@@ -118,6 +118,11 @@ class Launcher:
         self.config_path = Path(config_path).resolve()
         self.overrides = list(overrides)
         self.config = load_config(self.config_path, self.overrides)
+        if self.config.atropos.get("source", "api") != "api":
+            raise LaunchError(
+                f"atropos.source={self.config.atropos.source}: offline training needs no API or environments; run "
+                "`python -m recipe.atropos.main_atropos` with the same config and overrides instead"
+            )
         self.envs = env_specs(self.config)
         lcfg = self.config.atropos.launcher
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
