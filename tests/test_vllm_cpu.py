@@ -120,6 +120,7 @@ def test_cpu_rollout_vllm_without_vllm_names_the_fix() -> None:
         cpu_rollout_settings("vllm")
 
 
+@pytest.mark.vllm
 @requires_vllm
 def test_cpu_rollout_vllm_selects_verls_vllm_replica_without_sleep_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
