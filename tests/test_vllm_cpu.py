@@ -120,6 +120,7 @@ def test_cpu_rollout_vllm_without_vllm_names_the_fix() -> None:
         cpu_rollout_settings("vllm")
 
 
+@pytest.mark.vllm
 @requires_vllm
 def test_cpu_rollout_vllm_selects_verls_vllm_replica_without_sleep_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
@@ -133,6 +134,25 @@ def test_cpu_rollout_vllm_selects_verls_vllm_replica_without_sleep_mode(monkeypa
     assert not rollout.enable_sleep_mode and not rollout.free_cache_engine
     assert VLLM_CPU_MODULE in os.environ["VERL_USE_EXTERNAL_MODULES"].split(",")
     assert OmegaConf.select(config, "trainer.device") == "cpu"
+
+
+def test_rollout_logprob_diff_is_over_trained_tokens_only() -> None:
+    from verl import DataProto
+
+    from recipe.atropos.trainer import rollout_logprob_diff
+
+    batch = DataProto.from_dict(
+        tensors={
+            "rollout_log_probs": torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]]),
+            "old_log_probs": torch.tensor([[-1.25, -2.0, -9.0], [-0.375, -4.0, 0.0]]),
+            "response_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+        }
+    )
+    # trained tokens: |-1 + 1.25| = 0.25, 0, |-0.5 + 0.375| = 0.125 (the masked 6.0 and 4.0 do not count)
+    assert rollout_logprob_diff(batch) == {
+        "atropos/rollout_logprob_diff_max": 0.25,
+        "atropos/rollout_logprob_diff_mean": pytest.approx(0.125),
+    }
 
 
 # ---- end to end: verl's vLLM replica drives the loop -----------------------------------------------------------
