@@ -61,6 +61,8 @@ def test_runtime_switches() -> None:
 def test_apply_cpu_runtime_sets_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     from omegaconf import OmegaConf
 
+    for key in cpu_runtime_env():  # apply_cpu_runtime exports these: restore them after the test
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "user.module")
     config = OmegaConf.create({"trainer": {"device": "cuda"}, "actor_rollout_ref": {"rollout": {"name": "vllm"}}})
     apply_cpu_runtime(config, extra_modules=["recipe.atropos.extensions"])
