@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from verl import DataProto
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
@@ -200,15 +202,24 @@ def test_bypass_is_metrics_from_the_actor_get_the_short_names() -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: Path) -> None:
-    """The demo's mode on the tiny config: the actor applies min(π_θ/π_rollout, 2) itself; no old-log-prob pass."""
+    """The demo's mode on the tiny config: the actor applies min(π_θ/π_rollout, 2) itself; no old-log-prob pass;
+    the env's held-out evaluations land in the metrics file and the summary."""
     model = build_tiny_model(tmp_path / "tiny")
     run_dir = tmp_path / "run"
+    # The tiny config, its first env evaluating on held-out questions every API step (env flag names hold dots, so
+    # the YAML is edited rather than overridden).
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    shutil.copy(CONFIGS / "atropos_grpo_base.yaml", config_dir / "atropos_grpo_base.yaml")
+    tiny = yaml.safe_load((CONFIGS / "atropos_grpo_tiny.yaml").read_text())
+    tiny["atropos"]["launcher"]["envs"][0]["args"].update({"env.steps_per_eval": 1, "env.eval_questions": 2})
+    (config_dir / "tiny_eval.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     argv = [
         sys.executable,
         "-m",
         "recipe.atropos.launch_atropos_verl_services",
         "--config",
-        str(CONFIGS / "atropos_grpo_tiny.yaml"),
+        str(config_dir / "tiny_eval.yaml"),
         f"actor_rollout_ref.model.path={model}",
         f"atropos.launcher.run_dir={run_dir}",
         "trainer.total_training_steps=3",
@@ -224,7 +235,13 @@ def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: P
     finally:
         launcher.stop()
     rows = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in rows if r.get("source") == "env:one_word"]
+    rows = [r for r in rows if "source" not in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # held-out evaluations reach the trainer's metrics file: one at start-up (base model, version 0), then more
+    assert evals and evals[0]["step"] == 0 and evals[0]["eval/one_word/held_out_samples"] == 8
+    assert all(0.0 <= r["eval/one_word/held_out_success"] <= 1.0 for r in evals)
+    assert (run_dir / "summary.txt").read_text().startswith("held-out success ")
     for row in rows:
         assert "timing_s/old_log_prob" not in row  # skipped: the rollout's log-probs are the behaviour policy
         assert 0.0 < row["atropos/is_weight_mean"] <= 2.0 and row["atropos/is_weight_max"] <= 2.0
