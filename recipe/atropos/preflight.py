@@ -111,7 +111,7 @@ def finished_step(checkpoint_dir: Path) -> int | None:
 
 def run_preflight(config: DictConfig, envs: Sequence[Any]) -> None:
     """Every check above plus the trainer's own (:func:`recipe.atropos.trainer.check_atropos_config`)."""
-    from recipe.atropos.trainer import check_atropos_config
+    from recipe.atropos.config_checks import check_atropos_config
 
     try:
         check_atropos_config(config)

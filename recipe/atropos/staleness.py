@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from verl import DataProto
 
 ADVANTAGE_WEIGHTED_CE = "advantage_weighted_ce"
 
@@ -120,3 +121,17 @@ def promote_actor_is_metrics(metrics: dict[str, Any]) -> None:
     for name in IS_METRIC_NAMES.values():
         if f"actor/{name}" in metrics and name not in metrics:
             metrics[name] = metrics[f"actor/{name}"]
+
+
+def rollout_logprob_diff(batch: DataProto) -> dict[str, float]:
+    """Max and mean of |rollout log-prob - trainer log-prob| over response tokens (``rollout_log_probs`` and
+    ``old_log_probs`` [B, T_resp], masked by ``response_mask`` [B, T_resp]); verl's ``training/rollout_probs_diff_*``
+    compare probabilities instead."""
+    mask = batch.batch["response_mask"].bool()
+    if not mask.any():
+        return {}
+    diff = (batch.batch["rollout_log_probs"] - batch.batch["old_log_probs"]).abs()[mask]
+    return {
+        "atropos/rollout_logprob_diff_max": float(diff.max()),
+        "atropos/rollout_logprob_diff_mean": float(diff.mean()),
+    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,14 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
-from recipe.atropos.advantages import check_advantage_options, compute_atropos_advantages
+from recipe.atropos.advantages import compute_atropos_advantages
 from recipe.atropos.batching import (
     MixtureBatcher,
-    fill_mixture_batch,
     group_scores,
-    group_tokens,
     mixture_from_config,
-    select_groups,
 )
 from recipe.atropos.client import AtroposClient
+from recipe.atropos.config_checks import check_atropos_config
 from recipe.atropos.data import scored_data_to_dataproto
 from recipe.atropos.inference import (
     CompletionLedger,
@@ -48,15 +45,18 @@ from recipe.atropos.inference import (
     VLLMCompletionsBackend,
 )
 from recipe.atropos.offline import JsonlGroupSource, make_jsonl_source, offline_training_steps
+from recipe.atropos.polling import GroupPolling
 from recipe.atropos.preflight import model_vocab_size
 from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import (
-    check_staleness_config,
     is_weight_metrics,
-    lag_histogram,
     promote_actor_is_metrics,
+    rollout_logprob_diff,
     share_rollout_correction_with_actor,
 )
+
+# Re-exported: other recipes and tests import these from the trainer module.
+__all__ = ["ApiStepSource", "RayAtroposTrainer", "check_atropos_config", "rollout_logprob_diff"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,48 +78,7 @@ class ApiStepSource:
             self.mixture.load_state_dict(state["mixture"])
 
 
-def check_atropos_config(config: DictConfig) -> None:
-    """Fail before Ray starts, naming the key and the fix."""
-    source = str(config.atropos.get("source", "api"))
-    if source not in ("api", "jsonl"):
-        raise ValueError(f"atropos.source={source!r}: use 'api' (live run-api) or 'jsonl' (atropos.jsonl_paths)")
-    if source == "jsonl" and not config.atropos.get("jsonl_paths"):
-        raise ValueError("atropos.source=jsonl needs atropos.jsonl_paths: files or globs of saved ScoredData groups")
-    offline_epochs = source == "jsonl" and (config.atropos.get("offline") or {}).get("epochs")
-    if not config.trainer.get("total_training_steps") and not offline_epochs:
-        raise ValueError(
-            "trainer.total_training_steps is required: data comes from the Atropos API, so there is no dataset to "
-            "count epochs over. Pass e.g. trainer.total_training_steps=100"
-        )
-    if not config.actor_rollout_ref.model.get("path"):
-        raise ValueError("actor_rollout_ref.model.path is required: a model directory or hub name")
-    if config.atropos.inference.backend not in ("ray", "vllm_http"):
-        raise ValueError(f"atropos.inference.backend={config.atropos.inference.backend!r}: use 'ray' or 'vllm_http'")
-    check_staleness_config(config)
-    if config.atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name != "vllm":
-        raise ValueError(
-            f"atropos.inference.backend=vllm_http needs actor_rollout_ref.rollout.name=vllm (got "
-            f"{config.actor_rollout_ref.rollout.name!r}): use atropos.inference.backend=ray"
-        )
-    adv_cfg = config.atropos.get("advantage") or {}
-    check_advantage_options(str(adv_cfg.get("normalize", "none")), adv_cfg.get("clip"))
-
-
-def rollout_logprob_diff(batch: DataProto) -> dict[str, float]:
-    """Max and mean of |rollout log-prob - trainer log-prob| over response tokens (``rollout_log_probs`` and
-    ``old_log_probs`` [B, T_resp], masked by ``response_mask`` [B, T_resp]); verl's ``training/rollout_probs_diff_*``
-    compare probabilities instead."""
-    mask = batch.batch["response_mask"].bool()
-    if not mask.any():
-        return {}
-    diff = (batch.batch["rollout_log_probs"] - batch.batch["old_log_probs"]).abs()[mask]
-    return {
-        "atropos/rollout_logprob_diff_max": float(diff.max()),
-        "atropos/rollout_logprob_diff_mean": float(diff.mean()),
-    }
-
-
-class RayAtroposTrainer(RayPPOTrainer):
+class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
     """GRPO on Atropos environments; constructor as RayPPOTrainer's (datasets are not used)."""
 
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
@@ -223,92 +182,6 @@ class RayAtroposTrainer(RayPPOTrainer):
             self._carry.extend(self.spool.resume(int(self.global_steps), None if max_lag is None else int(max_lag)))
         # Environments wait for the trainer's first /batch before the API admits them.
         self._carry.extend(self.client.get_batch() or [])
-
-    def _policy_lag(self, tokens: Sequence[int]) -> int | None:
-        """Weight updates between the policy that generated ``tokens`` and the one being trained (None = unknown)."""
-        version = self.ledger.version_of(tokens)
-        return None if version is None else (self.global_steps - 1) - version
-
-    def _poll_groups(self, metrics: dict[str, float]) -> list[Any]:
-        """Exactly data.train_batch_size sequences of whole groups: stale groups dropped, extras carried over."""
-        if isinstance(self.train_dataloader, JsonlGroupSource):  # offline: the next groups of the saved files
-            groups = self.train_dataloader.next_batch()
-            metrics.update(self.train_dataloader.metrics())
-            return groups
-        if self.mixture is not None:
-            return self._poll_mixture(metrics)
-        batch_size = int(self.config.data.train_batch_size)
-        max_lag = self.atropos_cfg.get("max_policy_lag")
-        max_lag = None if max_lag is None else int(max_lag)
-        pending, self._carry = list(self._carry), []
-        sel = select_groups(pending, batch_size, self._policy_lag, max_lag)
-        polls, wait_s = 0, 0.0
-        while sel.n_sequences < batch_size:
-            start = time.monotonic()
-            polled = self.client.poll_batch(timeout=float(self.atropos_cfg.poll_timeout_s))
-            wait_s += time.monotonic() - start
-            polls += 1
-            carry, sel.carry = sel.carry, []
-            sel = select_groups([*carry, *polled], batch_size, self._policy_lag, max_lag, already=sel)
-        self._carry = sel.carry
-        metrics.update(
-            {
-                "atropos/polls": float(polls),
-                "atropos/poll_wait_s": wait_s,
-                "atropos/carried_groups": float(len(self._carry)),
-                "atropos/stale_groups_dropped": float(sel.stale_groups_dropped),
-                "atropos/policy_lag_unknown": float(sel.policy_lag_unknown),
-            }
-        )
-        if sel.lags:
-            metrics["atropos/policy_lag_mean"] = float(np.mean(sel.lags))
-            metrics["atropos/policy_lag_max"] = float(np.max(sel.lags))
-            metrics.update(lag_histogram(sel.lags))
-        return sel.chosen
-
-    def _held_groups(self) -> list[Any]:
-        """Fetched groups kept for later steps: the carry-over and, with a mixture, its surplus per env."""
-        held = list(self._carry)
-        if self.mixture is not None:
-            held += [group for queue in self.mixture.pending.values() for group in queue]
-        return held
-
-    def _refresh_env_names(self) -> None:
-        """Env id → name from ``atropos.env_ids_file`` (the launcher writes it as each env registers)."""
-        path = self.atropos_cfg.get("env_ids_file")
-        if path and Path(path).exists():
-            self.mixture.names.update({int(k): str(v) for k, v in json.loads(Path(path).read_text()).items()})
-
-    def _poll_mixture(self, metrics: dict[str, float]) -> list[Any]:
-        """Exactly data.train_batch_size sequences filled to the env weights (:class:`MixtureBatcher`)."""
-        max_lag = self.atropos_cfg.get("max_policy_lag")
-        max_lag = None if max_lag is None else int(max_lag)
-        self._refresh_env_names()
-        self.mixture.add(self._carry)
-        self._carry = []
-
-        def poll() -> list[Any]:
-            groups = self.client.poll_batch(timeout=float(self.atropos_cfg.poll_timeout_s))
-            self._refresh_env_names()
-            return groups
-
-        start = time.monotonic()
-        groups, polls = fill_mixture_batch(self.mixture, poll, lag_of=self._policy_lag, max_policy_lag=max_lag)
-        lags = [self._policy_lag(tokens) for g in groups for tokens in group_tokens(g)]
-        known = [lag for lag in lags if lag is not None]
-        metrics.update(
-            {
-                "atropos/polls": float(polls),
-                "atropos/poll_wait_s": time.monotonic() - start,
-                "atropos/policy_lag_unknown": float(len(lags) - len(known)),
-                **self.mixture.metrics(groups),
-            }
-        )
-        if known:
-            metrics["atropos/policy_lag_mean"] = float(np.mean(known))
-            metrics["atropos/policy_lag_max"] = float(np.max(known))
-            metrics.update(lag_histogram(known))
-        return groups
 
     def _to_dataproto(self, groups: Sequence[Any], metrics: dict[str, float]) -> DataProto:
         cfg = self.config.data
