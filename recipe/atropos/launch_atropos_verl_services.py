@@ -42,6 +42,10 @@ from recipe.atropos.runtime.assets import resolve_model_path
 logger = logging.getLogger("atropos_launcher")
 
 
+class _TrainerExited(Exception):
+    """The trainer exited while the launcher waited for an environment to register (not an error by itself)."""
+
+
 class LaunchError(RuntimeError):
     """A service failed to start or died; the message names it and carries its log tail."""
 
@@ -208,14 +212,15 @@ class Launcher:
     def _start_registered_env(self, spec: EnvSpec, timeout: float) -> None:
         """Start ``spec`` and wait until the API lists it: envs register one at a time, so the env id the API hands
         out (its registration count) names this env; ``env_ids.json`` tells the trainer (exact env mixtures).
-        The API admits envs only once the trainer has registered, so a trainer that dies meanwhile ends the wait."""
+        The API admits envs only once the trainer has registered, so a trainer that exits meanwhile (finished, or
+        died) ends the wait without recording an id; the caller's next look at the trainer handles its exit."""
         proc = self._start_env(spec)
         env_id = len(self.env_ids)
 
         def registered() -> bool:
             trainer = self.children.get("trainer")
             if trainer is not None and trainer.poll() is not None:
-                raise self._died(trainer)
+                raise _TrainerExited
             try:
                 answer = requests.get(f"{self.api_url}/status-env", json={"env_id": env_id}, timeout=5)
             except requests.RequestException:
@@ -224,6 +229,8 @@ class Launcher:
 
         try:
             proc.wait_until(registered, timeout, f"registration with the API as env id {env_id}")
+        except _TrainerExited:
+            return
         except (RuntimeError, TimeoutError) as error:
             raise LaunchError(str(error)) from error
         self.env_ids[env_id] = spec.name
