@@ -61,8 +61,8 @@ def test_runtime_switches() -> None:
 def test_apply_cpu_runtime_sets_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     from omegaconf import OmegaConf
 
-    for key in cpu_runtime_env():  # apply_cpu_runtime exports these: restore them after the test
-        monkeypatch.delenv(key, raising=False)
+    for key in cpu_runtime_env():  # apply_cpu_runtime exports these: setenv records them, so they are restored
+        monkeypatch.setenv(key, "")
     monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "user.module")
     config = OmegaConf.create({"trainer": {"device": "cuda"}, "actor_rollout_ref": {"rollout": {"name": "vllm"}}})
     apply_cpu_runtime(config, extra_modules=["recipe.atropos.extensions"])
@@ -71,6 +71,7 @@ def test_apply_cpu_runtime_sets_the_config(monkeypatch: pytest.MonkeyPatch) -> N
     import os
 
     assert os.environ["VERL_USE_EXTERNAL_MODULES"].endswith("recipe.atropos.extensions,user.module")
+    assert os.environ["VERL_PLATFORM"] == "cpu"
 
 
 @pytest.fixture(scope="module")

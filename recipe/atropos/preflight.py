@@ -6,8 +6,10 @@ and whether a run directory already holds a finished run.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,7 +112,9 @@ def finished_step(checkpoint_dir: Path) -> int | None:
 
 
 def run_preflight(config: DictConfig, envs: Sequence[Any]) -> None:
-    """Every check above plus the trainer's own (:func:`recipe.atropos.trainer.check_atropos_config`)."""
+    """Every check above plus the trainer's own (:func:`recipe.atropos.config_checks.check_atropos_config`)."""
+    if os.environ.get("VERL_PLATFORM") == "cpu":  # inherited from a CPU run: verl would look our platform up on import
+        importlib.import_module("recipe.atropos.runtime.platform")
     from recipe.atropos.config_checks import check_atropos_config
 
     try:
