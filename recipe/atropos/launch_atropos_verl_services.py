@@ -268,7 +268,11 @@ class Launcher:
         os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
         self._start_envs()
         logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
-        trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
+        try:
+            trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
+        except RuntimeError:
+            if trainer.poll() != 0:  # died; a trainer that already finished (a short resumed run) is not an error
+                raise
 
     def _record_final_api_stats(self) -> None:
         """What the API still holds when the run ends (not trained, not lost): ``api_final_stats.json``."""
