@@ -10,6 +10,8 @@ from omegaconf import DictConfig
 from recipe.atropos.advantages import check_advantage_options
 from recipe.atropos.staleness import check_staleness_config
 
+VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
+
 
 def check_atropos_config(config: DictConfig) -> None:
     """Fail before Ray starts, naming the key and the fix."""
@@ -29,9 +31,10 @@ def check_atropos_config(config: DictConfig) -> None:
     if config.atropos.inference.backend not in ("ray", "vllm_http"):
         raise ValueError(f"atropos.inference.backend={config.atropos.inference.backend!r}: use 'ray' or 'vllm_http'")
     check_staleness_config(config)
-    if config.atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name != "vllm":
+    # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
+    if config.atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
         raise ValueError(
-            f"atropos.inference.backend=vllm_http needs actor_rollout_ref.rollout.name=vllm (got "
+            f"atropos.inference.backend=vllm_http needs a vLLM rollout, actor_rollout_ref.rollout.name=vllm (got "
             f"{config.actor_rollout_ref.rollout.name!r}): use atropos.inference.backend=ray"
         )
     adv_cfg = config.atropos.get("advantage") or {}
