@@ -75,3 +75,22 @@ def test_gpu_config_without_remove_padding_and_with_sdpa_needs_no_flash_attn() -
 
 def test_cpu_runtime_turns_flash_attn_off() -> None:
     assert not needs_flash_attn(_as_run("atropos_grpo_cpu_demo"))
+
+
+@pytest.mark.parametrize(("rollout", "accepted"), [("vllm", True), ("vllm_cpu", True), ("hf_cpu", False)])
+def test_vllm_http_backend_needs_a_vllm_rollout(rollout: str, accepted: bool) -> None:
+    from recipe.atropos.config_checks import check_atropos_config
+
+    config = load_config(
+        CONFIGS / "atropos_grpo_tiny.yaml",
+        [
+            "actor_rollout_ref.model.path=/m",
+            "atropos.inference.backend=vllm_http",
+            f"actor_rollout_ref.rollout.name={rollout}",
+        ],
+    )
+    if accepted:
+        check_atropos_config(config)
+    else:
+        with pytest.raises(ValueError, match="vllm_http needs a vLLM rollout"):
+            check_atropos_config(config)
