@@ -50,6 +50,11 @@ BENCH_LOOP_ARGS ?=
 bench-loop: install
 	$(PY) bench/bench_loop.py $(BENCH_LOOP_ARGS)
 
+# The demo's config vs verl's native GRPO: held-out success over wall time, ending with `time to held-out >= 0.9: ...`.
+.PHONY: bench-heldout
+bench-heldout: install
+	$(PY) bench/bench_heldout.py $(BENCH_HELDOUT_ARGS)
+
 vllm-env: $(STAMP_VLLM)
 
 $(STAMP_VLLM): pyproject.toml recipe/atropos/runtime/vllm_wheel.py

@@ -21,9 +21,12 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -88,12 +91,50 @@ def step_metrics_from_console(log: str) -> list[dict[str, float]]:
     return rows
 
 
-def run_native(args: argparse.Namespace, model: str, out: Path) -> tuple[list[dict[str, float]], float]:
+def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group this bench started (the launcher then stops its services), SIGKILL after grace."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(argv: list[str], env: dict[str, str], log_path: Path, timeout: float) -> tuple[int, float, list]:
+    """Run ``argv`` with its output in ``log_path``; (exit code, wall seconds, [(seconds since start, line), ...])."""
+    stamped: list[tuple[float, str]] = []
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True, start_new_session=True
+        )
+        watchdog = threading.Timer(timeout, stop_group, args=(proc,))  # a silent hang is stopped too
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                stamped.append((time.monotonic() - start, line))
+                log.write(line)
+            code = proc.wait()
+        except BaseException:
+            stop_group(proc)
+            raise
+        finally:
+            watchdog.cancel()
+    return code, time.monotonic() - start, stamped
+
+
+def native_argv(args: argparse.Namespace, model: str, out: Path) -> list[str]:
+    """verl's own GRPO (``verl.trainer.main_ppo``) through the CPU runtime on the env's questions and score."""
     out.mkdir(parents=True, exist_ok=True)
     reward = out / "reward.py"
     reward.write_text(REWARD_FN)
     n_questions = args.prompts * args.steps
-    argv = [
+    return [
         sys.executable,
         "-m",
         "verl.trainer.main_ppo",
@@ -124,15 +165,20 @@ def run_native(args: argparse.Namespace, model: str, out: Path) -> tuple[list[di
         f"trainer.default_local_dir={out / 'checkpoints'}",
         f"hydra.run.dir={out / 'hydra'}",
     ]
+
+
+def run_native(
+    args: argparse.Namespace, model: str, out: Path, extra: Sequence[str] = ()
+) -> tuple[list[dict[str, float]], float, list]:
+    """(per-step metrics, wall seconds, timestamped output lines) of verl's native GRPO."""
     env = {**os.environ, **cpu_runtime_env(), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    start = time.monotonic()
-    with open(out / "native.log", "w") as log:
-        code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=args.timeout)
-    wall = time.monotonic() - start
+    replaced = {o.split("=", 1)[0] for o in extra}  # extra overrides replace the defaults of the same key
+    argv = [a for a in native_argv(args, model, out) if a.split("=", 1)[0] not in replaced]
+    code, wall, stamped = run_logged([*argv, *extra], env, out / "native.log", args.timeout)
     text = (out / "native.log").read_text(errors="replace")
-    if code.returncode != 0:
-        raise SystemExit(f"native GRPO failed ({code.returncode}); last lines of {out / 'native.log'}:\n{text[-3000:]}")
-    return step_metrics_from_console(text), wall
+    if code != 0:
+        raise SystemExit(f"native GRPO failed ({code}); last lines of {out / 'native.log'}:\n{text[-3000:]}")
+    return step_metrics_from_console(text), wall, stamped
 
 
 def bench_config(args: argparse.Namespace, out: Path) -> Path:
@@ -159,13 +205,17 @@ def bench_config(args: argparse.Namespace, out: Path) -> Path:
     return path
 
 
-def run_ours(args: argparse.Namespace, model: str, out: Path) -> tuple[list[dict[str, float]], float]:
+def run_ours(
+    args: argparse.Namespace, model: str, out: Path, config: Path | None = None
+) -> tuple[list[dict[str, float]], float, list[dict[str, float]]]:
+    """(per-step metrics, wall seconds, the envs' evaluation rows) of our launcher with ``config`` (default: the
+    bench's equal-work config); each row's ``time`` is Unix seconds."""
     argv = [
         sys.executable,
         "-m",
         "recipe.atropos.launch_atropos_verl_services",
         "--config",
-        str(bench_config(args, out / "config")),
+        str(config or bench_config(args, out / "config")),
         f"actor_rollout_ref.model.path={model}",
         f"atropos.launcher.run_dir={out}",
         f"trainer.total_training_steps={args.steps}",
@@ -177,16 +227,13 @@ def run_ours(args: argparse.Namespace, model: str, out: Path) -> tuple[list[dict
         *args.ours_overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "launcher.log", "w") as log:
-        code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=args.timeout)
-    wall = time.monotonic() - start
-    if code.returncode != 0:
+    code, wall, _ = run_logged(argv, env, out / "launcher.log", args.timeout)
+    if code != 0:
         text = (out / "launcher.log").read_text(errors="replace")
-        raise SystemExit(f"our loop failed ({code.returncode}); last lines of {out / 'launcher.log'}:\n{text[-3000:]}")
+        raise SystemExit(f"our loop failed ({code}); last lines of {out / 'launcher.log'}:\n{text[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "source" not in r], wall
+    return [r for r in rows if "source" not in r], wall, [r for r in rows if "source" in r]
 
 
 def phase_table(native: list[dict[str, float]], ours: list[dict[str, float]]) -> list[str]:
@@ -220,9 +267,9 @@ def main() -> None:
         args.max_prompt_length = args.max_prompt_length or 48
     print(f"bench-loop: model {model}, {args.steps} steps of {args.prompts}x{args.group}, output {out}", flush=True)
     print(f"load before: {os.getloadavg()}", flush=True)
-    native, native_wall = run_native(args, model, out / "native")
+    native, native_wall, _ = run_native(args, model, out / "native")
     print(f"native: {len(native)} steps, wall {native_wall:.1f} s; load {os.getloadavg()}", flush=True)
-    ours, our_wall = run_ours(args, model, out / "ours")
+    ours, our_wall, _ = run_ours(args, model, out / "ours")
     print(f"ours: {len(ours)} steps, wall {our_wall:.1f} s; load {os.getloadavg()}", flush=True)
     for line in phase_table(native, ours):
         print(line)

@@ -139,3 +139,21 @@ def test_error_payload_before_registration_is_an_error(make_run_api) -> None:
     api = make_run_api().start()
     with pytest.raises(AtroposAPIError, match="error"):
         AtroposClient(api.url).get_batch()
+
+
+def test_poll_asks_an_empty_queue_at_a_fixed_interval_and_backs_off_only_on_errors(monkeypatch) -> None:
+    """Empty answers: each wait is `interval` (a forming batch is seen within it); failures: 0.1, 0.2, 0.4, 0.5."""
+    client = AtroposClient("http://127.0.0.1:9", request_timeout_s=1, retries=0)
+    answers: list[object] = [None] * 4 + [AtroposAPIError("down")] * 5 + [None, ["a group"]]
+    sleeps: list[float] = []
+
+    def get_batch() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(client, "get_batch", get_batch)
+    monkeypatch.setattr("recipe.atropos.client.time.sleep", sleeps.append)
+    assert client.poll_batch(timeout=60, interval=0.1, max_interval=0.5) == ["a group"]
+    assert sleeps == pytest.approx([0.1] * 4 + [0.1, 0.2, 0.4, 0.5, 0.5] + [0.1])

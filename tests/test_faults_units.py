@@ -247,3 +247,24 @@ def test_sigint_works_when_inherited_as_ignored(tiny_model_dir: Path, tmp_path: 
 
 def test_launcher_keeps_the_api_url_when_it_restarts_the_api() -> None:
     assert Launcher.restart_api.__doc__ and "same port" in Launcher.restart_api.__doc__
+
+
+# ---- the step the trainer registers at, before its workers start ----------------------------------------------
+def test_resume_step_follows_verls_checkpoint_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API is told the step before verl loads the checkpoint: 0 from scratch, N from the tracker file (relative
+    dirs from the working directory), the global_step_N of resume_from_path, 0 when resume is disabled."""
+    from omegaconf import OmegaConf
+
+    from recipe.atropos.trainer import resume_step
+
+    def cfg(**kw: object) -> object:
+        return OmegaConf.create({"resume_mode": "auto", "default_local_dir": "ckpts", "resume_from_path": None, **kw})
+
+    monkeypatch.chdir(tmp_path)
+    assert resume_step(cfg()) == 0  # no tracker file: from scratch
+    (tmp_path / "ckpts" / "global_step_4").mkdir(parents=True)
+    (tmp_path / "ckpts" / "latest_checkpointed_iteration.txt").write_text("4")
+    assert resume_step(cfg()) == 4
+    assert resume_step(cfg(default_local_dir=str(tmp_path / "ckpts"))) == 4
+    assert resume_step(cfg(resume_mode="disable")) == 0
+    assert resume_step(cfg(resume_mode="resume_path", resume_from_path="elsewhere/global_step_7")) == 7

@@ -29,6 +29,26 @@ def test_every_shipped_config_composes(name: str) -> None:
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "advantage_weighted_ce"
 
 
+def test_launcher_composes_the_trainers_config_without_importing_verl() -> None:
+    """`pkg://verl.trainer.config` is read as its directory: same config as Hydra's pkg:// path, verl not imported."""
+    code = f"""
+import sys
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from recipe.atropos.launch_config import load_config
+fast = load_config({str(CONFIGS / "atropos_grpo_cpu_demo.yaml")!r}, ["data.train_batch_size=16"])
+assert "verl" not in sys.modules and "torch" not in sys.modules, "composition imported verl"
+with initialize_config_dir(config_dir={str(CONFIGS)!r}, version_base=None):
+    slow = compose(config_name="atropos_grpo_cpu_demo", overrides=["data.train_batch_size=16"])
+assert "verl" in sys.modules
+assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)
+print(fast.data.train_batch_size)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "16"
+
+
 def test_batch_size_must_be_a_multiple_of_every_group_size() -> None:
     config = load_config(TINY, ["data.train_batch_size=6"])
     with pytest.raises(LaunchError, match="train_batch_size=6 is not a multiple of env 'one_word' group_size=4"):

@@ -148,7 +148,7 @@ class AtroposClient:
         rejected_groups_file: str | None = None,
         max_kept_rejected: int = 1000,
         vocab_size: int | None = None,
-        poll_interval_s: float = 0.2,
+        poll_interval_s: float = 0.05,
         poll_max_interval_s: float = 2.0,
         error_log_interval_s: float = 30.0,
         current_step: Callable[[], int] | None = None,
@@ -195,7 +195,7 @@ class AtroposClient:
             request_timeout_s=float(atropos_cfg.request_timeout_s),
             rejected_groups_file=atropos_cfg.get("rejected_groups_file"),
             vocab_size=vocab_size,
-            poll_interval_s=float(atropos_cfg.get("poll_interval_s", 0.2)),
+            poll_interval_s=float(atropos_cfg.get("poll_interval_s", 0.05)),
             poll_max_interval_s=float(atropos_cfg.get("poll_max_interval_s", 2.0)),
             error_log_interval_s=float(atropos_cfg.get("error_log_interval_s", 30.0)),
             current_step=current_step,
@@ -347,8 +347,10 @@ class AtroposClient:
     def poll_batch(
         self, timeout: float, interval: float | None = None, max_interval: float | None = None
     ) -> list[ScoredGroup]:
-        """Wait (with back-off, riding out API restarts) for the next batch; its valid groups (may be empty).
+        """Wait for the next batch, riding out API restarts; its valid groups (may be empty).
 
+        While the API answers with no batch yet, it is asked again every ``interval`` s (a local call of ~1 ms, so a
+        batch is seen within ``interval`` of forming); while the API fails, the wait doubles up to ``max_interval``.
         Errors and waits are logged every ``error_log_interval_s`` s, each time with the count and the API's own
         explanation when its queue is not empty. Raises :class:`AtroposAPIError` after ``timeout`` s without a batch.
         """
@@ -364,10 +366,12 @@ class AtroposClient:
                     if errors:
                         logger.info("the Atropos API answers again after %d failed polls", errors)
                     return groups
+                wait = interval  # the API answers: no back-off
             except AtroposAPIError as exc:
                 if last_error is None:
                     logger.warning("%s; retrying until the poll timeout (%.0f s)", exc, timeout)
                 last_error, errors = exc, errors + 1
+                wait = min(wait * 2, max_interval) if errors > 1 else interval
             now = time.monotonic()
             elapsed = now - start
             if now - last_log >= self.error_log_interval_s:
@@ -389,7 +393,6 @@ class AtroposClient:
                     )
                 raise AtroposAPIError(f"no batch from {self.api_url} within {timeout:.0f} s: {hint}")
             time.sleep(min(wait, timeout - elapsed))
-            wait = min(wait * 2, max_interval)
 
     def metrics(self) -> dict[str, float]:
         """Cumulative counters for the step's metrics."""

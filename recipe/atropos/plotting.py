@@ -3,7 +3,8 @@
 The file holds two kinds of JSON lines: the trainer's, one per training step (``atropos/mean_score`` is the mean
 score of the groups that step *kept*: envs drop identical-score groups, so it is not the policy's score), and the
 environments' held-out evaluations (``"source": "env:<name>"``, ``step`` = the policy version evaluated, i.e. the
-weights after that many training steps; ``eval/<name>/held_out_success``).
+weights after that many training steps; ``eval/<name>/held_out_success``). Both carry ``time``: when the line was
+written, in Unix seconds.
 """
 
 from __future__ import annotations

@@ -15,9 +15,26 @@ from typing import Any
 
 import numpy as np
 
-from recipe.atropos.batching import fill_mixture_batch, group_tokens, select_groups
+from recipe.atropos.batching import MixtureBatcher, fill_mixture_batch, group_tokens, select_groups
 from recipe.atropos.offline import JsonlGroupSource
 from recipe.atropos.staleness import lag_histogram
+
+
+class ApiStepSource:
+    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record the source and the
+    mixture's cumulative counts (when a mixture is held)."""
+
+    mixture: MixtureBatcher | None = None
+
+    def __len__(self) -> int:
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": "atropos", "mixture": self.mixture.state_dict() if self.mixture is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.mixture is not None and state.get("mixture"):
+            self.mixture.load_state_dict(state["mixture"])
 
 
 class GroupPolling:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,6 @@ from verl.utils.tracking import Tracking
 
 from recipe.atropos.advantages import compute_atropos_advantages
 from recipe.atropos.batching import (
-    MixtureBatcher,
     group_scores,
     mixture_from_config,
 )
@@ -45,7 +46,7 @@ from recipe.atropos.inference import (
     VLLMCompletionsBackend,
 )
 from recipe.atropos.offline import JsonlGroupSource, make_jsonl_source, offline_training_steps
-from recipe.atropos.polling import GroupPolling
+from recipe.atropos.polling import ApiStepSource, GroupPolling
 from recipe.atropos.preflight import model_vocab_size
 from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import (
@@ -61,21 +62,24 @@ __all__ = ["ApiStepSource", "RayAtroposTrainer", "check_atropos_config", "rollou
 logger = logging.getLogger(__name__)
 
 
-class ApiStepSource:
-    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record the source and the
-    mixture's cumulative counts (when a mixture is held)."""
+def resume_step(trainer_cfg: DictConfig) -> int:
+    """The step verl's ``RayPPOTrainer._load_checkpoint`` will resume at (0 = from scratch), read without loading.
 
-    mixture: MixtureBatcher | None = None
+    Same rules: ``resume_mode`` disable → 0; auto → the tracker file in ``default_local_dir`` (relative to the working
+    directory), none → 0; resume_path → the ``global_step_N`` of ``resume_from_path``.
+    """
+    from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 
-    def __len__(self) -> int:
+    mode = trainer_cfg.get("resume_mode", "auto")
+    if mode == "disable":
         return 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"source": "atropos", "mixture": self.mixture.state_dict() if self.mixture is not None else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.mixture is not None and state.get("mixture"):
-            self.mixture.load_state_dict(state["mixture"])
+    if mode == "resume_path" and isinstance(trainer_cfg.get("resume_from_path"), str):
+        folder = str(trainer_cfg.resume_from_path)
+    else:
+        folder = find_latest_ckpt_path(os.path.abspath(str(trainer_cfg.default_local_dir)))
+    if folder is None or "global_step_" not in folder:
+        return 0  # verl trains from scratch (auto) or fails with its own message
+    return int(folder.split("global_step_")[-1].rstrip("/"))
 
 
 class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
@@ -96,11 +100,20 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
             spool=self.spool,
         )
         self._carry: list[Any] = []  # groups polled beyond one step's batch, trained next step
+        self._registered_step: int | None = None  # the step the API was told (init_workers registers)
         self.mixture = mixture_from_config(config) if config.atropos.get("source", "api") == "api" else None
         if isinstance(self.train_dataloader, ApiStepSource):
             self.train_dataloader.mixture = self.mixture
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
+    def init_workers(self) -> None:
+        """Register with the API first, then start verl's workers: environments get admitted, pass atroposlib's
+        start-up pause (5 s after registering) and queue their first requests at the endpoint's ``/health`` while our
+        workers start, instead of after. The step is the one ``_load_checkpoint`` will resume at (checked in fit)."""
+        if self.config.atropos.get("source", "api") == "api":
+            self._register(resume_step(self.config.trainer))
+        super().init_workers()
+
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
         if self.config.atropos.get("source", "api") == "jsonl":  # offline: saved groups, no API / env / endpoint
             self.train_dataloader = make_jsonl_source(self.config)
@@ -164,24 +177,28 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         )
         return endpoint.start()
 
-    def _register(self) -> None:
-        """Register with the API at the true starting step (after a checkpoint load), then make envs admissible."""
+    def _register(self, starting_step: int) -> None:
+        """Register with the API at ``starting_step``, then make envs admissible (they wait for the first /batch)."""
         cfg = self.config
         self.client.register(
             batch_size=int(cfg.data.train_batch_size),
             max_token_len=int(cfg.data.max_prompt_length + cfg.data.max_response_length),
-            starting_step=int(self.global_steps),
+            starting_step=int(starting_step),
             num_steps=int(self.total_training_steps),
             wandb_group=str(self.atropos_cfg.wandb_group),
             wandb_project=str(self.atropos_cfg.wandb_project),
             checkpoint_dir=str(cfg.trainer.default_local_dir),
             save_checkpoint_interval=int(cfg.trainer.save_freq),
         )
-        if self.spool is not None:  # groups an earlier run fetched but did not train come first
-            max_lag = self.atropos_cfg.get("max_policy_lag")
-            self._carry.extend(self.spool.resume(int(self.global_steps), None if max_lag is None else int(max_lag)))
-        # Environments wait for the trainer's first /batch before the API admits them.
+        self._registered_step = int(starting_step)
         self._carry.extend(self.client.get_batch() or [])
+
+    def _resume_spooled_groups(self) -> None:
+        """Groups an earlier run fetched but did not train come first (after the checkpoint load set the step)."""
+        if self.spool is not None:
+            max_lag = self.atropos_cfg.get("max_policy_lag")
+            resumed = self.spool.resume(int(self.global_steps), None if max_lag is None else int(max_lag))
+            self._carry[:0] = resumed
 
     def _to_dataproto(self, groups: Sequence[Any], metrics: dict[str, float]) -> DataProto:
         cfg = self.config.data
@@ -285,7 +302,7 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         if not path:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        row = {"step": self.global_steps}
+        row = {"step": self.global_steps, "time": time.time()}  # time: when the step ended (Unix seconds)
         row.update({k: float(v) for k, v in metrics.items() if isinstance(v, int | float | np.floating | np.integer)})
         with open(path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -309,7 +326,14 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         succeeded = False
         try:
             if not offline:
-                self._register()
+                if self._registered_step is None:  # init_workers was overridden without calling ours
+                    self._register(int(self.global_steps))
+                elif self._registered_step != self.global_steps:
+                    raise RuntimeError(
+                        f"registered with the Atropos API at step {self._registered_step} but the checkpoint load "
+                        f"resumed at step {self.global_steps}: check trainer.resume_mode / trainer.resume_from_path"
+                    )
+                self._resume_spooled_groups()
             self._train_loop(tracking)
             succeeded = True
         finally:

@@ -103,6 +103,11 @@ def held_out_questions(n: int) -> list[str]:
     return [f"{t.format(s)} {INSTRUCTION}" for t, s in pairs[:n]]
 
 
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("held-out evaluation at start-up failed", exc_info=task.exception())
+
+
 class GenerationCounts:
     """What the env generated, before BaseEnv drops any group: groups, identical-score groups, scores."""
 
@@ -171,7 +176,7 @@ class OneWordEnv(BaseEnv):
             model_name="policy",
             api_key="x",
             timeout=1200,
-            num_requests_for_eval=4,
+            num_requests_for_eval=8,  # every held-out question at once: one policy version per evaluation
         )
         return env_config, [server]
 
@@ -179,8 +184,12 @@ class OneWordEnv(BaseEnv):
         self.rng = random.Random(self.config.seed)
         self.groups_sent = 0
         self.counts = GenerationCounts()
+        self._start_eval: asyncio.Task | None = None
         if self.config.steps_per_eval > 0 and self.config.eval_at_start:
-            await self.evaluate()
+            # In the background: registration (BaseEnv.env_manager registers after setup) does not wait for the
+            # endpoint, so the env is admitted and ready while the trainer's workers still start.
+            self._start_eval = asyncio.create_task(self.evaluate())
+            self._start_eval.add_done_callback(_log_failure)
 
     async def get_next_item(self) -> str:
         return question(self.rng)
@@ -259,6 +268,7 @@ class OneWordEnv(BaseEnv):
         row: dict[str, Any] = {
             "step": version,
             "source": f"env:{self.config.wandb_name or self.name}",
+            "time": time.time(),  # when the evaluation ended (Unix seconds)
             f"{prefix}/held_out_success": sum(scores) / len(scores),
             f"{prefix}/held_out_samples": float(len(scores)),
             f"{prefix}/seconds": time.time() - start,
