@@ -6,8 +6,8 @@ lr 2e-5, ``--steps`` steps) and measure the same held-out set: the 8 questions o
 
 - native: ``verl.trainer.main_ppo`` (as in ``bench_loop.py``) with those questions as its validation set
   (``val_kwargs``: n=4, sampled at 1.0; ``val_before_train``, ``test_freq=2``); it trains on every group;
-- ours: ``make demo``'s command and config unchanged (``atropos_grpo_cpu_demo.yaml``: the env drops identical-score
-  groups and evaluates itself), in this bench's output directory.
+- ours: ``make demo``'s command and config as shipped (``atropos_grpo_cpu_demo.yaml``: the env drops
+  identical-score groups and evaluates itself; checkpoints at steps 5 and 10), in this bench's output directory.
 
 Prints held-out success per policy version with the seconds since each command started, then one line
 ``time to held-out >= 0.9: native 312 s (after step 6), ours 250 s (after step 4); ratio ours/native 0.80x``.
@@ -31,7 +31,8 @@ from recipe.atropos.runtime.assets import resolve_model_path
 
 DEMO = ROOT / "recipe" / "atropos" / "config" / "atropos_grpo_cpu_demo.yaml"
 EVAL_QUESTIONS, EVAL_SAMPLES = 8, 4  # one_word_env's defaults (eval_questions, eval_samples_per_question)
-VAL_LINE = re.compile(r"step:(\d+) - .*?val-core/[^:\s]+/reward/mean@\d+:(?:np\.float\d+\()?([-\d.e+]+)")
+# verl's core validation metric: the `acc` the reward function reports, else `reward` (ray_trainer._val_metrics_update).
+VAL_LINE = re.compile(r"step:(\d+) - .*?val-core/[^:\s]+/(?:acc|reward)/mean@\d+:(?:np\.float\d+\()?([-\d.e+]+)")
 
 
 def write_held_out(path: Path) -> Path:

@@ -208,8 +208,17 @@ def bench_config(args: argparse.Namespace, out: Path) -> Path:
 def run_ours(
     args: argparse.Namespace, model: str, out: Path, config: Path | None = None
 ) -> tuple[list[dict[str, float]], float, list[dict[str, float]]]:
-    """(per-step metrics, wall seconds, the envs' evaluation rows) of our launcher with ``config`` (default: the
-    bench's equal-work config); each row's ``time`` is Unix seconds."""
+    """(per-step metrics, wall seconds, the envs' evaluation rows) of our launcher; each row's ``time`` is Unix seconds.
+
+    Default: the bench's equal-work config with the bench's shape. With ``config``: that config as shipped (only the
+    model path, run directory and step count are set), e.g. ``make demo``'s."""
+    shape = [
+        "trainer.save_freq=-1",
+        f"data.train_batch_size={args.prompts * args.group}",
+        f"data.max_prompt_length={args.max_prompt_length}",
+        f"data.max_response_length={args.max_response_length}",
+        f"actor_rollout_ref.actor.optim.lr={args.lr}",
+    ]
     argv = [
         sys.executable,
         "-m",
@@ -219,11 +228,7 @@ def run_ours(
         f"actor_rollout_ref.model.path={model}",
         f"atropos.launcher.run_dir={out}",
         f"trainer.total_training_steps={args.steps}",
-        "trainer.save_freq=-1",
-        f"data.train_batch_size={args.prompts * args.group}",
-        f"data.max_prompt_length={args.max_prompt_length}",
-        f"data.max_response_length={args.max_response_length}",
-        f"actor_rollout_ref.actor.optim.lr={args.lr}",
+        *([] if config else shape),
         *args.ours_overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}

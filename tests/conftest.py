@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Atropos `run-api` process on 127.0.0.1 (fresh per test module)."""
+"""Shared fixtures: a real Atropos `run-api` process on 127.0.0.1 (fresh per test module), a tiny local model, and
+the check that a test leaves no process behind."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from recipe.atropos.api_guard import guard_argv
 from recipe.atropos.processes import ManagedProcess, free_port, run_api_argv
+from recipe.atropos.runtime.assets import build_tiny_model
+from tests.helpers import descendants, left_behind
 
 # Offline, quiet, deterministic defaults for every test process.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,3 +71,22 @@ def run_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunApi]:
         yield api
     finally:
         api.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama with a byte-level ChatML tokenizer, built locally (no download), once per module."""
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture()
+def no_leftovers() -> Iterator[list[ManagedProcess]]:
+    """Processes the test starts (append them here to have them stopped, whole trees, at the end); afterwards no
+    process the test started may remain (Ray, vLLM workers, envs included) — ones that existed before are ignored."""
+    before = descendants()
+    started: list[ManagedProcess] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+    left = left_behind(before)
+    assert not left, f"processes left behind: {left}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -14,34 +13,28 @@ import pytest
 
 from recipe.atropos.plotting import read_metrics
 from recipe.atropos.processes import ManagedProcess, tail
+from tests.helpers import launcher_argv
 
 pytestmark = pytest.mark.e2e
 logger = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
-
 
 @pytest.mark.timeout(900)
-def test_envs_at_025_075_hold_their_weights_over_8_steps_though_the_025_env_is_faster(tmp_path: Path) -> None:
-    from recipe.atropos.runtime.assets import build_tiny_model
-
-    model = build_tiny_model(tmp_path / "tiny")
+def test_envs_at_025_075_hold_their_weights_over_8_steps_though_the_025_env_is_faster(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    model = tiny_model
     run_dir = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(CONFIG),
-        f"actor_rollout_ref.model.path={model}",
-        f"atropos.launcher.run_dir={run_dir}",
+    argv = launcher_argv(
+        model,
+        run_dir,
         "trainer.total_training_steps=8",
         "trainer.save_freq=-1",
         "atropos.launcher.envs.0.weight=0.25",
         "atropos.launcher.envs.1.weight=0.75",
         # one_word (0.25): groups of 4, 4 new tokens: the faster env
         "atropos.launcher.envs.0.args={env.ensure_scores_are_not_same:false,env.max_new_tokens:4}",
-    ]
+    )
     launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log").start()
     try:
         deadline = time.monotonic() + 840

@@ -5,20 +5,16 @@ next unread group."""
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from recipe.atropos.plotting import read_metrics
 from recipe.atropos.processes import ManagedProcess, tail
+from tests.helpers import trainer_argv, wait_exit
 
 pytestmark = pytest.mark.e2e
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
 REPLIES = ("Blue", "It is blue", "Paris", "A cat")
 
 
@@ -55,65 +51,35 @@ def save_groups_with_atroposlib(model: Path, path: Path, n_groups: int) -> list[
 
 
 def offline_trainer(tmp_path: Path, model: Path, data: Path, steps: int, log: str, *extra: str) -> ManagedProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.main_atropos",
-        "--config-path",
-        str(CONFIG_DIR),
-        "--config-name",
-        "atropos_grpo_tiny",
-        f"actor_rollout_ref.model.path={model}",
+    argv = trainer_argv(
+        model,
+        tmp_path,
         "atropos.source=jsonl",
         f"atropos.jsonl_paths=[{data}]",
         "atropos.api_url=http://127.0.0.1:9",  # nothing listens: any API call would fail the run
-        f"atropos.metrics_file={tmp_path / 'metrics.jsonl'}",
-        f"trainer.default_local_dir={tmp_path / 'checkpoints'}",
         f"trainer.total_training_steps={steps}",
         "trainer.save_freq=1",
         "trainer.resume_mode=auto",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
         *extra,
-    ]
+    )
     return ManagedProcess("trainer", argv, tmp_path / log)
-
-
-def wait_exit(proc: ManagedProcess, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return int(proc.poll())
-        time.sleep(1)
-    raise TimeoutError(f"{proc.name} still running after {timeout} s:\n{tail(proc.log_path, 60)}")
-
-
-@pytest.fixture()
-def processes() -> Iterator[list[ManagedProcess]]:
-    started: list[ManagedProcess] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-    leftovers = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
-    assert not leftovers, [p.cmdline() for p in leftovers]
 
 
 @pytest.mark.timeout(900)
 def test_offline_training_from_atroposlib_jsonl_resumes_at_the_next_unread_group(
-    tmp_path: Path, processes: list[ManagedProcess]
+    tmp_path: Path, tiny_model: Path, no_leftovers: list[ManagedProcess]
 ) -> None:
-    from recipe.atropos.runtime.assets import build_tiny_model
-
-    model = build_tiny_model(tmp_path / "tiny")
+    model = tiny_model
     data = tmp_path / "groups.jsonl"
     scores = save_groups_with_atroposlib(model, data, n_groups=10)
 
     first = offline_trainer(tmp_path, model, data, steps=2, log="trainer.log")
-    processes.append(first.start())
+    no_leftovers.append(first.start())
     assert wait_exit(first, 420) == 0, tail(first.log_path, 80)
     # the resumed run also whitens and clips the advantages (atropos.advantage)
     advantage = ("atropos.advantage.normalize=batch", "atropos.advantage.clip=[-1.5,1.5]")
     second = offline_trainer(tmp_path, model, data, 4, "trainer_resumed.log", *advantage)
-    processes.append(second.start())
+    no_leftovers.append(second.start())
     assert wait_exit(second, 420) == 0, tail(second.log_path, 80)
 
     rows = read_metrics(tmp_path / "metrics.jsonl")

@@ -5,46 +5,22 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 
 from recipe.atropos.plotting import read_metrics
 from recipe.atropos.processes import ManagedProcess, free_port, stop_process_tree, tail
-from recipe.atropos.runtime.assets import build_tiny_model
+from tests.helpers import launcher_argv, trainer_argv, wait_exit
 
 pytestmark = pytest.mark.e2e
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
 ENV_MODULE = "recipe.atropos.envs.one_word_env"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
 def trainer_process(run_dir: Path, model: Path, api_url: str, port: int, *overrides: str) -> ManagedProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.main_atropos",
-        "--config-path",
-        str(CONFIG_DIR),
-        "--config-name",
-        "atropos_grpo_tiny",
-        f"actor_rollout_ref.model.path={model}",
-        f"atropos.api_url={api_url}",
-        f"atropos.inference.port={port}",
-        f"atropos.metrics_file={run_dir / 'metrics.jsonl'}",
-        f"trainer.default_local_dir={run_dir / 'checkpoints'}",
-        f"hydra.run.dir={run_dir / 'hydra'}",
-        *overrides,
-    ]
+    argv = trainer_argv(model, run_dir, f"atropos.api_url={api_url}", f"atropos.inference.port={port}", *overrides)
     return ManagedProcess("trainer", argv, run_dir / "trainer.log")
 
 
@@ -76,44 +52,15 @@ def env_process(run_dir: Path, model: Path, api_url: str, port: int, name: str =
     return ManagedProcess(name, argv, run_dir / f"{name}.log")
 
 
-def wait_exit(proc: ManagedProcess, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return int(proc.poll())
-        time.sleep(1)
-    raise TimeoutError(f"{proc.name} still running after {timeout} s:\n{tail(proc.log_path, 60)}")
-
-
-@pytest.fixture()
-def processes() -> Iterator[list[ManagedProcess]]:
-    """Every process a test starts; all stopped (whole trees) at the end, then no descendant may remain."""
-    started: list[ManagedProcess] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-    leftovers = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
-    assert not [p.cmdline() for p in leftovers if "run-api" not in " ".join(p.cmdline())], leftovers
-
-
 @pytest.mark.timeout(600)
 def test_online_loop_trains_on_env_groups_with_both_advantage_paths(
-    tiny_model: Path, tmp_path: Path, processes: list[ManagedProcess]
+    tiny_model: Path, tmp_path: Path, no_leftovers: list[ManagedProcess]
 ) -> None:
     """The launcher starts run-api, the trainer (and its endpoint), then two envs in serve mode; 3 steps."""
     run_dir = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(CONFIG_DIR / "atropos_grpo_tiny.yaml"),
-        f"actor_rollout_ref.model.path={tiny_model}",
-        f"atropos.launcher.run_dir={run_dir}",
-        "trainer.total_training_steps=3",
-    ]
+    argv = launcher_argv(tiny_model, run_dir, "trainer.total_training_steps=3")
     launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log")
-    processes.append(launcher.start())
+    no_leftovers.append(launcher.start())
     assert wait_exit(launcher, timeout=540) == 0, tail(launcher.log_path, 80)
 
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -140,7 +87,7 @@ def test_online_loop_trains_on_env_groups_with_both_advantage_paths(
 
 @pytest.mark.timeout(900)
 def test_resume_after_kill_continues_from_the_checkpoint(
-    run_api, tiny_model: Path, tmp_path: Path, processes: list[ManagedProcess]
+    run_api, tiny_model: Path, tmp_path: Path, no_leftovers: list[ManagedProcess]
 ) -> None:
     port = free_port()
     common = (
@@ -151,10 +98,10 @@ def test_resume_after_kill_continues_from_the_checkpoint(
         "algorithm.rollout_correction.rollout_is=token",
     )
     first = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
-    processes.append(first.start())
+    no_leftovers.append(first.start())
     first.wait_http(f"http://127.0.0.1:{port}/health", timeout=400)
     env = env_process(tmp_path, tiny_model, run_api.url, port).start()
-    processes.append(env)
+    no_leftovers.append(env)
 
     latest = tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt"
     first.wait_until(lambda: latest.exists() and int(latest.read_text() or 0) >= 1, 400, "checkpoint of step 1")
@@ -168,7 +115,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     port = free_port()
     second = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
     second.log_path = tmp_path / "trainer_resumed.log"
-    processes.append(second.start())
+    no_leftovers.append(second.start())
     second.wait_http(f"http://127.0.0.1:{port}/health", timeout=400)
 
     def registered() -> bool:
@@ -178,7 +125,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     # No env is running yet, so no batch was built: the API's step is exactly the one the trainer registered.
     assert requests.get(f"{run_api.url}/status", timeout=5).json()["current_step"] == saved
     n_before = len(read_metrics(tmp_path / "metrics.jsonl"))
-    processes.append(env_process(tmp_path, tiny_model, run_api.url, port, name="env2").start())
+    no_leftovers.append(env_process(tmp_path, tiny_model, run_api.url, port, name="env2").start())
     assert wait_exit(second, timeout=400) == 0, tail(second.log_path, 80)
 
     rows_after = read_metrics(tmp_path / "metrics.jsonl")[n_before:]

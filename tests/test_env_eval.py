@@ -23,7 +23,6 @@ from recipe.atropos.envs.one_word_env import (
     held_out_questions,
 )
 from recipe.atropos.inference import Completion, InferenceEndpoint, SamplingParams
-from recipe.atropos.runtime.assets import build_tiny_model
 
 
 class ScriptedReplies:
@@ -39,11 +38,6 @@ class ScriptedReplies:
         self.calls += 1
         ids = [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
         return Completion(token_ids=ids, log_probs=[-0.5] * len(ids), finish_reason="stop")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def test_held_out_questions_are_fixed_and_never_asked_in_training() -> None:
@@ -84,7 +78,9 @@ def test_evaluate_writes_held_out_success_and_generation_counts(tiny_model: Path
 
         async def run() -> None:
             env = OneWordEnv(config, [server], testing=False)
-            await env.setup()  # evaluates once at start: 32 completions
+            await env.setup()  # starts one evaluation in the background (BaseEnv's eval_runner): 32 completions
+            assert env.eval_runner is not None and not env.eval_runner.done()  # registration does not wait for it
+            await env.eval_runner
             for _ in range(3):  # groups of 4 completions: 3/4 one-word in each (never identical)
                 await env.collect_trajectories(await env.get_next_item())
             backend.replies = ["Yes"]  # every completion one word: the next group is all-1 (identical scores)

@@ -10,59 +10,21 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from recipe.atropos.plotting import read_metrics
-from recipe.atropos.runtime.assets import build_tiny_model
+from tests.helpers import launcher_argv, wait_for
 
-TINY = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture()
-def no_leftovers() -> Iterator[None]:
-    yield
-    time.sleep(2)
-    left = [p.cmdline() for p in psutil.Process().children(recursive=True) if p.is_running()]
-    assert not left, f"processes left behind: {left}"
-
-
 def launch(run_dir: Path, model: Path, log: Path, *overrides: str) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(TINY),
-        f"actor_rollout_ref.model.path={model}",
-        f"atropos.launcher.run_dir={run_dir}",
-        *overrides,
-    ]
+    argv = launcher_argv(model, run_dir, *overrides)
     return subprocess.Popen(argv, stdout=open(log, "a"), stderr=subprocess.STDOUT)  # noqa: SIM115
-
-
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"launcher exited ({proc.poll()}) before {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-    proc.terminate()
-    proc.wait(60)
-    raise AssertionError(f"timeout waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
 def read_json(path: Path) -> dict:

@@ -16,6 +16,7 @@ from recipe.atropos.launch_atropos_verl_services import Launcher, env_specs, loa
 from recipe.atropos.preflight import PreflightError, model_vocab_size, run_preflight
 from recipe.atropos.processes import free_port
 from recipe.atropos.spool import GroupSpool
+from tests.helpers import launcher_argv
 from tests.test_client import group
 
 TINY = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
@@ -134,22 +135,13 @@ def test_a_poll_that_cannot_form_a_batch_says_why(make_run_api) -> None:
 
 
 # ---- pre-flight --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recipe.atropos.runtime.assets import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
-
-
 def preflight(*overrides: str) -> None:
     config = load_config(TINY, list(overrides))
     run_preflight(config, env_specs(config))
 
 
-def test_vocab_size_comes_from_the_model_config(tiny_model_dir: Path) -> None:
-    assert (
-        model_vocab_size(str(tiny_model_dir)) == json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
-    )
+def test_vocab_size_comes_from_the_model_config(tiny_model: Path) -> None:
+    assert model_vocab_size(str(tiny_model)) == json.loads((tiny_model / "config.json").read_text())["vocab_size"]
     assert model_vocab_size("/nowhere") is None
 
 
@@ -163,14 +155,14 @@ def test_vocab_size_comes_from_the_model_config(tiny_model_dir: Path) -> None:
         (["~atropos.launcher.envs.0.module", "+atropos.launcher.envs.0.script=/no/env.py"], "/no/env.py' does not"),
     ],
 )
-def test_preflight_names_the_key_and_the_fix_in_one_line(tiny_model_dir, overrides, message) -> None:
+def test_preflight_names_the_key_and_the_fix_in_one_line(tiny_model, overrides, message) -> None:
     with pytest.raises(PreflightError) as info:
-        preflight(f"actor_rollout_ref.model.path={tiny_model_dir}", *overrides)
+        preflight(f"actor_rollout_ref.model.path={tiny_model}", *overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
 
-def test_preflight_refuses_a_port_in_use(tiny_model_dir: Path) -> None:
+def test_preflight_refuses_a_port_in_use(tiny_model: Path) -> None:
     import socket
 
     with socket.socket() as sock:
@@ -178,7 +170,7 @@ def test_preflight_refuses_a_port_in_use(tiny_model_dir: Path) -> None:
         sock.listen()
         port = sock.getsockname()[1]
         with pytest.raises(PreflightError, match=f"atropos.launcher.api_port={port}: the port is in use"):
-            preflight(f"actor_rollout_ref.model.path={tiny_model_dir}", f"atropos.launcher.api_port={port}")
+            preflight(f"actor_rollout_ref.model.path={tiny_model}", f"atropos.launcher.api_port={port}")
 
 
 def run_launcher(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -200,31 +192,23 @@ def test_launcher_with_an_unknown_key_is_one_line_exit_2() -> None:
     assert run.returncode == 2 and "Traceback" not in run.stderr and "cannot compose" in run.stderr
 
 
-def test_resuming_a_finished_run_says_so_and_exits_0(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_resuming_a_finished_run_says_so_and_exits_0(tiny_model: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "r" / "checkpoints"
     ckpt.mkdir(parents=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
-    run = run_launcher(f"actor_rollout_ref.model.path={tiny_model_dir}", f"atropos.launcher.run_dir={tmp_path / 'r'}")
+    run = run_launcher(f"actor_rollout_ref.model.path={tiny_model}", f"atropos.launcher.run_dir={tmp_path / 'r'}")
     assert run.returncode == 0, run.stderr
     assert "already finished: checkpoint at step 3 of trainer.total_training_steps=3" in run.stdout
 
 
-def test_sigint_works_when_inherited_as_ignored(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_sigint_works_when_inherited_as_ignored(tiny_model: Path, tmp_path: Path) -> None:
     """A launcher started with SIGINT ignored (a script's background job) still stops on SIGINT."""
     import time
 
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(TINY),
-        f"actor_rollout_ref.model.path={tiny_model_dir}",
-        f"atropos.launcher.run_dir={tmp_path / 'r'}",
-        f"atropos.launcher.api_port={port}",
-        "atropos.launcher.startup_timeout_s=600",
-    ]
+    argv = launcher_argv(
+        tiny_model, tmp_path / "r", f"atropos.launcher.api_port={port}", "atropos.launcher.startup_timeout_s=600"
+    )
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,

@@ -21,7 +21,6 @@ import torch
 
 from recipe.atropos.inference import InferenceEndpoint, SamplingParams, VLLMCompletionsBackend
 from recipe.atropos.processes import ManagedProcess, free_port
-from recipe.atropos.runtime.assets import build_tiny_model
 
 requires_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="needs vLLM's CPU build (make vllm-env)"
@@ -68,11 +67,6 @@ def test_choice_without_logprobs_is_a_clear_error() -> None:
 # ---- a real vLLM 0.24.0 server (CPU build) ------------------------------------------------------------------
 SERVED_NAME = "tiny"
 MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -16,7 +14,7 @@ import pytest
 
 from recipe.atropos.launch_atropos_verl_services import EnvSpec, LaunchError, env_specs, load_config
 from recipe.atropos.plotting import read_metrics, step_line, summarize
-from recipe.atropos.runtime.assets import build_tiny_model
+from tests.helpers import launcher_argv, wait_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
 TINY = CONFIGS / "atropos_grpo_tiny.yaml"
@@ -85,43 +83,9 @@ def test_summary_and_step_line_from_a_metrics_file(tmp_path: Path) -> None:
 
 
 # ---- whole runs -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture()
-def no_leftovers() -> Iterator[None]:
-    yield
-    time.sleep(1)
-    left = [p.cmdline() for p in psutil.Process().children(recursive=True) if p.is_running()]
-    assert not left, f"processes left behind: {left}"
-
-
 def launch(tmp_path: Path, model: Path, *overrides: str) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(TINY),
-        f"actor_rollout_ref.model.path={model}",
-        f"atropos.launcher.run_dir={tmp_path / 'run'}",
-        *overrides,
-    ]
-    return subprocess.Popen(argv, stdout=open(tmp_path / "launcher.log", "w"), stderr=subprocess.STDOUT)
-
-
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"launcher exited ({proc.poll()}) before {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
-    proc.kill()
-    raise AssertionError(f"timeout waiting for {what}:\n{log.read_text()[-3000:]}")
+    argv = launcher_argv(model, tmp_path / "run", *overrides)
+    return subprocess.Popen(argv, stdout=open(tmp_path / "launcher.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
 @pytest.mark.e2e

@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipe.atropos.inference import InferenceEndpoint, RayReplicaBackend
 from recipe.atropos.runtime import apply_cpu_runtime, cpu_runtime_env, cpu_runtime_overrides, should_use_cpu_runtime
-from recipe.atropos.runtime.assets import build_tiny_model
 from recipe.atropos.runtime.platform import PlatformCPU, dedupe_backend
 from recipe.atropos.runtime.rollout import HFCPURolloutServer, HFGenerator, SamplingKey
 
@@ -72,11 +71,6 @@ def test_apply_cpu_runtime_sets_the_config(monkeypatch: pytest.MonkeyPatch) -> N
 
     assert os.environ["VERL_USE_EXTERNAL_MODULES"].endswith("recipe.atropos.extensions,user.module")
     assert os.environ["VERL_PLATFORM"] == "cpu"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def forward_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int], temperature: float) -> list:
@@ -208,5 +202,31 @@ def test_endpoint_pause_waits_for_in_flight_requests(rollout_server: ray.actor.A
         assert len(endpoint.ledger) == recorded + 4
         endpoint.resume(1)
         thread.join()
+    finally:
+        endpoint.stop()
+
+
+def test_a_request_abandoned_during_a_weight_update_is_never_generated(
+    rollout_server: ray.actor.ActorHandle, tiny_model: Path
+) -> None:
+    """atroposlib cancels env workers (queue full, STOP_TRAIN evaluation): a request whose client left while the gate
+    was closed costs no generation; health says paused meanwhile."""
+    backend = RayReplicaBackend([rollout_server], [0])
+    endpoint = InferenceEndpoint(backend, port=0, max_tokens_cap=8, policy_version=0).start()
+    try:
+        assert requests.get(f"{endpoint.url}/health", timeout=5).json()["paused"] is False
+        endpoint.pause()
+        assert requests.get(f"{endpoint.url}/health", timeout=5).json()["paused"] is True
+        seen = ray.get(rollout_server.stats.remote())["n_requests"]
+        body = {"prompt": {"prompt_token_ids": [257, 91]}, "n": 4, "max_tokens": 8}
+        with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and closes its connection
+            requests.post(f"{endpoint.url}/generate", json=body, timeout=1.0)
+        endpoint.resume(1)
+        deadline = time.monotonic() + 10
+        while endpoint.stats["abandoned_requests"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert endpoint.stats["abandoned_requests"] == 1
+        assert ray.get(rollout_server.stats.remote())["n_requests"] == seen  # nothing reached the rollout server
+        assert endpoint.stats["completions"] == 0
     finally:
         endpoint.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,6 @@ from recipe.atropos.inference import CompletionLedger
 from recipe.atropos.launch_atropos_verl_services import env_specs, load_config
 from recipe.atropos.plotting import read_metrics
 from recipe.atropos.processes import ManagedProcess, tail
-from recipe.atropos.runtime.assets import build_tiny_model
 from recipe.atropos.staleness import (
     check_staleness_config,
     is_weight_metrics,
@@ -32,6 +30,7 @@ from recipe.atropos.staleness import (
     share_rollout_correction_with_actor,
 )
 from recipe.atropos.trainer import check_atropos_config
+from tests.helpers import launcher_argv
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
 SHIPPED = ["atropos_grpo", "atropos_grpo_tiny", "atropos_grpo_cpu_demo", "atropos_grpo_gpu"]
@@ -201,10 +200,10 @@ def test_bypass_is_metrics_from_the_actor_get_the_short_names() -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: Path) -> None:
+def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: Path, tiny_model: Path) -> None:
     """The demo's mode on the tiny config: the actor applies min(π_θ/π_rollout, 2) itself; no old-log-prob pass;
     the env's held-out evaluations land in the metrics file and the summary."""
-    model = build_tiny_model(tmp_path / "tiny")
+    model = tiny_model
     run_dir = tmp_path / "run"
     # The tiny config, its first env evaluating on held-out questions every API step (env flag names hold dots, so
     # the YAML is edited rather than overridden).
@@ -214,17 +213,14 @@ def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: P
     tiny = yaml.safe_load((CONFIGS / "atropos_grpo_tiny.yaml").read_text())
     tiny["atropos"]["launcher"]["envs"][0]["args"].update({"env.steps_per_eval": 1, "env.eval_questions": 2})
     (config_dir / "tiny_eval.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(config_dir / "tiny_eval.yaml"),
-        f"actor_rollout_ref.model.path={model}",
-        f"atropos.launcher.run_dir={run_dir}",
+    argv = launcher_argv(
+        model,
+        run_dir,
         "trainer.total_training_steps=3",
         "algorithm.rollout_correction.bypass_mode=true",
-    ]
+        "atropos.final_eval_wait_s=300",
+        config=config_dir / "tiny_eval.yaml",
+    )
     launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log").start()
     try:
         deadline = 540.0
@@ -240,6 +236,9 @@ def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: P
     assert [r["step"] for r in rows] == [1, 2, 3]
     # held-out evaluations reach the trainer's metrics file: one at start-up (base model, version 0), then more
     assert evals and evals[0]["step"] == 0 and evals[0]["eval/one_word/held_out_samples"] == 8
+    # ... and the last one measured the final policy: the trainer kept serving it until the env had (final_eval_wait_s)
+    assert evals[-1]["step"] == 3, [e["step"] for e in evals]
+    assert "no environment evaluated the final policy" not in (run_dir / "logs" / "trainer.log").read_text()
     assert all(0.0 <= r["eval/one_word/held_out_success"] <= 1.0 for r in evals)
     assert (run_dir / "summary.txt").read_text().startswith("held-out success ")
     for row in rows:

@@ -17,13 +17,10 @@ import csv
 import hashlib
 import importlib.util
 import io
-import sys
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -32,8 +29,8 @@ from recipe.atropos.launch_atropos_verl_services import load_config
 from recipe.atropos.plotting import read_metrics
 from recipe.atropos.processes import ManagedProcess, tail
 from recipe.atropos.runtime import CPU_SETTINGS, VLLM_CPU_MODULE, apply_cpu_runtime, cpu_rollout_settings
-from recipe.atropos.runtime.assets import build_tiny_model
 from recipe.atropos.runtime.vllm_wheel import repack
+from tests.helpers import launcher_argv
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM's CPU build (make vllm-env)")
@@ -156,26 +153,6 @@ def test_rollout_logprob_diff_is_over_trained_tokens_only() -> None:
 
 
 # ---- end to end: verl's vLLM replica drives the loop -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture()
-def no_leftovers() -> Iterator[list[ManagedProcess]]:
-    """Processes the test starts; afterwards none of them, nor any descendant (Ray, vLLM workers), may remain."""
-    started: list[ManagedProcess] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-    deadline = time.monotonic() + 30
-    left = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
-    while left and time.monotonic() < deadline:
-        time.sleep(1)
-        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
-
-
 def checkpoint_embedding_checksum(run_dir: Path, step: int) -> float:
     """Sum of the actor's ``embed_tokens`` weight in the step's checkpoint (float64), computed here by hand."""
     path = run_dir / "checkpoints" / f"global_step_{step}" / "actor" / "model_world_size_1_rank_0.pt"
@@ -201,14 +178,9 @@ def test_verl_vllm_rollout_runs_the_loop_on_cpu(
     backend: str, tiny_model: Path, tmp_path: Path, no_leftovers: list[ManagedProcess]
 ) -> None:
     run_dir = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(CONFIG),
-        f"actor_rollout_ref.model.path={tiny_model}",
-        f"atropos.launcher.run_dir={run_dir}",
+    argv = launcher_argv(
+        tiny_model,
+        run_dir,
         "atropos.cpu_rollout=vllm",
         f"atropos.inference.backend={backend}",
         f"trainer.total_training_steps={STEPS}",
@@ -216,7 +188,8 @@ def test_verl_vllm_rollout_runs_the_loop_on_cpu(
         # train only on completions of the current policy: the log-prob diff then measures vLLM against the trainer
         # on identical weights (stale groups are dropped and counted)
         "atropos.max_policy_lag=0",
-    ]
+        config=CONFIG,
+    )
     launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log")
     no_leftovers.append(launcher.start())
     deadline = time.monotonic() + 840

@@ -1,8 +1,10 @@
 """The inference endpoint Atropos environments call, backed by verl's rollout replicas.
 
 It speaks the contract of atroposlib's ``vllm`` server type (``--openai.server_type vllm --openai.base_url
-http://HOST:PORT/v1``): ``GET /health`` and ``POST /generate`` with ``{"prompt": {"prompt_token_ids": [...]}, "n",
-"max_tokens", "temperature", "top_p", "top_k", "logprobs"}``, answered with per-sample ``logprobs`` as
+http://HOST:PORT/v1``): ``GET /health`` (answering the policy version served, ``paused`` while a weight update holds
+requests back, ``final`` once training is over and the final policy is served for evaluations) and ``POST /generate``
+with ``{"prompt": {"prompt_token_ids": [...]}, "n", "max_tokens", "temperature", "top_p", "top_k", "logprobs"}``,
+answered with per-sample ``logprobs`` as
 ``[[{"<token id>": logprob}], ...]`` and ``finish_reasons``.
 
 Two backends:
@@ -240,6 +242,11 @@ class PolicyGate:
         self.version = version
         self._open.set()
 
+    @property
+    def is_open(self) -> bool:
+        """False while a weight update holds new requests back."""
+        return self._open.is_set()
+
 
 class InferenceEndpoint:
     """A FastAPI app on its own thread and event loop; the trainer drives it with thread-safe calls."""
@@ -265,7 +272,15 @@ class InferenceEndpoint:
         self.tokenizer = tokenizer
         self.ledger = ledger if ledger is not None else CompletionLedger()  # an empty ledger is falsy
         self.ready_file = ready_file
-        self.stats = {"requests": 0, "completions": 0, "failed_requests": 0, "capped_max_tokens": 0}
+        self.stats = {
+            "requests": 0,
+            "completions": 0,
+            "failed_requests": 0,
+            "capped_max_tokens": 0,
+            "abandoned_requests": 0,  # their client disconnected while waiting: nothing generated for them
+        }
+        # True once training is over and the final policy is served only for evaluations (``/health`` says so).
+        self.final = False
         self._initial_version = policy_version
         self._gate: PolicyGate | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -285,7 +300,8 @@ class InferenceEndpoint:
 
         @app.get("/health")
         async def health() -> dict[str, Any]:
-            return {"status": "ok", "policy_version": self.policy_version}
+            paused = self._gate is not None and not self._gate.is_open
+            return {"status": "ok", "policy_version": self.policy_version, "paused": paused, "final": self.final}
 
         @app.post("/generate")
         async def generate(request: Request) -> JSONResponse:
@@ -298,6 +314,10 @@ class InferenceEndpoint:
                 return JSONResponse({"error": f"invalid /generate request: {exc}"}, status_code=422)
             params = self._sampling(req)
             version = await self._gate.enter()
+            if await request.is_disconnected():  # the env gave up while a weight update held it (cancelled worker)
+                self._gate.exit()
+                self.stats["abandoned_requests"] += 1
+                return JSONResponse({"error": "client disconnected before generation"}, status_code=499)
             try:
                 outs = await asyncio.gather(*[self.backend.generate(prompt_ids, params) for _ in range(req.n)])
                 for out in outs:  # recorded before the gate lets a weight update start

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 SCORE = "atropos/mean_score"
 LENGTH = "response_length/mean"
@@ -30,6 +33,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def append_metrics_row(path: Path, metrics: dict[str, Any]) -> None:
+    """Append one JSON line: the numeric values of ``metrics`` (``step`` first) and ``time`` (now, Unix seconds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"step": metrics.get("step"), "time": time.time()}
+    row.update({k: float(v) for k, v in metrics.items() if k != "step" and isinstance(v, int | float | np.number)})
+    with open(path, "a") as fh:  # one short write: appends stay whole lines
+        fh.write(json.dumps(row) + "\n")
 
 
 def is_eval_row(row: dict[str, Any]) -> bool:
@@ -51,6 +63,18 @@ def held_out_points(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
             if key.endswith(HELD_OUT_SUFFIX) and isinstance(value, int | float) and not math.isnan(value):
                 by_step.setdefault(int(row["step"]), []).append(float(value))
     return [(step, sum(v) / len(v)) for step, v in sorted(by_step.items())]
+
+
+def wait_for_evaluation(path: Path, version: int, timeout_s: float, poll_s: float = 1.0) -> bool:
+    """Wait until an environment's evaluation of policy ``version`` (or later) is in the metrics file ``path``;
+    False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if any(step >= version for step, _ in held_out_points(read_metrics(path))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
 
 
 def step_line(row: dict[str, Any], total_steps: int) -> str:

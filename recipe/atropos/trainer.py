@@ -8,10 +8,8 @@ endpoint on the new policy version. Every stage is a method so other recipes can
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from recipe.atropos.inference import (
     VLLMCompletionsBackend,
 )
 from recipe.atropos.offline import JsonlGroupSource, make_jsonl_source, offline_training_steps
+from recipe.atropos.plotting import append_metrics_row, wait_for_evaluation
 from recipe.atropos.polling import ApiStepSource, GroupPolling
 from recipe.atropos.preflight import model_vocab_size
 from recipe.atropos.spool import GroupSpool
@@ -299,13 +298,8 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
 
     def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
         path = self.atropos_cfg.get("metrics_file")
-        if not path:
-            return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        row = {"step": self.global_steps, "time": time.time()}  # time: when the step ended (Unix seconds)
-        row.update({k: float(v) for k, v in metrics.items() if isinstance(v, int | float | np.floating | np.integer)})
-        with open(path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        if path:
+            append_metrics_row(Path(path), {"step": self.global_steps, **metrics})
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -335,11 +329,24 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
                     )
                 self._resume_spooled_groups()
             self._train_loop(tracking)
+            self._wait_for_final_evaluation()
             succeeded = True
         finally:
             if self.endpoint is not None:
                 self.endpoint.stop()
             tracking.finish(exit_code=0 if succeeded else 1)
+
+    def _wait_for_final_evaluation(self) -> None:
+        """Keep serving the final policy until an env's evaluation of it is in the metrics file (at most
+        ``atropos.final_eval_wait_s``), so a run's last held-out score is its final checkpoint's."""
+        wait_s = float(self.atropos_cfg.get("final_eval_wait_s") or 0)
+        path = self.atropos_cfg.get("metrics_file")
+        if self.endpoint is None or wait_s <= 0 or not path:
+            return
+        version = self.endpoint.policy_version
+        self.endpoint.final = True  # /health says so: the bundled env evaluates a final policy it has not evaluated
+        if not wait_for_evaluation(Path(path), version, wait_s):
+            logger.warning("no environment evaluated the final policy (version %d) within %.0f s", version, wait_s)
 
     def _train_loop(self, tracking: Tracking) -> None:
         progress = tqdm(total=self.total_training_steps, initial=self.global_steps, desc="Training Progress")
@@ -382,6 +389,7 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
             metrics.update(self._rollout_server_metrics())
             if self.endpoint is not None:
                 metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
+                metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in self.endpoint.stats.items()})
             metrics["training/global_step"] = self.global_steps
             metrics.update(compute_data_metrics(batch=batch, use_critic=False))
             metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))

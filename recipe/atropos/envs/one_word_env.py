@@ -167,8 +167,10 @@ class OneWordEnv(BaseEnv):
             max_token_length=512,
             max_batches_offpolicy=2,
             wandb_name="one_word",
-            # Held-out evaluation runs beside generation for training (it takes a few seconds), not instead of it.
-            eval_handling=EvalHandlingEnum.NONE,
+            # Held-out evaluation holds the env's training generation back while it runs (atroposlib's STOP_TRAIN; its
+            # cancelled requests cost nothing at the trainer's endpoint): the engine samples the held-out set alone, so
+            # the score arrives a few seconds after the weights it measures, as verl's own validation would.
+            eval_handling=EvalHandlingEnum.STOP_TRAIN,
         )
         server = APIServerConfig(
             server_type="vllm",
@@ -185,11 +187,37 @@ class OneWordEnv(BaseEnv):
         self.groups_sent = 0
         self.counts = GenerationCounts()
         self._start_eval: asyncio.Task | None = None
+        self._final_evaluated, self._next_final_check = False, 0.0
+        self._last_eval_version: int | None = None
         if self.config.steps_per_eval > 0 and self.config.eval_at_start:
             # In the background: registration (BaseEnv.env_manager registers after setup) does not wait for the
             # endpoint, so the env is admitted and ready while the trainer's workers still start.
             self._start_eval = asyncio.create_task(self.evaluate())
             self._start_eval.add_done_callback(_log_failure)
+            self.eval_runner = self._start_eval  # BaseEnv's eval_handling applies to it as to scheduled evaluations
+
+    async def env_step_checks(self) -> None:
+        """BaseEnv's checks (an evaluation every ``steps_per_eval`` API steps), plus one evaluation of the final policy
+        once the trainer's endpoint says training is over (``/health`` ``final``; the trainer waits for it up to
+        ``atropos.final_eval_wait_s``)."""
+        await super().env_step_checks()
+        if self.config.steps_per_eval <= 0 or self._final_evaluated or time.monotonic() < self._next_final_check:
+            return
+        self._next_final_check = time.monotonic() + 0.5
+        if self.eval_runner is not None and not self.eval_runner.done():
+            return
+        health = await self._health()
+        if health and health.get("final"):
+            self._final_evaluated = True
+            if health.get("policy_version") == self._last_eval_version:
+                return  # BaseEnv's own schedule already evaluated the final policy
+            if self.config.eval_handling == EvalHandlingEnum.STOP_TRAIN:  # as BaseEnv does for its scheduled evals
+                self.backlog.extend(x["item"] for x in self.running_items.values())
+                for worker in self.workers:
+                    worker.cancel()
+                self.workers, self.running_items = set(), {}
+            self.eval_runner = asyncio.create_task(self.evaluate())
+            self.eval_runner.add_done_callback(_log_failure)
 
     async def get_next_item(self) -> str:
         return question(self.rng)
@@ -232,16 +260,31 @@ class OneWordEnv(BaseEnv):
                 raise TimeoutError(f"the inference endpoint did not answer /health within {timeout_s} s")
             await asyncio.sleep(1.0)
 
-    async def _policy_version(self, quiet: bool = False) -> int | None:
-        """The version of the weights the trainer's endpoint serves now (its ``/health``), None if unknown."""
+    async def _policy_version(self, quiet: bool = False, wait_unpaused_s: float = 0.0) -> int | None:
+        """The version of the weights the trainer's endpoint serves now (its ``/health``), None if unknown.
+
+        ``wait_unpaused_s`` > 0: first wait (up to that long) while the endpoint is paused for a weight update, so
+        the version read is the one the next requests will be served by.
+        """
+        deadline = time.monotonic() + wait_unpaused_s
+        while True:
+            health = await self._health(quiet)
+            if health is None or "policy_version" not in health:
+                return None
+            if not health.get("paused") or time.monotonic() >= deadline:
+                return int(health["policy_version"])
+            await asyncio.sleep(0.2)
+
+    async def _health(self, quiet: bool = False) -> dict[str, Any] | None:
+        """The trainer's endpoint ``GET /health`` (policy version, paused, final), None if it does not answer."""
         base = self.server.servers[0].config.base_url.rstrip("/").removesuffix("/v1")
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
                 async with session.get(f"{base}/health") as resp:
-                    return int((await resp.json())["policy_version"])
-        except (TimeoutError, aiohttp.ClientError, KeyError, ValueError, TypeError) as exc:
+                    return dict(await resp.json())
+        except (TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
             if not quiet:
-                logger.warning("policy version unknown (GET %s/health failed: %r)", base, exc)
+                logger.warning("GET %s/health failed: %r", base, exc)
             return None
 
     async def _sample_scores(self, item: str) -> list[float]:
@@ -259,7 +302,9 @@ class OneWordEnv(BaseEnv):
         """Held-out success rate at the training temperature, with the generation-side counts so far."""
         await self._wait_for_endpoint()
         start = time.time()
-        version = await self._policy_version()
+        # An evaluation triggered while the trainer updates waits for the new weights: it measures that version.
+        version = await self._policy_version(wait_unpaused_s=600.0)
+        self._last_eval_version = version
         per_question = await asyncio.gather(
             *[self._sample_scores(q) for q in held_out_questions(self.config.eval_questions)]
         )
