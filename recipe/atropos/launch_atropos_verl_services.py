@@ -164,7 +164,9 @@ class Launcher:
         except (RuntimeError, TimeoutError) as error:
             raise LaunchError(str(error)) from error
         self.env_ids[env_id] = spec.name
-        self.env_ids_file.write_text(json.dumps({str(k): v for k, v in self.env_ids.items()}))
+        tmp = self.env_ids_file.with_suffix(".tmp")  # the trainer reads it while we write: replace it whole
+        tmp.write_text(json.dumps({str(k): v for k, v in self.env_ids.items()}))
+        tmp.replace(self.env_ids_file)
         logger.info("%s registered as env id %d", spec.name, env_id)
 
     def _start_envs(self) -> None:

@@ -90,10 +90,15 @@ class GroupPolling:
         return held
 
     def _refresh_env_names(self) -> None:
-        """Env id → name from ``atropos.env_ids_file`` (the launcher writes it as each env registers)."""
+        """Env id → name from ``atropos.env_ids_file`` (the launcher writes it as each env registers); read again only
+        when the file changed."""
         path = self.atropos_cfg.get("env_ids_file")
-        if path and Path(path).exists():
+        if not path or not Path(path).exists():
+            return
+        mtime = Path(path).stat().st_mtime_ns
+        if mtime != getattr(self, "_env_ids_mtime", None):
             self.mixture.names.update({int(k): str(v) for k, v in json.loads(Path(path).read_text()).items()})
+            self._env_ids_mtime = mtime
 
     def _poll_mixture(self, metrics: dict[str, float]) -> list[Any]:
         """Exactly data.train_batch_size sequences filled to the env weights (:class:`MixtureBatcher`)."""
