@@ -191,6 +191,7 @@ def bench_config(args: argparse.Namespace, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "atropos_grpo_base.yaml", out / "atropos_grpo_base.yaml")
     config = yaml.safe_load((src / "atropos_grpo_cpu_demo.yaml").read_text())
+    config["atropos"]["final_eval_wait_s"] = 0  # the env does not evaluate here
     env = config["atropos"]["launcher"]["envs"][0]
     env["group_size"] = args.group
     env["args"].update(

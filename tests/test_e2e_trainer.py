@@ -58,7 +58,8 @@ def test_online_loop_trains_on_env_groups_with_both_advantage_paths(
 ) -> None:
     """The launcher starts run-api, the trainer (and its endpoint), then two envs in serve mode; 3 steps."""
     run_dir = tmp_path / "run"
-    argv = launcher_argv(tiny_model, run_dir, "trainer.total_training_steps=3")
+    # final_eval_wait_s: these envs never evaluate, so the trainer must not wait for an evaluation (else: timeout)
+    argv = launcher_argv(tiny_model, run_dir, "trainer.total_training_steps=3", "atropos.final_eval_wait_s=900")
     launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log")
     no_leftovers.append(launcher.start())
     assert wait_exit(launcher, timeout=540) == 0, tail(launcher.log_path, 80)

@@ -44,7 +44,7 @@ from recipe.atropos.inference import (
     VLLMCompletionsBackend,
 )
 from recipe.atropos.offline import JsonlGroupSource, make_jsonl_source, offline_training_steps
-from recipe.atropos.plotting import append_metrics_row, wait_for_evaluation
+from recipe.atropos.plotting import append_metrics_row, held_out_points, read_metrics, wait_for_evaluation
 from recipe.atropos.polling import ApiStepSource, GroupPolling
 from recipe.atropos.preflight import model_vocab_size
 from recipe.atropos.spool import GroupSpool
@@ -338,11 +338,12 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
 
     def _wait_for_final_evaluation(self) -> None:
         """Keep serving the final policy until an env's evaluation of it is in the metrics file (at most
-        ``atropos.final_eval_wait_s``), so a run's last held-out score is its final checkpoint's."""
+        ``atropos.final_eval_wait_s``), so a run's last held-out score is its final checkpoint's. Only when some env
+        has evaluated during the run (an env that never evaluates is not waited for)."""
         wait_s = float(self.atropos_cfg.get("final_eval_wait_s") or 0)
         path = self.atropos_cfg.get("metrics_file")
-        if self.endpoint is None or wait_s <= 0 or not path:
-            return
+        if self.endpoint is None or wait_s <= 0 or not path or not held_out_points(read_metrics(Path(path))):
+            return  # nothing to wait for: no environment has evaluated during this run
         version = self.endpoint.policy_version
         self.endpoint.final = True  # /health says so: the bundled env evaluates a final policy it has not evaluated
         if not wait_for_evaluation(Path(path), version, wait_s):
