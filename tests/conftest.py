@@ -22,6 +22,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Processes owned by fixtures that outlive a test (the module's run-api, restarted by some tests): not leftovers.
+FIXTURE_PIDS: set[int] = set()
+
+
 @dataclass
 class RunApi:
     """A running `run-api` child process; `stop()`/`start()` simulate the API going down and coming back."""
@@ -39,6 +43,7 @@ class RunApi:
     def start(self) -> RunApi:
         argv = run_api_argv(self.port) if self.guard is None else guard_argv(self.port, **self.guard)
         self.proc = ManagedProcess("run-api", argv, self.log_dir / "run_api.log").start()
+        FIXTURE_PIDS.add(self.proc.popen.pid)  # a fixture's API outlives the test that restarted it
         self.proc.wait_http(f"{self.url}/status", timeout=60)
         return self
 
@@ -88,5 +93,5 @@ def no_leftovers() -> Iterator[list[ManagedProcess]]:
     yield started
     for proc in reversed(started):
         proc.stop()
-    left = left_behind(before)
+    left = left_behind(before | FIXTURE_PIDS)
     assert not left, f"processes left behind: {left}"

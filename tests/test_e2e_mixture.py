@@ -51,7 +51,9 @@ def test_envs_at_025_075_hold_their_weights_over_8_steps_though_the_025_env_is_f
     received = {n: rows[-1][f"atropos/env/{n}/received_fraction"] for n in trained}
     logger.info("trained sequences %s; fractions the API delivered %s", trained, received)
     assert sum(trained.values()) == 64
-    assert received["one_word"] > 0.5, received  # the premise: the 0.25 env delivers most of the API's batches
+    # the premise: the faster 0.25 env delivers far more than its share of the API's FIFO batches (0.92 when it started
+    # well ahead of the other; 0.46 now that both are admitted while the trainer's workers start)
+    assert received["one_word"] > 0.25 + 0.15, received
     assert abs(trained["one_word"] / 64 - 0.25) <= 0.05, trained
     assert abs(trained["one_word_pairs"] / 64 - 0.75) <= 0.05, trained
     assert rows[-1]["atropos/env/one_word/trained_fraction"] == pytest.approx(trained["one_word"] / 64)

@@ -110,7 +110,9 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         start-up pause (5 s after registering) and queue their first requests at the endpoint's ``/health`` while our
         workers start, instead of after. The step is the one ``_load_checkpoint`` will resume at (checked in fit)."""
         if self.config.atropos.get("source", "api") == "api":
-            self._register(resume_step(self.config.trainer))
+            # A restored API queue can answer the first /batch at once: the spool records those groups at this step.
+            self.global_steps = resume_step(self.config.trainer)  # fit() sets it again (0, then the checkpoint's)
+            self._register(self.global_steps)
         super().init_workers()
 
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
