@@ -4,8 +4,7 @@ It speaks the contract of atroposlib's ``vllm`` server type (``--openai.server_t
 http://HOST:PORT/v1``): ``GET /health`` (answering the policy version served, ``paused`` while a weight update holds
 requests back, ``final`` once training is over and the final policy is served for evaluations) and ``POST /generate``
 with ``{"prompt": {"prompt_token_ids": [...]}, "n", "max_tokens", "temperature", "top_p", "top_k", "logprobs"}``,
-answered with per-sample ``logprobs`` as
-``[[{"<token id>": logprob}], ...]`` and ``finish_reasons``.
+answered with per-sample ``logprobs`` as ``[[{"<token id>": logprob}], ...]`` and ``finish_reasons``.
 
 Two backends:
 - :class:`RayReplicaBackend` calls verl's replicas through ``replica.server_handle.generate`` (token in, token out) —

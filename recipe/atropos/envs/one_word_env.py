@@ -105,7 +105,7 @@ def held_out_questions(n: int) -> list[str]:
 
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.error("held-out evaluation at start-up failed", exc_info=task.exception())
+        logger.error("held-out evaluation failed", exc_info=task.exception())
 
 
 class GenerationCounts:
