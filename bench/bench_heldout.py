@@ -6,8 +6,8 @@ lr 2e-5, ``--steps`` steps) and measure the same held-out set: the 8 questions o
 
 - native: ``verl.trainer.main_ppo`` (as in ``bench_loop.py``) with those questions as its validation set
   (``val_kwargs``: n=4, sampled at 1.0; ``val_before_train``, ``test_freq=2``); it trains on every group;
-- ours: ``make demo``'s command and config as shipped (``atropos_grpo_cpu_demo.yaml``: the env drops
-  identical-score groups and evaluates itself; checkpoints at steps 5 and 10), in this bench's output directory.
+- ours: ``make demo``'s command and config as shipped (``atropos_grpo_cpu_demo.yaml``: the env keeps identical-score
+  groups, as native does, and evaluates itself; checkpoints at steps 5 and 10), in this bench's output directory.
 
 Prints held-out success per policy version with the seconds since each command started, then one line
 such as (measured, 2 cores) ``time to held-out >= 0.9: native 131 s (after step 4), ours 122 s (after step 3); ratio
