@@ -31,6 +31,7 @@ from typing import Any
 import requests
 
 from recipe.atropos.api_guard import guard_argv
+from recipe.atropos.api_guard_state import write_json_atomic
 from recipe.atropos.launch_config import EnvSpec, LaunchError, env_specs, load_config
 from recipe.atropos.plotting import plot_metrics, read_metrics, step_line, summarize
 from recipe.atropos.preflight import PreflightError, finished_step, model_vocab_size, run_preflight
@@ -164,9 +165,8 @@ class Launcher:
         except (RuntimeError, TimeoutError) as error:
             raise LaunchError(str(error)) from error
         self.env_ids[env_id] = spec.name
-        tmp = self.env_ids_file.with_suffix(".tmp")  # the trainer reads it while we write: replace it whole
-        tmp.write_text(json.dumps({str(k): v for k, v in self.env_ids.items()}))
-        tmp.replace(self.env_ids_file)
+        # the trainer reads it while we write: replace it whole
+        write_json_atomic(self.env_ids_file, {str(k): v for k, v in self.env_ids.items()})
         logger.info("%s registered as env id %d", spec.name, env_id)
 
     def _start_envs(self) -> None:

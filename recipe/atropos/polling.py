@@ -40,6 +40,8 @@ class ApiStepSource:
 class GroupPolling:
     """Exactly ``data.train_batch_size`` sequences of whole groups per step, with lag and mixture metrics."""
 
+    _env_ids_mtime: int | None = None  # of atropos.env_ids_file when last read
+
     def _policy_lag(self, tokens: Sequence[int]) -> int | None:
         """Weight updates between the policy that generated ``tokens`` and the one being trained (None = unknown)."""
         version = self.ledger.version_of(tokens)
@@ -96,7 +98,7 @@ class GroupPolling:
         if not path or not Path(path).exists():
             return
         mtime = Path(path).stat().st_mtime_ns
-        if mtime != getattr(self, "_env_ids_mtime", None):
+        if mtime != self._env_ids_mtime:
             self.mixture.names.update({int(k): str(v) for k, v in json.loads(Path(path).read_text()).items()})
             self._env_ids_mtime = mtime
 
