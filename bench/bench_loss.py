@@ -42,7 +42,7 @@ def naive_loss(logits, ids, advantages, mask):
 
 
 def chunked_loss(logits, ids, advantages, mask):
-    from recipe.atropos.losses import compute_advantage_weighted_sft_loss
+    from recipe.atropos.algos.losses import compute_advantage_weighted_sft_loss
 
     return compute_advantage_weighted_sft_loss(logits, ids, advantages, mask)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from recipe.atropos.api_guard import guard_argv
-from recipe.atropos.processes import ManagedProcess, free_port, run_api_argv
+from recipe.atropos.guard.app import guard_argv
+from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv
 from recipe.atropos.runtime.assets import build_tiny_model
 from tests.helpers import descendants, left_behind
 
@@ -33,7 +33,7 @@ class RunApi:
     port: int
     log_dir: Path
     proc: ManagedProcess | None = None
-    # Serve the guarded API (recipe.atropos.api_guard) with these options instead of plain `run-api`.
+    # Serve the guarded API (recipe.atropos.guard.app) with these options instead of plain `run-api`.
     guard: dict | None = None
 
     @property

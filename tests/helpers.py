@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from recipe.atropos.processes import ManagedProcess, tail
+from recipe.atropos.launcher.processes import ManagedProcess, tail
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
 TINY_CONFIG = CONFIG_DIR / "atropos_grpo_tiny.yaml"

@@ -1,0 +1,50 @@
+"""atropos-verl: GRPO online RL in verl on Atropos environments.
+
+The names other recipes import are listed in ``__all__`` and documented in ``docs/atropos.rst`` ("Public API").
+They are imported on first use (PEP 562), so ``import recipe.atropos`` stays cheap for the processes that need none
+of them (the API guard, the environments, the launcher's argument parsing).
+
+Sub-packages, by the process that runs them:
+
+- ``schema``, ``records``, ``metrics_file``, ``config``, ``staleness``: shared by every process (lowest layer);
+- ``algos``: pure tensor functions, imported by verl's workers (advantages, the advantage-weighted CE);
+- ``transport``, ``sources``, ``endpoint``, ``trainer``: the trainer driver (HTTP client and spool, where a step's
+  groups come from, the inference endpoint, ``RayAtroposTrainer``);
+- ``guard``: the Atropos API process; ``launcher``: the supervisor; ``runtime``: CPU platform and rollouts (verl's
+  processes); ``envs``: bundled environments.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RayAtroposTrainer": "recipe.atropos.trainer",
+    "compute_advantage_weighted_sft_loss": "recipe.atropos.algos.losses",
+    "compute_policy_loss_advantage_weighted_ce": "recipe.atropos.algos.losses",
+    "combine_advantages": "recipe.atropos.algos.advantages",
+    "normalize_and_clip_advantages": "recipe.atropos.algos.advantages",
+    "scored_data_to_dataproto": "recipe.atropos.trainer.dataproto",
+    "AtroposClient": "recipe.atropos.transport.client",
+    "GroupSource": "recipe.atropos.sources",
+    "AtroposConfig": "recipe.atropos.config",
+    "atropos_config": "recipe.atropos.config",
+    "ScoredGroup": "recipe.atropos.schema",
+    "validate_group": "recipe.atropos.schema",
+    "GroupValidationError": "recipe.atropos.schema",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'recipe.atropos' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -16,7 +16,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from recipe.atropos import extensions
-from recipe.atropos.config_checks import check_atropos_config
+from recipe.atropos.config.checks import check_atropos_config
 from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.runtime.assets import resolve_model_path
 from recipe.atropos.runtime.gpu import check_gpu_runtime

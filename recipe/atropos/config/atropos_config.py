@@ -1,0 +1,185 @@
+"""The ``atropos:`` block of the trainer config as typed dataclasses, in verl's own pattern.
+
+Every default of the block lives here (``atropos_grpo_base.yaml`` repeats them with their documentation, and a test
+holds the two equal). :func:`atropos_config` builds the dataclass from a composed config once per process (the
+launcher, the trainer driver) with verl's ``omega_conf_to_dataclass``: an unknown key or a wrong type fails there, and
+each ``__post_init__`` refuses values that cannot work, naming the key and the fix. Checks that need verl's own keys
+too live in :mod:`recipe.atropos.config.checks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from verl.base_config import BaseConfig
+
+SOURCES = ("api", "jsonl")
+BACKENDS = ("ray", "vllm_http")
+RUNTIMES = ("auto", "cpu", "cuda")
+CPU_ROLLOUTS = ("hf_cpu", "vllm")
+NORMALIZATIONS = ("none", "batch")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...], hint: str = "") -> None:
+    if value not in allowed:
+        raise ValueError(f"atropos.{key}={value!r}: use one of {', '.join(map(repr, allowed))}{hint}")
+
+
+@dataclass
+class OfflineConfig(BaseConfig):
+    """``atropos.offline``: how ``source=jsonl`` walks the saved groups."""
+
+    shuffle: bool = False
+    seed: int = 0
+    epochs: Optional[int] = None  # passes over the data; None = as many as trainer.total_training_steps needs
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"atropos.offline.epochs={self.epochs}: use null (as many as the steps need) or >= 1")
+
+
+@dataclass
+class AdvantageConfig(BaseConfig):
+    """``atropos.advantage``: applied to the combined advantages, normalize then clip."""
+
+    normalize: str = "none"
+    clip: Optional[list[float]] = None
+
+    def __post_init__(self) -> None:
+        _one_of("advantage.normalize", self.normalize, NORMALIZATIONS, " (batch: whiten over the trained tokens)")
+        if self.clip is None:
+            return
+        bounds = list(self.clip)
+        if len(bounds) != 2 or not all(isinstance(b, int | float) and math.isfinite(b) for b in bounds):
+            raise ValueError(f"atropos.advantage.clip={bounds!r}: use null or two finite numbers [lo, hi], e.g. [-3, 3]")
+        if not bounds[0] < bounds[1]:
+            raise ValueError(f"atropos.advantage.clip={bounds}: lo must be below hi, e.g. [-3.0, 3.0]")
+
+    @property
+    def clip_range(self) -> tuple[float, float] | None:
+        return None if self.clip is None else (float(self.clip[0]), float(self.clip[1]))
+
+
+@dataclass
+class SpoolConfig(BaseConfig):
+    """``atropos.spool``: fetched groups on disk until a checkpoint includes their training."""
+
+    enable: bool = True
+    dir: Optional[str] = None  # None = <trainer.default_local_dir>/spool
+    drain_max_sequences: Optional[int] = None  # None = data.train_batch_size; 0 = fetch only when a step needs data
+
+
+@dataclass
+class InferenceConfig(BaseConfig):
+    """``atropos.inference``: the endpoint environments call."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    backend: str = "ray"
+    served_model_name: Optional[str] = None
+    ready_file: Optional[str] = None
+    drain_timeout_s: float = 600.0
+    max_tracked_completions: int = 200000
+
+    def __post_init__(self) -> None:
+        _one_of("inference.backend", self.backend, BACKENDS)
+
+
+@dataclass
+class EnvConfig(BaseConfig):
+    """One entry of ``atropos.launcher.envs``: a module (``python -m``) or a script run with ``serve``."""
+
+    name: Optional[str] = None  # None = env<index>
+    module: Optional[str] = None
+    script: Optional[str] = None
+    group_size: int = 8
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)  # the env's own CLI flags; they win over the launcher's
+
+
+@dataclass
+class LauncherConfig(BaseConfig):
+    """``atropos.launcher``: what the supervised run starts, where, and how it recovers."""
+
+    run_dir: Optional[str] = None
+    api_port: Optional[int] = None
+    inference_port: Optional[int] = None
+    startup_timeout_s: float = 900.0
+    restart_envs: bool = True
+    max_env_restarts: int = 3
+    guard_api: bool = True
+    restart_api: bool = True
+    max_api_restarts: int = 3
+    envs: list[EnvConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_api_restarts < 0 or self.max_env_restarts < 0:
+            raise ValueError("atropos.launcher.max_api_restarts / max_env_restarts must be >= 0")
+
+    def env_names(self) -> list[str]:
+        return [env.name or f"env{i}" for i, env in enumerate(self.envs)]
+
+
+@dataclass
+class AtroposConfig(BaseConfig):
+    """The ``atropos:`` block; see ``atropos_grpo_base.yaml`` for what each key does."""
+
+    api_url: str = "http://127.0.0.1:8000"
+    source: str = "api"
+    jsonl_paths: list[str] = field(default_factory=list)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    final_eval_wait_s: float = 0.0
+    poll_timeout_s: float = 1800.0
+    poll_interval_s: float = 0.05
+    poll_max_interval_s: float = 2.0
+    error_log_interval_s: float = 30.0
+    request_timeout_s: float = 30.0
+    use_env_advantages: bool = True
+    fallback_to_grpo: bool = True
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    mixture: dict[str, float] = field(default_factory=dict)
+    mixture_wait_s: float = 120.0
+    mixture_max_pending_batches: Optional[int] = 4
+    env_ids_file: Optional[str] = None
+    max_policy_lag: Optional[int] = 2
+    runtime: str = "auto"
+    cpu_rollout: str = "hf_cpu"
+    metrics_file: Optional[str] = None
+    rejected_groups_file: Optional[str] = None
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    wandb_group: Optional[str] = None  # None = trainer.experiment_name
+    wandb_project: Optional[str] = None  # None = trainer.project_name
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("source", self.source, SOURCES, " (api: the live run-api; jsonl: atropos.jsonl_paths)")
+        if self.source == "jsonl" and not self.jsonl_paths:
+            raise ValueError("atropos.source=jsonl needs atropos.jsonl_paths: files or globs of saved ScoredData groups")
+        _one_of("runtime", self.runtime, RUNTIMES)
+        _one_of("cpu_rollout", self.cpu_rollout, CPU_ROLLOUTS, " (vllm needs .venv-vllm from `make vllm-env`)")
+        if self.max_policy_lag is not None and self.max_policy_lag < 0:
+            raise ValueError(f"atropos.max_policy_lag={self.max_policy_lag} must be >= 0 (or null for no limit)")
+        if any(w < 0 for w in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
+            raise ValueError(f"atropos.mixture={dict(self.mixture)}: use weights >= 0 with a positive sum")
+
+    @property
+    def online(self) -> bool:
+        """True when groups come from the live API (environments generate through the trainer's endpoint)."""
+        return self.source == "api"
+
+
+def atropos_config(config: DictConfig) -> AtroposConfig:
+    """The typed ``atropos`` block of a composed trainer config (interpolations resolved); raises ``ValueError``."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    block = OmegaConf.to_container(config.atropos, resolve=True) if "atropos" in config else {}
+    try:
+        return omega_conf_to_dataclass(OmegaConf.create(block), AtroposConfig)
+    except ValueError:
+        raise
+    except Exception as exc:  # OmegaConf's own errors (unknown key, wrong type) as one line naming the key
+        raise ValueError(f"atropos config: {str(exc).splitlines()[0]} (see atropos_grpo_base.yaml)") from exc

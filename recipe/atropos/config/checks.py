@@ -1,0 +1,108 @@
+"""Start-up checks of a composed config that span the ``atropos`` block and verl's own keys; each fails before Ray
+starts with one message naming the key and the fix. Run by ``main_atropos``, the launcher's pre-flight and
+:class:`~recipe.atropos.trainer.RayAtroposTrainer`.
+
+The staleness rules: Atropos environments generate ahead of the trainer, so a group can be trained up to
+``atropos.max_policy_lag`` weight updates after the policy that sampled it. That is only correct with truncated
+importance sampling (verl's ``algorithm.rollout_correction``), in one of two modes:
+
+- bypass (``bypass_mode: true``): ``old_log_probs`` = the rollout's log-probs, no old-log-prob pass;
+  ``advantage_weighted_ce`` weights each token by ``min(π_θ / π_rollout, C)``, ``vanilla`` is PPO-clip against the
+  behaviour policy.
+- decoupled (``bypass_mode: false``): the actor recomputes ``old_log_probs`` and the trainer adds token weights
+  ``min(π_old / π_rollout, C)`` that every policy loss multiplies in.
+
+``advantage_weighted_ce`` (``-A·log π``) has no ratio to the old policy, so it is only correct for a single update per
+batch: :func:`check_staleness_config` refuses it with several mini-batches or epochs and names ``vanilla``.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
+
+ADVANTAGE_WEIGHTED_CE = "advantage_weighted_ce"
+VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
+
+
+def check_atropos_config(config: DictConfig) -> AtroposConfig:
+    """The typed ``atropos`` block, after every check of the whole config; ``ValueError`` names the key and the fix."""
+    atropos = atropos_config(config)
+    offline_epochs = atropos.source == "jsonl" and atropos.offline.epochs
+    if not config.trainer.get("total_training_steps") and not offline_epochs:
+        raise ValueError(
+            "trainer.total_training_steps is required: data comes from the Atropos API, so there is no dataset to "
+            "count epochs over. Pass e.g. trainer.total_training_steps=100"
+        )
+    if not config.actor_rollout_ref.model.get("path"):
+        raise ValueError("actor_rollout_ref.model.path is required: a model directory or hub name")
+    check_staleness_config(config, atropos)
+    # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
+    if atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
+        raise ValueError(
+            f"atropos.inference.backend=vllm_http needs a vLLM rollout, actor_rollout_ref.rollout.name=vllm (got "
+            f"{config.actor_rollout_ref.rollout.name!r}): use atropos.inference.backend=ray"
+        )
+    return atropos
+
+
+def updates_per_step(config: DictConfig) -> int:
+    """Optimizer steps the actor takes per training batch: mini-batches × epochs."""
+    actor = config.actor_rollout_ref.actor
+    batch = int(config.data.train_batch_size)
+    mini = int(actor.ppo_mini_batch_size) * int(config.actor_rollout_ref.rollout.get("n", 1) or 1)
+    mini_batches = max(1, -(-batch // mini)) if mini > 0 else 1
+    return mini_batches * int(actor.get("ppo_epochs", 1) or 1)
+
+
+def check_staleness_config(config: DictConfig, atropos: AtroposConfig) -> None:
+    """Refuse combinations that would train incorrectly on the lags the config allows (see the module docstring)."""
+    actor = config.actor_rollout_ref.actor
+    loss_mode = str(actor.policy_loss.get("loss_mode", "vanilla"))
+    if loss_mode == ADVANTAGE_WEIGHTED_CE and updates_per_step(config) > 1:
+        raise ValueError(
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={ADVANTAGE_WEIGHTED_CE} takes "
+            f"{updates_per_step(config)} updates per batch (data.train_batch_size={config.data.train_batch_size}, "
+            f"ppo_mini_batch_size={actor.ppo_mini_batch_size}, ppo_epochs={actor.get('ppo_epochs', 1)}), but -A·log π "
+            "has no ratio or clip against the old policy, so every update after the first trains off-policy "
+            "uncorrected. Use policy_loss.loss_mode=vanilla (PPO clip) or ppo_mini_batch_size=data.train_batch_size "
+            "and ppo_epochs=1."
+        )
+    max_lag = atropos.max_policy_lag
+    corr = config.algorithm.get("rollout_correction") or {}
+    bypass = bool(corr.get("bypass_mode", False))
+    has_is = corr.get("rollout_is") is not None
+    allows_lag = max_lag is None or max_lag > 0
+    if allows_lag and not bypass and not has_is:
+        raise ValueError(
+            f"atropos.max_policy_lag={max_lag} lets groups from older policies into training, but neither "
+            "algorithm.rollout_correction.rollout_is nor .bypass_mode is set, so they would train without "
+            "importance-sampling correction. Set algorithm.rollout_correction.rollout_is=token (truncated IS from "
+            "inference_logprobs) or atropos.max_policy_lag=0."
+        )
+    if (bypass or has_is) and not config.actor_rollout_ref.rollout.get("calculate_log_probs", False):
+        raise ValueError(
+            "algorithm.rollout_correction needs the rollout's log-probs: set "
+            "actor_rollout_ref.rollout.calculate_log_probs=true"
+        )
+    if bypass and loss_mode == ADVANTAGE_WEIGHTED_CE and not has_is and allows_lag:
+        raise ValueError(
+            f"bypass_mode with loss_mode={ADVANTAGE_WEIGHTED_CE} weights tokens by π_θ/π_rollout only when "
+            "algorithm.rollout_correction.rollout_is is set: set rollout_is=token, or atropos.max_policy_lag=0"
+        )
+
+
+def share_rollout_correction_with_actor(config: DictConfig) -> None:
+    """Copy ``algorithm.rollout_correction`` into ``actor.policy_loss.rollout_correction``.
+
+    The actor workers get their own copy of the config when they are built: this is how the policy loss, running
+    there, learns the IS level and threshold it applies in bypass mode. Call before the workers start.
+    """
+    corr = config.algorithm.get("rollout_correction")
+    if corr is None:
+        return
+    plain = OmegaConf.to_container(corr, resolve=True)
+    plain.pop("_target_", None)
+    with open_dict(config):
+        config.actor_rollout_ref.actor.policy_loss.rollout_correction = plain

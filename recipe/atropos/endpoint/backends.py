@@ -1,0 +1,140 @@
+"""Generation backends behind the inference endpoint: verl's rollout replicas, called two ways.
+
+- :class:`RayReplicaBackend` calls verl's replicas through ``replica.server_handle.generate`` (token in, token out) —
+  the interface of verl's vLLM/SGLang servers and of the CPU ``hf_cpu`` server alike.
+- :class:`VLLMCompletionsBackend` forwards to the replicas' vLLM HTTP servers (``/v1/completions`` with prompt token
+  ids, ``logprobs`` and ``return_tokens_as_token_ids``).
+
+Both return a :class:`Completion` whose ``log_probs`` are those of the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation: ``token_ids`` [L], ``log_probs`` [L] (sampled tokens), why it stopped."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    finish_reason: str
+
+
+class GenerationBackend(Protocol):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion: ...
+
+
+def finish_reason(token_ids: Sequence[int], max_tokens: int, eos_token_ids: Sequence[int]) -> str:
+    """``"stop"`` when the completion ended on EOS or before its budget, else ``"length"`` (vLLM's convention)."""
+    if token_ids and token_ids[-1] in eos_token_ids:
+        return "stop"
+    return "length" if len(token_ids) >= max_tokens else "stop"
+
+
+class RayReplicaBackend:
+    """Round-robin over verl rollout servers' Ray handles (``generate(prompt_ids, sampling_params, request_id)``)."""
+
+    def __init__(self, server_handles: Sequence[Any], eos_token_ids: Sequence[int]) -> None:
+        if not server_handles:
+            raise ValueError("RayReplicaBackend needs at least one rollout server handle (none were created)")
+        self._handles = itertools.cycle(list(server_handles))
+        self._eos = list(eos_token_ids)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        sampling = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "max_tokens": params.max_tokens,
+            "logprobs": True,
+        }
+        out = await next(self._handles).generate.remote(
+            prompt_ids=prompt_ids, sampling_params=sampling, request_id=uuid.uuid4().hex
+        )
+        if out.log_probs is None or len(out.log_probs) != len(out.token_ids):
+            raise RuntimeError(
+                f"rollout server returned {len(out.token_ids)} tokens but "
+                f"{None if out.log_probs is None else len(out.log_probs)} log-probs; "
+                "set actor_rollout_ref.rollout.calculate_log_probs=true"
+            )
+        return Completion(
+            list(out.token_ids), list(out.log_probs), finish_reason(out.token_ids, params.max_tokens, self._eos)
+        )
+
+
+class VLLMCompletionsBackend:
+    """Forwards to vLLM OpenAI-compatible servers: ``POST {address}/v1/completions`` with token-id prompts.
+
+    ``model_name=None`` (the default) asks each server for the name it serves (``GET /v1/models``) on first use:
+    verl starts vLLM with ``model_config.local_path`` (which differs from ``model.path`` with ``use_shm``, a hub name
+    or Prometheus' ``served_model_name``), and a wrong name gets 404.
+    """
+
+    def __init__(self, addresses: Sequence[str], model_name: str | None = None, timeout_s: float = 600.0) -> None:
+        if not addresses:
+            raise ValueError("VLLMCompletionsBackend needs at least one vLLM server address")
+        self._urls = itertools.cycle([a if a.startswith("http") else f"http://{a}" for a in addresses])
+        self._model = model_name
+        self._served: dict[str, str] = {}  # server URL -> the model name it serves
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def served_model(self, session: aiohttp.ClientSession, url: str) -> str:
+        """The configured name, else the first model id the server lists at ``/v1/models`` (cached per server)."""
+        if self._model:
+            return self._model
+        if url not in self._served:
+            async with session.get(f"{url}/v1/models") as r:
+                body = await r.json(content_type=None)
+                if r.status >= 400 or not body.get("data"):
+                    raise RuntimeError(f"vLLM {url}/v1/models answered {r.status}: {body}")
+                self._served[url] = str(body["data"][0]["id"])
+        return self._served[url]
+
+    def request_body(self, prompt_ids: list[int], params: SamplingParams, model: str | None = None) -> dict[str, Any]:
+        return {
+            "model": model or self._model,
+            "prompt": prompt_ids,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "n": 1,
+            "logprobs": 1,
+            "return_tokens_as_token_ids": True,
+        }
+
+    @staticmethod
+    def parse_choice(choice: dict[str, Any]) -> Completion:
+        """One ``choices[i]`` of a vLLM completions response (tokens spelled ``"token_id:<id>"``)."""
+        lp = choice.get("logprobs") or {}
+        tokens, token_logprobs = lp.get("tokens"), lp.get("token_logprobs")
+        if tokens is None or token_logprobs is None:
+            raise RuntimeError("vLLM response has no logprobs.tokens/token_logprobs: was logprobs requested?")
+        ids = [int(t.split(":", 1)[1]) for t in tokens]
+        return Completion(ids, [float(x) for x in token_logprobs], str(choice.get("finish_reason") or "stop"))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        url = next(self._urls)
+        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            model = await self.served_model(session, url)
+            async with session.post(f"{url}/v1/completions", json=self.request_body(prompt_ids, params, model)) as r:
+                body = await r.json(content_type=None)
+                if r.status >= 400:
+                    raise RuntimeError(f"vLLM /v1/completions answered {r.status}: {body}")
+        return self.parse_choice(body["choices"][0])

@@ -1,0 +1,167 @@
+"""State of the guarded API (:mod:`recipe.atropos.guard.app`): counters, the rejected-groups file, the queue file.
+
+Counters are persisted in the stats file (so they survive an API restart); the groups the API holds at a clean stop
+are written to the queue file and put back at the front of the next API's queue after the trainer registers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from recipe.atropos.schema import GroupValidationError
+
+logger = logging.getLogger("atropos_api_guard")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` via a temporary file, fsync and rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class GuardState:
+    """Counters of the guard (optionally persisted across restarts) and the rejected-groups file."""
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int | None,
+        batch_size: int | None,
+        rejected_file: str | None = None,
+        stats_file: str | None = None,
+        queue_file: str | None = None,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.queue_file = Path(queue_file) if queue_file else None
+        self.restored_groups = 0
+        self.dumped_groups = 0
+        self.batch_size = batch_size
+        self.rejected_file = Path(rejected_file) if rejected_file else None
+        self.stats_file = Path(stats_file) if stats_file else None
+        self.accepted_groups = 0
+        self.accepted_sequences = 0
+        self.rejected: Counter[str] = Counter()
+        self.starts = 1
+        self.unpackable_envs: list[dict[str, Any]] = []
+        if self.stats_file is not None and self.stats_file.exists():
+            old = json.loads(self.stats_file.read_text())
+            self.accepted_groups = int(old.get("accepted_groups", 0))
+            self.accepted_sequences = int(old.get("accepted_sequences", 0))
+            self.rejected.update({k: int(v) for k, v in old.get("rejected", {}).items()})
+            self.starts = int(old.get("starts", 0)) + 1
+            self.restored_groups = int(old.get("restored_groups", 0))
+            self.dumped_groups = int(old.get("dumped_groups", 0))
+        self.to_restore: list[dict[str, Any]] = []
+        if self.queue_file is not None and self.queue_file.exists():
+            self.to_restore = [json.loads(line) for line in self.queue_file.read_text().splitlines() if line.strip()]
+        self.save()
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "accepted_groups": self.accepted_groups,
+            "accepted_sequences": self.accepted_sequences,
+            "rejected_groups": sum(self.rejected.values()),
+            "rejected": dict(self.rejected),
+            "starts": self.starts,
+            "restored_groups": self.restored_groups,
+            "dumped_groups": self.dumped_groups,
+            "unpackable_envs": self.unpackable_envs,
+        }
+
+    def save(self) -> None:
+        if self.stats_file is not None:
+            write_json_atomic(self.stats_file, self.counters())
+
+    def reject(self, raw: Any, error: GroupValidationError) -> None:
+        self.rejected[error.field] += 1
+        logger.warning("rejected a ScoredData group (422): %s", error)
+        if self.rejected_file is not None:
+            self.rejected_file.parent.mkdir(parents=True, exist_ok=True)
+            record = {"reason": str(error), "field": error.field, "group": raw, "time": time.time()}
+            with open(self.rejected_file, "a") as fh:
+                fh.write(json.dumps(record, default=str) + "\n")
+        self.save()
+
+    def restore_into_queue(self) -> None:
+        """Put the groups of an earlier API (``queue_file``) at the front of the queue; once, after /register."""
+        if not self.to_restore:
+            return
+        api = _api_state()
+        api.queue[:0] = self.to_restore
+        self.restored_groups += len(self.to_restore)
+        logger.info("restored %d groups left by the previous API from %s", len(self.to_restore), self.queue_file)
+        self.to_restore = []
+        self.queue_file.rename(self.queue_file.with_name(f"{self.queue_file.name}.restored-{self.starts}"))
+        self.save()
+
+    def dump_queue(self) -> int:
+        """Write every group the API still holds to ``queue_file`` (atomically); how many."""
+        if self.queue_file is None:
+            return 0
+        api = _api_state()
+        groups = [g for batch in getattr(api, "curr_batch", []) for g in batch]
+        groups += list(getattr(api, "queue", []))
+        groups += [g for buffered in getattr(api, "buffer", {}).values() for g in buffered]
+        groups += self.to_restore  # never restored (no trainer registered): keep them for the next start
+        tmp = self.queue_file.with_name(f".{self.queue_file.name}.tmp")
+        self.queue_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(g) + "\n" for g in groups)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.queue_file)
+        self.dumped_groups += len(groups)
+        self.save()
+        logger.info("wrote the %d groups the API still held to %s", len(groups), self.queue_file)
+        return len(groups)
+
+    def accept(self, n_groups: int, n_sequences: int) -> None:
+        self.accepted_groups += n_groups
+        self.accepted_sequences += n_sequences
+        self.save()
+
+
+def _api_state() -> Any:
+    from atroposlib.api import server
+
+    return server.app.state
+
+
+def current_batch_size(state: GuardState) -> int | None:
+    """The batch size registered by the trainer, else the one given on the command line."""
+    registered = getattr(_api_state(), "batchsize", None)
+    if isinstance(registered, int) and registered > 0:
+        return registered
+    return state.batch_size
+
+
+def queue_report(batch_size: int | None) -> dict[str, Any]:
+    """Group sizes waiting in the API's queue and whether atroposlib can form a batch from them."""
+    from atroposlib.api.utils import grab_exact_from_heterogeneous_queue
+
+    api = _api_state()
+    queue = list(getattr(api, "queue", []))
+    sizes = Counter(len(item.get("tokens", [])) for item in queue)
+    can_form = None  # unknown, or too few sequences to tell
+    if batch_size and sum(size * n for size, n in sizes.items()) >= batch_size:
+        can_form = grab_exact_from_heterogeneous_queue(list(queue), batch_size)[0] is not None
+    return {
+        "queue_groups": len(queue),
+        "queue_sequences": sum(size * n for size, n in sizes.items()),
+        "queue_group_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "cached_batches": len(getattr(api, "curr_batch", [])),
+        "cached_groups": sum(len(batch) for batch in getattr(api, "curr_batch", [])),
+        "batch_size": batch_size,
+        "can_form_batch": can_form,
+    }

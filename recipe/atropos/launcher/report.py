@@ -1,0 +1,75 @@
+"""The launcher's report of a run: one console line per metrics row, the closing summary and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from recipe.atropos.metrics_file import HELD_OUT_SUFFIX, LENGTH, SCORE, held_out_points, is_eval_row, trainer_rows
+
+
+def step_line(row: dict[str, Any], total_steps: int) -> str:
+    """``step 3/15 | mean score 0.412 | response length 12.3 | 31.2 s``, or for an evaluation line
+    ``eval one_word after step 3 | held-out success 0.625 (32 samples)``."""
+    if is_eval_row(row):
+        name = str(row["source"]).removeprefix("env:")
+        success = row.get(f"eval/{name}{HELD_OUT_SUFFIX}", float("nan"))
+        samples = row.get(f"eval/{name}/held_out_samples", float("nan"))
+        return f"eval {name} after step {row.get('step')} | held-out success {success:.3f} ({samples:.0f} samples)"
+    return (
+        f"step {int(row['step'])}/{total_steps} | mean score {row.get(SCORE, float('nan')):.3f} | "
+        f"response length {row.get(LENGTH, float('nan')):.1f} | {row.get('timing_s/step', float('nan')):.1f} s"
+    )
+
+
+def summarize(rows: list[dict[str, Any]], window: int = 5) -> str:
+    """Held-out success first → last (when the envs evaluated), then the kept-group mean score:
+    ``held-out success 0.170 (step 0) -> 0.940 (step 10); mean score first 5 steps 0.113 -> last 5 steps 0.871
+    (15 steps)``."""
+    scores = [r[SCORE] for r in trainer_rows(rows) if SCORE in r]
+    if not scores:
+        return "no steps recorded"
+    k = min(window, len(scores))
+    first, last = sum(scores[:k]) / k, sum(scores[-k:]) / k
+    line = f"mean score first {k} steps {first:.3f} -> last {k} steps {last:.3f} ({len(scores)} steps)"
+    held = held_out_points(rows)
+    if held:
+        (s0, v0), (s1, v1) = held[0], held[-1]
+        line = f"held-out success {v0:.3f} (step {s0}) -> {v1:.3f} (step {s1}); kept-group {line}"
+    return line
+
+
+def plot_metrics(rows: list[dict[str, Any]], out_png: Path, title: str = "GRPO on Atropos") -> Path:
+    """Top: held-out success (when evaluated) beside the kept-group mean score; bottom: response length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = trainer_rows(rows)
+    steps = [r["step"] for r in train]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    held = held_out_points(rows)
+    if held:
+        top.plot([s for s, _ in held], [v for _, v in held], marker="s", color="tab:green", label="held-out success")
+    top.plot(
+        steps,
+        [r.get(SCORE, float("nan")) for r in train],
+        marker="o",
+        color="tab:blue",
+        label="kept-group mean score (training batches)",
+    )
+    top.set_ylabel("score")
+    top.set_ylim(-0.05, 1.05)
+    top.set_title(title)
+    top.grid(alpha=0.3)
+    top.legend(loc="lower right")
+    bottom.plot(steps, [r.get(LENGTH, float("nan")) for r in train], marker="o", color="tab:orange")
+    bottom.set_ylabel("response length (tokens)")
+    bottom.set_xlabel("training step (held-out: policy after that many steps)")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,357 @@
+"""One supervised run: Atropos ``run-api`` → the trainer (which serves the inference endpoint) → the environments.
+
+    python -m recipe.atropos.launch_atropos_verl_services --config recipe/atropos/config/atropos_grpo_cpu_demo.yaml \
+        [hydra overrides]
+
+The YAML is the trainer's own Hydra config; its ``atropos.launcher`` block names the environments and the run's
+ports, directory, timeouts and restart policy. Pre-flight checks (config keys, model path, env modules/scripts, ports)
+run before any service starts; each failure is one line naming the key and the fix, exit code 2. A run directory
+whose checkpoint already reached ``trainer.total_training_steps`` is reported finished (exit 0). The API is
+atroposlib's own app behind validation (:mod:`recipe.atropos.guard.app`). Every service logs to
+``<run_dir>/logs/<name>.log``. A dead API is restarted on the same port (``restart_api``, bounded; the environments
+are restarted with it, the trainer registers again by itself), a dead environment is restarted (``restart_envs``,
+bounded); past the bounds the launcher names the service, prints its log tail and stops the rest. Ctrl-C / SIGTERM
+(SIGINT works even when inherited as ignored) stop every process tree the launcher started — nothing else. When the
+trainer finishes, the run's metrics are plotted to ``<run_dir>/metrics.png`` and summarised in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from recipe.atropos.guard.app import guard_argv
+from recipe.atropos.guard.state import write_json_atomic
+from recipe.atropos.launcher.config import EnvSpec, LaunchError, env_specs, load_config
+from recipe.atropos.launcher.report import plot_metrics, read_metrics, step_line, summarize
+from recipe.atropos.launcher.preflight import PreflightError, finished_step, model_vocab_size, run_preflight
+from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, tail
+from recipe.atropos.runtime.assets import resolve_model_path
+
+# Re-exported: tests and other recipes import the config helpers from the launcher module.
+__all__ = ["EnvSpec", "LaunchError", "Launcher", "env_specs", "load_config", "main"]
+
+logger = logging.getLogger("atropos_launcher")
+
+
+class _TrainerExited(Exception):
+    """The trainer exited while the launcher waited for an environment to register (not an error by itself)."""
+
+
+class Launcher:
+    def __init__(self, config_path: Path, overrides: list[str]) -> None:
+        self.config_path = Path(config_path).resolve()
+        self.overrides = list(overrides)
+        self.config = load_config(self.config_path, self.overrides)
+        if self.config.atropos.get("source", "api") != "api":
+            raise LaunchError(
+                f"atropos.source={self.config.atropos.source}: offline training needs no API or environments; run "
+                "`python -m recipe.atropos.main_atropos` with the same config and overrides instead"
+            )
+        self.envs = env_specs(self.config)
+        lcfg = self.config.atropos.launcher
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(lcfg.run_dir or f"outputs/{self.config.trainer.experiment_name}-{stamp}").resolve()
+        self.api_port = int(lcfg.api_port or free_port())
+        self.inference_port = int(lcfg.inference_port or free_port())
+        self.api_url = f"http://127.0.0.1:{self.api_port}"
+        self.inference_url = f"http://127.0.0.1:{self.inference_port}"
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.children: dict[str, ManagedProcess] = {}
+        self.env_ids_file = self.run_dir / "env_ids.json"
+        self.env_ids: dict[int, str] = {}  # API env id → env name, as each env registered
+        self.restarts: dict[str, int] = {}
+        self.api_restarts = 0
+        self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
+
+    def preflight(self) -> None:
+        """Raise :class:`PreflightError` (one line) before anything starts."""
+        run_preflight(self.config, self.envs)
+
+    def finished(self) -> int | None:
+        """The step this run directory already finished at (checkpoint >= total steps), else None."""
+        if str(self.config.trainer.get("resume_mode", "auto")) == "disable":
+            return None
+        step = finished_step(self.run_dir / "checkpoints")
+        total = int(self.config.trainer.total_training_steps)
+        return step if step is not None and step >= total else None
+
+    # ---- services ---------------------------------------------------------------------------------------
+    def _log(self, name: str) -> Path:
+        return self.run_dir / "logs" / f"{name}.log"
+
+    def _start(self, name: str, argv: list[str]) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, self._log(name)).start()
+        self.children[name] = proc
+        return proc
+
+    def trainer_argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "recipe.atropos.main_atropos",
+            "--config-path",
+            str(self.config_path.parent),
+            "--config-name",
+            self.config_path.stem,
+            *self.overrides,
+            f"actor_rollout_ref.model.path={self.model}",
+            f"atropos.api_url={self.api_url}",
+            f"atropos.inference.port={self.inference_port}",
+            f"atropos.metrics_file={self.metrics_file}",
+            f"atropos.env_ids_file={self.env_ids_file}",
+            f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
+            *(
+                [f"atropos.rejected_groups_file={self.run_dir / 'rejected_groups_trainer.jsonl'}"]
+                if not self.config.atropos.get("rejected_groups_file")
+                else []
+            ),
+            f"hydra.run.dir={self.run_dir / 'hydra'}",  # not ./outputs/<date>/<time>
+        ]
+
+    def _start_env(self, spec: EnvSpec) -> ManagedProcess:
+        max_len = int(self.config.data.max_prompt_length + self.config.data.max_response_length)
+        return self._start(spec.name, spec.argv(self.api_url, self.inference_url, self.model, max_len))
+
+    def api_argv(self) -> list[str]:
+        """The guarded API (``guard_api``, default) or plain ``run-api``, on ``api_port``."""
+        if not self.config.atropos.launcher.get("guard_api", True):
+            return run_api_argv(self.api_port)
+        return guard_argv(
+            self.api_port,
+            vocab_size=model_vocab_size(self.model),
+            batch_size=int(self.config.data.train_batch_size),
+            rejected_file=self.run_dir / "rejected_groups.jsonl",
+            stats_file=self.run_dir / "api_guard_stats.json",
+            queue_file=self.run_dir / "api_queue.jsonl",
+        )
+
+    def _start_api(self) -> None:
+        api = self._start("run-api", self.api_argv())
+        api.wait_http(f"{self.api_url}/status", timeout=60)
+
+    def _start_registered_env(self, spec: EnvSpec, timeout: float) -> None:
+        """Start ``spec`` and wait until the API lists it: envs register one at a time, so the env id the API hands
+        out (its registration count) names this env; ``env_ids.json`` tells the trainer (exact env mixtures).
+        The API admits envs only once the trainer has registered, so a trainer that exits meanwhile (finished, or
+        died) ends the wait without recording an id; the caller's next look at the trainer handles its exit."""
+        proc = self._start_env(spec)
+        env_id = len(self.env_ids)
+
+        def registered() -> bool:
+            trainer = self.children.get("trainer")
+            if trainer is not None and trainer.poll() is not None:
+                raise _TrainerExited
+            try:
+                answer = requests.get(f"{self.api_url}/status-env", json={"env_id": env_id}, timeout=5)
+            except requests.RequestException:
+                return False
+            return answer.status_code == 200
+
+        try:
+            proc.wait_until(registered, timeout, f"registration with the API as env id {env_id}")
+        except _TrainerExited:
+            return
+        except (RuntimeError, TimeoutError) as error:
+            raise LaunchError(str(error)) from error
+        self.env_ids[env_id] = spec.name
+        # the trainer reads it while we write: replace it whole
+        write_json_atomic(self.env_ids_file, {str(k): v for k, v in self.env_ids.items()})
+        logger.info("%s registered as env id %d", spec.name, env_id)
+
+    def _start_envs(self) -> None:
+        """Every environment, registered in order (env id -> name for exact mixtures). The first one starts while the
+        trainer is still starting (its start-up overlaps the trainer's Ray start-up)."""
+        timeout = float(self.config.atropos.launcher.startup_timeout_s)
+        self.env_ids = {}  # a (re)started API numbers its envs from 0
+        for spec in self.envs:
+            self._start_registered_env(spec, timeout)
+
+    def restart_api(self) -> None:
+        """Start the API again on the same port, then the environments (their env ids died with the old API)."""
+        self.api_restarts += 1
+        logger.warning(
+            "run-api exited (code %s); restarting it on port %d (restart %d of %d); the environments restart with it",
+            self.children["run-api"].poll(),
+            self.api_port,
+            self.api_restarts,
+            int(self.config.atropos.launcher.max_api_restarts),
+        )
+        for spec in self.envs:
+            self.children[spec.name].stop()
+        self._start_api()
+        self._start_envs()
+
+    def start_all(self) -> None:
+        timeout = float(self.config.atropos.launcher.startup_timeout_s)
+        self.model = resolve_model_path(str(self.config.actor_rollout_ref.model.path))
+        self._start_api()
+        trainer = self._start("trainer", self.trainer_argv())
+        os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
+        self._start_envs()
+        logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
+        try:
+            trainer.wait_http(f"{self.inference_url}/health", timeout=timeout)
+        except RuntimeError:
+            if trainer.poll() != 0:  # died; a trainer that already finished (a short resumed run) is not an error
+                raise
+
+    def _record_final_api_stats(self) -> None:
+        """What the API still holds when the run ends (not trained, not lost): ``api_final_stats.json``."""
+        api = self.children.get("run-api")
+        if api is None or api.poll() is not None or not self.config.atropos.launcher.get("guard_api", True):
+            return
+        try:
+            stats = requests.get(f"{self.api_url}/guard/stats", timeout=5).json()
+        except (requests.RequestException, ValueError) as exc:
+            logger.warning("could not read the API's final counters: %s", exc)
+            return
+        (self.run_dir / "api_final_stats.json").write_text(json.dumps(stats) + "\n")
+
+    def stop_all(self) -> None:
+        """Producers first, then the consumer, then the API (its counters read once nothing else talks to it)."""
+        for name in [*(s.name for s in self.envs), "trainer"]:
+            if name in self.children:
+                self.children[name].stop()
+        self._record_final_api_stats()
+        if "run-api" in self.children:
+            self.children["run-api"].stop()
+
+    # ---- supervision ------------------------------------------------------------------------------------
+    def _died(self, proc: ManagedProcess) -> LaunchError:
+        return LaunchError(
+            f"{proc.name} exited with code {proc.poll()}; last lines of {proc.log_path}:\n{tail(proc.log_path)}"
+        )
+
+    def supervise(self) -> None:
+        """Until the trainer exits: restart or fail on a dead env, fail on a dead API, mirror each step."""
+        lcfg = self.config.atropos.launcher
+        total = int(self.config.trainer.total_training_steps)
+        printed = 0
+        while True:
+            rows = read_metrics(self.metrics_file)
+            for row in rows[printed:]:
+                print(step_line(row, total), flush=True)
+            printed = len(rows)
+            trainer = self.children["trainer"]
+            if trainer.poll() is not None:
+                if trainer.poll() != 0:
+                    raise self._died(trainer)
+                return
+            if self.children["run-api"].poll() is not None:
+                if lcfg.get("restart_api", True) and self.api_restarts < int(lcfg.max_api_restarts):
+                    self.restart_api()
+                    continue
+                raise self._died(self.children["run-api"])
+            for spec in self.envs:
+                proc = self.children[spec.name]
+                if proc.poll() is None:
+                    continue
+                if lcfg.restart_envs and self.restarts.get(spec.name, 0) < int(lcfg.max_env_restarts):
+                    self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
+                    logger.warning("%s exited (code %s); restart %d", spec.name, proc.poll(), self.restarts[spec.name])
+                    self._start_registered_env(spec, float(lcfg.startup_timeout_s))
+                else:
+                    raise self._died(proc)
+            time.sleep(1.0)
+
+    def _write_launcher_state(self) -> None:
+        state = {"api_restarts": self.api_restarts, "env_restarts": dict(self.restarts)}
+        (self.run_dir / "launcher_state.json").write_text(json.dumps(state) + "\n")
+
+    def finish(self) -> str:
+        rows = read_metrics(self.metrics_file)
+        summary = summarize(rows)
+        if rows:
+            png = plot_metrics(rows, self.run_dir / "metrics.png", title=str(self.config.trainer.experiment_name))
+            logger.info("plot: %s", png)
+        faults = self.fault_summary()
+        if faults:
+            summary = f"{summary}\n{faults}"
+        (self.run_dir / "summary.txt").write_text(summary + "\n")
+        return summary
+
+    def fault_summary(self) -> str:
+        """One line: API/env restarts and groups the guarded API rejected ('' when there were none)."""
+        stats_file = self.run_dir / "api_guard_stats.json"
+        guard = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        rejected = guard.get("rejected") or {}
+        env_restarts = sum(self.restarts.values())
+        if not (self.api_restarts or env_restarts or rejected):
+            return ""
+        by_field = ", ".join(f"{field} {n}" for field, n in sorted(rejected.items())) or "none"
+        return (
+            f"faults: api restarts {self.api_restarts}, env restarts {env_restarts}, groups accepted "
+            f"{guard.get('accepted_groups', 0)}, rejected {sum(rejected.values())} ({by_field}; kept in "
+            f"{self.run_dir / 'rejected_groups.jsonl'})"
+        )
+
+    def run(self) -> int:
+        try:
+            self.preflight()
+        except PreflightError as error:
+            logger.error("%s", error)
+            return 2
+        done = self.finished()
+        if done is not None:
+            print(
+                f"{self.run_dir} already finished: checkpoint at step {done} of trainer.total_training_steps="
+                f"{int(self.config.trainer.total_training_steps)}; nothing to do (raise total_training_steps to train "
+                "on, or use a new atropos.launcher.run_dir)",
+                flush=True,
+            )
+            return 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"run directory: {self.run_dir} (logs in {self.run_dir / 'logs'})", flush=True)
+        try:
+            self.start_all()
+            self.supervise()
+        except (LaunchError, RuntimeError, TimeoutError) as error:
+            logger.error("%s", error)
+            return 1
+        except KeyboardInterrupt:
+            logger.warning("interrupted: stopping every service this launcher started")
+            return 130
+        finally:
+            self.stop_all()
+            self._write_launcher_state()
+        print(self.finish(), flush=True)
+        return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="the trainer's Hydra YAML")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for main_atropos")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops the run like Ctrl-C
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN: restore Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        launcher = Launcher(args.config, args.overrides)
+    except (LaunchError, PreflightError) as error:
+        logger.error("%s", error)
+        return 2
+    except Exception as error:  # Hydra/OmegaConf composition errors: one line, not a traceback
+        logger.error("cannot compose %s with %s: %s", args.config, args.overrides, str(error).splitlines()[0])
+        return 2
+    return launcher.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
