@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from verl.base_config import BaseConfig
 
 SOURCES = ("api", "jsonl")
@@ -179,7 +180,7 @@ def atropos_config(config: DictConfig) -> AtroposConfig:
     block = OmegaConf.to_container(config.atropos, resolve=True) if "atropos" in config else {}
     try:
         return omega_conf_to_dataclass(OmegaConf.create(block), AtroposConfig)
-    except ValueError:
-        raise
-    except Exception as exc:  # OmegaConf's own errors (unknown key, wrong type) as one line naming the key
-        raise ValueError(f"atropos config: {str(exc).splitlines()[0]} (see atropos_grpo_base.yaml)") from exc
+    except OmegaConfBaseException as exc:  # unknown key, wrong type: one line naming the key
+        key = getattr(exc, "full_key", None)
+        where = f"atropos.{key}: " if key else "atropos: "
+        raise ValueError(f"{where}{str(exc).splitlines()[0]} (see atropos_grpo_base.yaml)") from None
