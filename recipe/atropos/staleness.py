@@ -1,137 +1,99 @@
-"""Training correctly on stale rollouts: the config rules, the policy-lag histogram, the importance-weight metrics.
+"""Policy lag: how many weight updates separate the policy that sampled a sequence from the one that trains on it.
 
-Atropos environments generate ahead of the trainer (up to ``max_batches_offpolicy`` batches queued), so a group can be
-trained one or more weight updates after the policy that sampled it. The recipe corrects for that with truncated
-importance sampling (verl's ``algorithm.rollout_correction``), in one of two modes:
+Versions count weight updates: the endpoint serves version ``v`` after ``v`` updates, and training step ``s`` (1-based)
+updates the weights of version ``s - 1``. So a sequence sampled by version ``v`` and trained at step ``s`` has lag
+``(s - 1) - v`` (:func:`policy_lag`). Every lag in the recipe is computed here:
 
-- bypass (``bypass_mode: true``): ``old_log_probs`` = the rollout's log-probs (``inference_logprobs``), no old-log-prob
-  pass. ``advantage_weighted_ce`` then weights each token by ``min(π_θ / π_rollout, C)``; ``vanilla`` is PPO-clip
-  against the behaviour policy (verl's ``bypass_ppo_clip``).
-- decoupled (``bypass_mode: false``): the actor recomputes ``old_log_probs`` and the trainer adds token weights
-  ``min(π_old / π_rollout, C)`` (``rollout_is_weights``) that every policy loss multiplies in.
+- the group sources measure each fetched sequence's lag from the endpoint's ledger (:class:`LagMeter`) and drop groups
+  over ``atropos.max_policy_lag``;
+- the spool bounds the lag of a group fetched in an earlier run from the step it was fetched at (the policy it came
+  from is no newer than the one served during that step): :func:`lag_lower_bound`;
+- the launcher keeps environments from generating further ahead than the cap allows
+  (:func:`env_max_batches_offpolicy`).
 
-``advantage_weighted_ce`` (``-A·log π``) has no ratio to the old policy, so it is only correct for a single update per
-batch: :func:`check_staleness_config` refuses it with several mini-batches or epochs and names ``vanilla``.
+The importance-sampling correction that makes lagging data trainable is verl's ``algorithm.rollout_correction``; the
+rules for combining it with the cap are checked at start-up (:mod:`recipe.atropos.config.checks`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
-from verl import DataProto
+from recipe.atropos.schema import ScoredGroup, group_tokens
 
-ADVANTAGE_WEIGHTED_CE = "advantage_weighted_ce"
-
-# verl's rollout-correction metric names (``rollout_corr/`` prefix) → the recipe's short names.
-IS_METRIC_NAMES = {
-    "rollout_corr/rollout_is_mean": "atropos/is_weight_mean",
-    "rollout_corr/rollout_is_max": "atropos/is_weight_max",
-    "rollout_corr/rollout_is_ratio_fraction_high": "atropos/is_truncated_fraction",
-}
+VersionLookup = Callable[[Sequence[int]], "int | None"]  # tokens of a full sequence -> the version that sampled it
 
 
-def updates_per_step(config: DictConfig) -> int:
-    """Optimizer steps the actor takes per training batch: mini-batches × epochs."""
-    actor = config.actor_rollout_ref.actor
-    batch = int(config.data.train_batch_size)
-    mini = int(actor.ppo_mini_batch_size) * int(config.actor_rollout_ref.rollout.get("n", 1) or 1)
-    mini_batches = max(1, -(-batch // mini)) if mini > 0 else 1
-    return mini_batches * int(actor.get("ppo_epochs", 1) or 1)
+def trained_version(step: int) -> int:
+    """The policy version whose weights training step ``step`` updates (and which the endpoint serves meanwhile)."""
+    return step - 1
 
 
-def check_staleness_config(config: DictConfig) -> None:
-    """Refuse combinations that would train incorrectly on the lags the config allows; errors name the fix."""
-    actor = config.actor_rollout_ref.actor
-    loss_mode = str(actor.policy_loss.get("loss_mode", "vanilla"))
-    if loss_mode == ADVANTAGE_WEIGHTED_CE and updates_per_step(config) > 1:
-        raise ValueError(
-            f"actor_rollout_ref.actor.policy_loss.loss_mode={ADVANTAGE_WEIGHTED_CE} takes "
-            f"{updates_per_step(config)} updates per batch (data.train_batch_size={config.data.train_batch_size}, "
-            f"ppo_mini_batch_size={actor.ppo_mini_batch_size}, ppo_epochs={actor.get('ppo_epochs', 1)}), but -A·log π "
-            "has no ratio or clip against the old policy, so every update after the first trains off-policy "
-            "uncorrected. Use policy_loss.loss_mode=vanilla (PPO clip) or ppo_mini_batch_size=data.train_batch_size "
-            "and ppo_epochs=1."
-        )
-    max_lag = config.atropos.get("max_policy_lag")
-    if max_lag is not None and int(max_lag) < 0:
-        raise ValueError(f"atropos.max_policy_lag={max_lag} must be >= 0 (or null for no limit)")
-    corr = config.algorithm.get("rollout_correction") or {}
-    bypass = bool(corr.get("bypass_mode", False))
-    has_is = corr.get("rollout_is") is not None
-    allows_lag = max_lag is None or int(max_lag) > 0
-    if allows_lag and not bypass and not has_is:
-        raise ValueError(
-            f"atropos.max_policy_lag={max_lag} lets groups from older policies into training, but neither "
-            "algorithm.rollout_correction.rollout_is nor .bypass_mode is set, so they would train without "
-            "importance-sampling correction. Set algorithm.rollout_correction.rollout_is=token (truncated IS from "
-            "inference_logprobs) or atropos.max_policy_lag=0."
-        )
-    if (bypass or has_is) and not config.actor_rollout_ref.rollout.get("calculate_log_probs", False):
-        raise ValueError(
-            "algorithm.rollout_correction needs the rollout's log-probs: set "
-            "actor_rollout_ref.rollout.calculate_log_probs=true"
-        )
-    if bypass and loss_mode == ADVANTAGE_WEIGHTED_CE and not has_is and allows_lag:
-        raise ValueError(
-            f"bypass_mode with loss_mode={ADVANTAGE_WEIGHTED_CE} weights tokens by π_θ/π_rollout only when "
-            "algorithm.rollout_correction.rollout_is is set: set rollout_is=token, or atropos.max_policy_lag=0"
-        )
+def policy_lag(step: int, sampled_version: int) -> int:
+    """Weight updates between the policy that sampled a sequence and the one training on it at ``step``."""
+    return trained_version(step) - sampled_version
 
 
-def share_rollout_correction_with_actor(config: DictConfig) -> None:
-    """Copy ``algorithm.rollout_correction`` into ``actor.policy_loss.rollout_correction``.
+def lag_lower_bound(step: int, fetched_step: int) -> int:
+    """Least possible lag at ``step`` of a group fetched during ``fetched_step``: it was sampled by a policy no newer
+    than the one served then, version ``trained_version(fetched_step)``."""
+    return policy_lag(step, trained_version(fetched_step))
 
-    The actor workers get their own copy of the config when they are built: this is how the policy loss, running
-    there, learns the IS level and threshold it applies in bypass mode. Call before the workers start.
+
+def env_max_batches_offpolicy(max_policy_lag: int | None) -> int | None:
+    """The envs' ``--env.max_batches_offpolicy`` for a lag cap: one batch of slack below the cap, since groups still in
+    flight when an update starts are trained one version later (None: no cap, the env's own default)."""
+    return None if max_policy_lag is None else max(1, max_policy_lag - 1)
+
+
+class LagMeter:
+    """Lags of fetched groups from the endpoint's record of which version sampled each completion.
+
+    ``version_of(tokens)`` is :meth:`recipe.atropos.endpoint.ledger.CompletionLedger.version_of` (None = unknown: the
+    sequence was not generated through this trainer's endpoint, or the ledger forgot it). A group is stale when its
+    largest known lag exceeds ``max_policy_lag`` (None = no cap).
     """
-    corr = config.algorithm.get("rollout_correction")
-    if corr is None:
-        return
-    plain = OmegaConf.to_container(corr, resolve=True)
-    plain.pop("_target_", None)
-    with open_dict(config):
-        config.actor_rollout_ref.actor.policy_loss.rollout_correction = plain
+
+    def __init__(self, version_of: VersionLookup, max_policy_lag: int | None) -> None:
+        self.version_of = version_of
+        self.max_policy_lag = max_policy_lag
+
+    def lags(self, group: ScoredGroup | dict[str, Any], step: int) -> list[int | None]:
+        """One entry per sequence of ``group``: its lag at ``step``, or None when unknown."""
+        out: list[int | None] = []
+        for tokens in group_tokens(group):
+            version = self.version_of(tokens)
+            out.append(None if version is None else policy_lag(step, version))
+        return out
+
+    def is_stale(self, group: ScoredGroup | dict[str, Any], step: int) -> bool:
+        if self.max_policy_lag is None:
+            return False
+        known = [lag for lag in self.lags(group, step) if lag is not None]
+        return bool(known) and max(known) > self.max_policy_lag
+
+    def metrics(self, groups: Iterable[ScoredGroup | dict[str, Any]], step: int) -> dict[str, float]:
+        """``atropos/policy_lag_{mean,max,0,1,2plus,unknown}`` over the sequences of ``groups`` (see
+        :func:`lag_metrics`)."""
+        return lag_metrics([lag for group in groups for lag in self.lags(group, step)])
 
 
-def lag_histogram(lags: Sequence[int]) -> dict[str, float]:
-    """Fractions of sequences (with a known lag) trained 0, 1, and 2+ weight updates after they were sampled."""
-    if not lags:
-        return {}
-    n = float(len(lags))
-    return {
-        "atropos/policy_lag_0": sum(1 for lag in lags if lag <= 0) / n,
-        "atropos/policy_lag_1": sum(1 for lag in lags if lag == 1) / n,
-        "atropos/policy_lag_2plus": sum(1 for lag in lags if lag >= 2) / n,
-    }
-
-
-def is_weight_metrics(rollout_corr_metrics: Mapping[str, Any]) -> dict[str, float]:
-    """verl's ``rollout_corr/rollout_is_{mean,max,ratio_fraction_high}`` as ``atropos/is_weight_{mean,max}``,
-    ``atropos/is_truncated_fraction`` (the fraction of tokens whose raw ratio exceeded the threshold)."""
-    return {
-        new: float(rollout_corr_metrics[old]) for old, new in IS_METRIC_NAMES.items() if old in rollout_corr_metrics
-    }
-
-
-def promote_actor_is_metrics(metrics: dict[str, Any]) -> None:
-    """Bypass mode computes the IS weights inside the actor, whose metrics come back as ``actor/atropos/...``:
-    expose them under the same ``atropos/is_weight_*`` names as the decoupled mode's (in place)."""
-    for name in IS_METRIC_NAMES.values():
-        if f"actor/{name}" in metrics and name not in metrics:
-            metrics[name] = metrics[f"actor/{name}"]
-
-
-def rollout_logprob_diff(batch: DataProto) -> dict[str, float]:
-    """Max and mean of |rollout log-prob - trainer log-prob| over response tokens (``rollout_log_probs`` and
-    ``old_log_probs`` [B, T_resp], masked by ``response_mask`` [B, T_resp]); verl's ``training/rollout_probs_diff_*``
-    compare probabilities instead."""
-    mask = batch.batch["response_mask"].bool()
-    if not mask.any():
-        return {}
-    diff = (batch.batch["rollout_log_probs"] - batch.batch["old_log_probs"]).abs()[mask]
-    return {
-        "atropos/rollout_logprob_diff_max": float(diff.max()),
-        "atropos/rollout_logprob_diff_mean": float(diff.mean()),
-    }
+def lag_metrics(lags: Sequence[int | None]) -> dict[str, float]:
+    """Mean, max and the fractions trained 0, 1 and 2+ updates after sampling, over the known lags; and the count of
+    sequences whose lag is unknown."""
+    known = [lag for lag in lags if lag is not None]
+    out = {"atropos/policy_lag_unknown": float(len(lags) - len(known))}
+    if not known:
+        return out
+    n = float(len(known))
+    out.update(
+        {
+            "atropos/policy_lag_mean": sum(known) / n,
+            "atropos/policy_lag_max": float(max(known)),
+            "atropos/policy_lag_0": sum(1 for lag in known if lag <= 0) / n,
+            "atropos/policy_lag_1": sum(1 for lag in known if lag == 1) / n,
+            "atropos/policy_lag_2plus": sum(1 for lag in known if lag >= 2) / n,
+        }
+    )
+    return out

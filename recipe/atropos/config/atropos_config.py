@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -35,7 +35,7 @@ class OfflineConfig(BaseConfig):
 
     shuffle: bool = False
     seed: int = 0
-    epochs: Optional[int] = None  # passes over the data; None = as many as trainer.total_training_steps needs
+    epochs: int | None = None  # passes over the data; None = as many as trainer.total_training_steps needs
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -47,7 +47,7 @@ class AdvantageConfig(BaseConfig):
     """``atropos.advantage``: applied to the combined advantages, normalize then clip."""
 
     normalize: str = "none"
-    clip: Optional[list[float]] = None
+    clip: list[float] | None = None
 
     def __post_init__(self) -> None:
         _one_of("advantage.normalize", self.normalize, NORMALIZATIONS, " (batch: whiten over the trained tokens)")
@@ -55,7 +55,9 @@ class AdvantageConfig(BaseConfig):
             return
         bounds = list(self.clip)
         if len(bounds) != 2 or not all(isinstance(b, int | float) and math.isfinite(b) for b in bounds):
-            raise ValueError(f"atropos.advantage.clip={bounds!r}: use null or two finite numbers [lo, hi], e.g. [-3, 3]")
+            raise ValueError(
+                f"atropos.advantage.clip={bounds!r}: use null or two finite numbers [lo, hi], e.g. [-3, 3]"
+            )
         if not bounds[0] < bounds[1]:
             raise ValueError(f"atropos.advantage.clip={bounds}: lo must be below hi, e.g. [-3.0, 3.0]")
 
@@ -69,8 +71,8 @@ class SpoolConfig(BaseConfig):
     """``atropos.spool``: fetched groups on disk until a checkpoint includes their training."""
 
     enable: bool = True
-    dir: Optional[str] = None  # None = <trainer.default_local_dir>/spool
-    drain_max_sequences: Optional[int] = None  # None = data.train_batch_size; 0 = fetch only when a step needs data
+    dir: str | None = None  # None = <trainer.default_local_dir>/spool
+    drain_max_sequences: int | None = None  # None = data.train_batch_size; 0 = fetch only when a step needs data
 
 
 @dataclass
@@ -80,8 +82,8 @@ class InferenceConfig(BaseConfig):
     host: str = "127.0.0.1"
     port: int = 8001
     backend: str = "ray"
-    served_model_name: Optional[str] = None
-    ready_file: Optional[str] = None
+    served_model_name: str | None = None
+    ready_file: str | None = None
     drain_timeout_s: float = 600.0
     max_tracked_completions: int = 200000
 
@@ -93,9 +95,9 @@ class InferenceConfig(BaseConfig):
 class EnvConfig(BaseConfig):
     """One entry of ``atropos.launcher.envs``: a module (``python -m``) or a script run with ``serve``."""
 
-    name: Optional[str] = None  # None = env<index>
-    module: Optional[str] = None
-    script: Optional[str] = None
+    name: str | None = None  # None = env<index>
+    module: str | None = None
+    script: str | None = None
     group_size: int = 8
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)  # the env's own CLI flags; they win over the launcher's
@@ -105,9 +107,9 @@ class EnvConfig(BaseConfig):
 class LauncherConfig(BaseConfig):
     """``atropos.launcher``: what the supervised run starts, where, and how it recovers."""
 
-    run_dir: Optional[str] = None
-    api_port: Optional[int] = None
-    inference_port: Optional[int] = None
+    run_dir: str | None = None
+    api_port: int | None = None
+    inference_port: int | None = None
     startup_timeout_s: float = 900.0
     restart_envs: bool = True
     max_env_restarts: int = 3
@@ -143,23 +145,25 @@ class AtroposConfig(BaseConfig):
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     mixture: dict[str, float] = field(default_factory=dict)
     mixture_wait_s: float = 120.0
-    mixture_max_pending_batches: Optional[int] = 4
-    env_ids_file: Optional[str] = None
-    max_policy_lag: Optional[int] = 2
+    mixture_max_pending_batches: int | None = 4
+    env_ids_file: str | None = None
+    max_policy_lag: int | None = 2
     runtime: str = "auto"
     cpu_rollout: str = "hf_cpu"
-    metrics_file: Optional[str] = None
-    rejected_groups_file: Optional[str] = None
+    metrics_file: str | None = None
+    rejected_groups_file: str | None = None
     spool: SpoolConfig = field(default_factory=SpoolConfig)
-    wandb_group: Optional[str] = None  # None = trainer.experiment_name
-    wandb_project: Optional[str] = None  # None = trainer.project_name
+    wandb_group: str | None = None  # None = trainer.experiment_name
+    wandb_project: str | None = None  # None = trainer.project_name
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def __post_init__(self) -> None:
         _one_of("source", self.source, SOURCES, " (api: the live run-api; jsonl: atropos.jsonl_paths)")
         if self.source == "jsonl" and not self.jsonl_paths:
-            raise ValueError("atropos.source=jsonl needs atropos.jsonl_paths: files or globs of saved ScoredData groups")
+            raise ValueError(
+                "atropos.source=jsonl needs atropos.jsonl_paths: files or globs of saved ScoredData groups"
+            )
         _one_of("runtime", self.runtime, RUNTIMES)
         _one_of("cpu_rollout", self.cpu_rollout, CPU_ROLLOUTS, " (vllm needs .venv-vllm from `make vllm-env`)")
         if self.max_policy_lag is not None and self.max_policy_lag < 0:

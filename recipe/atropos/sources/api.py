@@ -1,134 +1,141 @@
-"""Where each step's groups come from: the saved JSONL files (offline), the env mixture, or the API's FIFO batches.
+"""Groups from the live Atropos API: registration, polling, the spool, and batches FIFO or held to a mixture.
 
-:class:`GroupPolling` is a mixin of :class:`~recipe.atropos.trainer.RayAtroposTrainer`; it reads the trainer's
-``config``, ``atropos_cfg``, ``client``, ``ledger``, ``mixture``, ``train_dataloader``, ``global_steps`` and keeps
-the groups fetched beyond one batch in ``_carry``. A recipe that feeds groups another way overrides ``_poll_groups``.
+Invariants:
+
+- every group the client fetches is written to the spool (when on) before anything else sees it, and every handed-out
+  group ends trained, set aside as stale (with the reason), or still held for a later step — nothing fetched is lost;
+- a step's batch holds exactly ``data.train_batch_size`` sequences of whole groups, none over the policy-lag cap;
+- groups an earlier run fetched but did not train come first after a resume.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
-import numpy as np
+from recipe.atropos.schema import ScoredGroup
+from recipe.atropos.sources.base import BaseGroupSource
+from recipe.atropos.staleness import LagMeter
+from recipe.atropos.transport.client import AtroposClient
+from recipe.atropos.transport.spool import GroupSpool
 
-from recipe.atropos.sources.mixture import MixtureBatcher, fill_mixture_batch, group_tokens, select_groups
-from recipe.atropos.sources.jsonl import JsonlGroupSource
-from recipe.atropos.staleness import lag_histogram
+logger = logging.getLogger(__name__)
 
 
-class ApiStepSource:
-    """Stands in for verl's dataloader (data comes from the Atropos API); checkpoints record the source and the
-    mixture's cumulative counts (when a mixture is held)."""
+class Batcher(Protocol):
+    """Fills batches from polled groups: :class:`~recipe.atropos.sources.fifo.FifoBatcher` or
+    :class:`~recipe.atropos.sources.mixture.MixtureBatcher`."""
 
-    mixture: MixtureBatcher | None = None
+    def refresh(self) -> None: ...
 
-    def __len__(self) -> int:
-        return 0
+    def add(self, groups: Iterable[Any], front: bool = False) -> None: ...
+
+    def select(self, waited_s: float, is_stale: Any) -> list[Any] | None: ...
+
+    def pending_groups(self) -> list[Any]: ...
+
+    def metrics(self, chosen: Sequence[Any]) -> dict[str, float]: ...
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class ApiGroupSource(BaseGroupSource):
+    """Step batches from ``run-api`` through ``client``, assembled by ``batcher``.
+
+    ``registration``: the keyword arguments of :meth:`AtroposClient.register` except ``starting_step``.
+    ``drain_max_sequences``: after each weight push, batches the API already formed are fetched into the spool up to
+    this many sequences (0 = only when a step needs data), so the API's in-memory queue stays small.
+    """
+
+    online = True
+
+    def __init__(
+        self,
+        client: AtroposClient,
+        batcher: Batcher,
+        lag: LagMeter,
+        *,
+        registration: dict[str, Any],
+        poll_timeout_s: float,
+        spool: GroupSpool | None = None,
+        drain_max_sequences: int = 0,
+    ) -> None:
+        self.client = client
+        self.batcher = batcher
+        self.lag = lag
+        self.registration = dict(registration)
+        self.poll_timeout_s = float(poll_timeout_s)
+        self.spool = spool
+        self.drain_max_sequences = int(drain_max_sequences)
+        self.registered_step: int | None = None
+        self._step = 0  # the step being assembled or trained: fetched groups are spooled under it
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self, step: int) -> None:
+        """Register at ``step``; environments are admitted once the API's first ``/batch`` answers, so ask at once
+        (a queue restored by the guarded API answers it with groups: they are spooled under this step)."""
+        self._step = int(step)
+        self.client.register(starting_step=int(step), **self.registration)
+        self.registered_step = int(step)
+        self.batcher.add(self._spooled(self.client.get_batch() or []))
+
+    def resume(self, step: int) -> None:
+        if self.registered_step is None:  # start() was skipped (a subclass overrode the trainer's init_workers)
+            self.start(step)
+        elif self.registered_step != step:
+            raise RuntimeError(
+                f"registered with the Atropos API at step {self.registered_step} but the checkpoint load resumed at "
+                f"step {step}: check trainer.resume_mode / trainer.resume_from_path"
+            )
+        if self.spool is not None:
+            self.batcher.add(self.spool.resume(step, self.lag.max_policy_lag), front=True)
+
+    def next_groups(self, step: int, metrics: dict[str, float]) -> list[ScoredGroup]:
+        self._step = int(step)
+        self.batcher.refresh()
+        start, polls = time.monotonic(), 0
+        while (chosen := self.batcher.select(time.monotonic() - start, lambda g: self.lag.is_stale(g, step))) is None:
+            self.batcher.add(self._spooled(self.client.poll_batch(timeout=self.poll_timeout_s)))
+            self.batcher.refresh()
+            polls += 1
+        metrics.update({"atropos/polls": float(polls), "atropos/poll_wait_s": time.monotonic() - start})
+        metrics.update(self.lag.metrics(chosen, step))
+        metrics.update(self.batcher.metrics(chosen))
+        return chosen
+
+    def trained(self, groups: list[ScoredGroup], step: int) -> None:
+        if self.spool is not None:
+            self.spool.trained(groups, step, carried=self.batcher.pending_groups())
+
+    def checkpointed(self, step: int) -> None:
+        if self.spool is not None:
+            self.spool.checkpointed(step)
+
+    def prefetch(self, step: int) -> None:
+        if self.spool is not None and self.drain_max_sequences > 0:
+            self.batcher.add(self._spooled(self.client.drain(self.drain_max_sequences)))
+
+    def _spooled(self, groups: list[ScoredGroup]) -> list[ScoredGroup]:
+        if self.spool is not None:
+            for group in groups:
+                self.spool.put(group, fetched_step=self._step)
+        return groups
+
+    # ---- metrics and checkpoints ----------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        out = self.client.metrics()
+        if self.spool is not None:
+            out.update(self.spool.metrics())
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"source": "atropos", "mixture": self.mixture.state_dict() if self.mixture is not None else None}
+        """The source and the mixture's cumulative counts (held groups are in the spool, not in checkpoints)."""
+        return {"source": "atropos", "mixture": self.batcher.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.mixture is not None and state.get("mixture"):
-            self.mixture.load_state_dict(state["mixture"])
-
-
-class GroupPolling:
-    """Exactly ``data.train_batch_size`` sequences of whole groups per step, with lag and mixture metrics."""
-
-    _env_ids_mtime: int | None = None  # of atropos.env_ids_file when last read
-
-    def _policy_lag(self, tokens: Sequence[int]) -> int | None:
-        """Weight updates between the policy that generated ``tokens`` and the one being trained (None = unknown)."""
-        version = self.ledger.version_of(tokens)
-        return None if version is None else (self.global_steps - 1) - version
-
-    def _poll_groups(self, metrics: dict[str, float]) -> list[Any]:
-        """Exactly data.train_batch_size sequences of whole groups: stale groups dropped, extras carried over."""
-        if isinstance(self.train_dataloader, JsonlGroupSource):  # offline: the next groups of the saved files
-            groups = self.train_dataloader.next_batch()
-            metrics.update(self.train_dataloader.metrics())
-            return groups
-        if self.mixture is not None:
-            return self._poll_mixture(metrics)
-        batch_size = int(self.config.data.train_batch_size)
-        max_lag = self.atropos_cfg.get("max_policy_lag")
-        max_lag = None if max_lag is None else int(max_lag)
-        pending, self._carry = list(self._carry), []
-        sel = select_groups(pending, batch_size, self._policy_lag, max_lag)
-        polls, wait_s = 0, 0.0
-        while sel.n_sequences < batch_size:
-            start = time.monotonic()
-            polled = self.client.poll_batch(timeout=float(self.atropos_cfg.poll_timeout_s))
-            wait_s += time.monotonic() - start
-            polls += 1
-            carry, sel.carry = sel.carry, []
-            sel = select_groups([*carry, *polled], batch_size, self._policy_lag, max_lag, already=sel)
-        self._carry = sel.carry
-        metrics.update(
-            {
-                "atropos/polls": float(polls),
-                "atropos/poll_wait_s": wait_s,
-                "atropos/carried_groups": float(len(self._carry)),
-                "atropos/stale_groups_dropped": float(sel.stale_groups_dropped),
-                "atropos/policy_lag_unknown": float(sel.policy_lag_unknown),
-            }
-        )
-        if sel.lags:
-            metrics["atropos/policy_lag_mean"] = float(np.mean(sel.lags))
-            metrics["atropos/policy_lag_max"] = float(np.max(sel.lags))
-            metrics.update(lag_histogram(sel.lags))
-        return sel.chosen
-
-    def _held_groups(self) -> list[Any]:
-        """Fetched groups kept for later steps: the carry-over and, with a mixture, its surplus per env."""
-        held = list(self._carry)
-        if self.mixture is not None:
-            held += [group for queue in self.mixture.pending.values() for group in queue]
-        return held
-
-    def _refresh_env_names(self) -> None:
-        """Env id → name from ``atropos.env_ids_file`` (the launcher writes it as each env registers); read again only
-        when the file changed."""
-        path = self.atropos_cfg.get("env_ids_file")
-        if not path or not Path(path).exists():
-            return
-        mtime = Path(path).stat().st_mtime_ns
-        if mtime != self._env_ids_mtime:
-            self.mixture.names.update({int(k): str(v) for k, v in json.loads(Path(path).read_text()).items()})
-            self._env_ids_mtime = mtime
-
-    def _poll_mixture(self, metrics: dict[str, float]) -> list[Any]:
-        """Exactly data.train_batch_size sequences filled to the env weights (:class:`MixtureBatcher`)."""
-        max_lag = self.atropos_cfg.get("max_policy_lag")
-        max_lag = None if max_lag is None else int(max_lag)
-        self._refresh_env_names()
-        self.mixture.add(self._carry)
-        self._carry = []
-
-        def poll() -> list[Any]:
-            groups = self.client.poll_batch(timeout=float(self.atropos_cfg.poll_timeout_s))
-            self._refresh_env_names()
-            return groups
-
-        start = time.monotonic()
-        groups, polls = fill_mixture_batch(self.mixture, poll, lag_of=self._policy_lag, max_policy_lag=max_lag)
-        lags = [self._policy_lag(tokens) for g in groups for tokens in group_tokens(g)]
-        known = [lag for lag in lags if lag is not None]
-        metrics.update(
-            {
-                "atropos/polls": float(polls),
-                "atropos/poll_wait_s": time.monotonic() - start,
-                "atropos/policy_lag_unknown": float(len(lags) - len(known)),
-                **self.mixture.metrics(groups),
-            }
-        )
-        if known:
-            metrics["atropos/policy_lag_mean"] = float(np.mean(known))
-            metrics["atropos/policy_lag_max"] = float(np.max(known))
-            metrics.update(lag_histogram(known))
-        return groups
+        if state.get("mixture"):
+            self.batcher.load_state_dict(state["mixture"])

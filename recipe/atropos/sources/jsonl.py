@@ -3,7 +3,7 @@
 ``JsonlGroupSource`` reads files (or globs) of one ScoredData group per line — what atroposlib writes with
 ``--env.data_path_to_save_groups`` (``BaseEnv.handle_send_to_api`` → ``jsonlines``; the ``process`` command), and the
 trainer's own ``rejected_groups_file`` records (``{"reason", "field", "group", "time"}``, the group is taken from
-``"group"``). Every line goes through :func:`recipe.atropos.transport.client.validate_group`, as the live client's groups do.
+``"group"``). Every line goes through :func:`recipe.atropos.schema.validate_group`, as the live client's groups do.
 
 - Bad lines (not JSON, not a valid group, or a group size that ``data.train_batch_size`` is not a multiple of) are
   rejected once, when the files are indexed: counted (``atropos/offline/rejected_lines`` and ``.../<field>``), logged
@@ -24,14 +24,15 @@ import json
 import logging
 import os
 import random
-import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recipe.atropos.config import AtroposConfig
+from recipe.atropos.records import RejectedGroupLog
 from recipe.atropos.schema import GroupValidationError, ScoredGroup, validate_group
+from recipe.atropos.sources.base import BaseGroupSource
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ def parse_group_line(text: str) -> ScoredGroup:
     return validate_group(raw)
 
 
-class JsonlGroupSource:
-    """Step batches of whole groups from JSONL files; stands in for verl's dataloader (see the module doc)."""
+class JsonlGroupSource(BaseGroupSource):
+    """Step batches of whole groups from JSONL files (see the module doc); nothing generates, so ``online`` is False."""
 
     def __init__(
         self,
@@ -89,19 +90,16 @@ class JsonlGroupSource:
         epochs: int | None = None,
         rejected_groups_file: str | None = None,
     ) -> None:
-        if epochs is not None and epochs < 1:
-            raise OfflineDataError(f"atropos.offline.epochs={epochs}: use null (as many as the steps need) or >= 1")
         self.files = expand_paths(paths)
         self.batch_size = int(batch_size)
         self.shuffle, self.seed, self.epochs = bool(shuffle), int(seed), epochs
-        self.rejected_groups_file = Path(rejected_groups_file) if rejected_groups_file else None
-        self.rejected: Counter[str] = Counter()
-        self._pending_rejections: list[dict[str, Any]] = []
+        self.rejected = RejectedGroupLog(rejected_groups_file, what="a JSONL line")
+        self._pending_rejections: list[dict[str, Any]] = []  # written once per run, at the first batch
         self.lines = self._index()
         if not self.lines:
             raise OfflineDataError(
-                f"no valid group in {[str(f) for f in self.files]} ({sum(self.rejected.values())} lines rejected: "
-                f"{dict(self.rejected)}); see the log or atropos.rejected_groups_file for the reasons"
+                f"no valid group in {[str(f) for f in self.files]} ({self.rejected.total} lines rejected: "
+                f"{dict(self.rejected.counts)}); see the log or atropos.rejected_groups_file for the reasons"
             )
         self.epoch, self.cursor, self.carry = 0, 0, []  # carry: indices into self.lines
         self.groups_read = 0
@@ -137,32 +135,22 @@ class JsonlGroupSource:
             len(lines),
             sum(line.size for line in lines),
             len(self.files),
-            sum(self.rejected.values()),
+            self.rejected.total,
         )
         return lines
 
     def _reject(self, text: str, error: GroupValidationError, source: str) -> None:
-        self.rejected[error.field] += 1
         try:
             group: Any = json.loads(text)
         except json.JSONDecodeError:
             group = text
-        self._pending_rejections.append(
-            {"reason": str(error), "field": error.field, "group": group, "time": time.time(), "source": source}
-        )
-        logger.warning("rejected %s: %s", source, error)
+        self._pending_rejections.append(self.rejected.reject(group, error, source, write=False))
 
     def _report_rejections(self) -> None:
         """Append the indexing's rejections to the file once per run (not again after a resume)."""
-        if self.rejections_reported:
-            return
-        self.rejections_reported = True
-        if self.rejected_groups_file is None or not self._pending_rejections:
-            return
-        self.rejected_groups_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.rejected_groups_file, "a") as fh:
-            for record in self._pending_rejections:
-                fh.write(json.dumps(record, default=str) + "\n")
+        if not self.rejections_reported:
+            self.rejections_reported = True
+            self.rejected.write(self._pending_rejections)
 
     # ---- order and assembly -----------------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
@@ -219,6 +207,11 @@ class JsonlGroupSource:
             fh.seek(entry.offset)
             return parse_group_line(fh.readline().decode("utf-8", errors="replace"))
 
+    def next_groups(self, step: int, metrics: dict[str, float]) -> list[ScoredGroup]:
+        groups = self.next_batch()
+        metrics.update(self.metrics())
+        return groups
+
     def next_batch(self) -> list[ScoredGroup]:
         """Whole groups holding exactly ``batch_size`` sequences; :class:`OfflineDataError` when the data ran out."""
         self._report_rejections()
@@ -238,16 +231,11 @@ class JsonlGroupSource:
             "atropos/offline/position": float(self.cursor),
             "atropos/offline/groups_read": float(self.groups_read),
             "atropos/offline/carried_groups": float(len(self.carry)),
-            "atropos/offline/rejected_lines": float(sum(self.rejected.values())),
         }
-        out.update({f"atropos/offline/rejected_lines/{field}": float(n) for field, n in self.rejected.items()})
+        out.update(self.rejected.metrics("atropos/offline/rejected_lines"))
         return out
 
     # ---- verl dataloader protocol -----------------------------------------------------------------------------
-    def __len__(self) -> int:
-        # 0: verl's _load_checkpoint skips restoring a dataloader whose length divides the step ("epoch boundary")
-        return 0
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "source": "jsonl",
@@ -282,18 +270,15 @@ class JsonlGroupSource:
         logger.info("offline source resumed at epoch %d, group %d of %d", self.epoch, self.cursor, len(self.lines))
 
 
-def make_jsonl_source(config: Any) -> JsonlGroupSource:
-    """The source for ``atropos.source=jsonl`` from the config (``atropos.jsonl_paths``, ``atropos.offline``)."""
-    atropos = config.atropos
-    offline = atropos.get("offline") or {}
-    epochs = offline.get("epochs")
+def make_jsonl_source(atropos: AtroposConfig, batch_size: int) -> JsonlGroupSource:
+    """The source for ``atropos.source=jsonl`` (``atropos.jsonl_paths``, ``atropos.offline``)."""
     return JsonlGroupSource(
-        list(atropos.get("jsonl_paths") or []),
-        batch_size=int(config.data.train_batch_size),
-        shuffle=bool(offline.get("shuffle", False)),
-        seed=int(offline.get("seed", 0)),
-        epochs=None if epochs is None else int(epochs),
-        rejected_groups_file=atropos.get("rejected_groups_file"),
+        atropos.jsonl_paths,
+        batch_size=batch_size,
+        shuffle=atropos.offline.shuffle,
+        seed=atropos.offline.seed,
+        epochs=atropos.offline.epochs,
+        rejected_groups_file=atropos.rejected_groups_file,
     )
 
 

@@ -1,76 +1,22 @@
-"""Assemble one training step's batch from polled Atropos groups: whole groups, exact size, stale ones dropped;
-optionally held to a mixture of environments by weight (:class:`MixtureBatcher`).
+"""An exact mixture of environments: each batch filled to the envs' weights in whole groups (:class:`MixtureBatcher`).
 
-The API builds batches of exactly ``batch_size`` sequences, but the trainer may drop groups (too stale, or rejected
-as malformed by the client), so a step can need groups from more than one poll; groups that do not fit are carried
-to the next step instead of being lost.
+The API's FIFO batches follow the speed of each environment; the batcher queues polled groups per env and hands out a
+batch only when it can meet every env's quota (or an env has been waited for long enough), so the trained mixture
+converges to the weights.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from recipe.atropos.config import AtroposConfig
+from recipe.atropos.schema import group_env_id, group_scores, group_tokens
 
-def group_tokens(group: Any) -> list[list[int]]:
-    """The ``tokens`` of a ScoredData group (pydantic model or plain dict)."""
-    return list(group["tokens"] if isinstance(group, dict) else group.tokens)
-
-
-def group_scores(group: Any) -> list[float]:
-    """The ``scores`` of a ScoredData group (pydantic model or plain dict)."""
-    return list(group["scores"] if isinstance(group, dict) else group.scores)
-
-
-@dataclass
-class GroupSelection:
-    """Result of :func:`select_groups`: ``chosen`` holds ``n_sequences`` sequences; ``carry`` waits for later."""
-
-    chosen: list[Any] = field(default_factory=list)
-    carry: list[Any] = field(default_factory=list)
-    n_sequences: int = 0
-    lags: list[int] = field(default_factory=list)
-    stale_groups_dropped: int = 0
-    policy_lag_unknown: int = 0
-
-
-def select_groups(
-    pending: Iterable[Any],
-    batch_size: int,
-    lag_of: Callable[[Sequence[int]], int | None],
-    max_policy_lag: int | None = None,
-    already: GroupSelection | None = None,
-) -> GroupSelection:
-    """Add ``pending`` groups, in order, to ``already`` until it holds exactly ``batch_size`` sequences.
-
-    ``lag_of(tokens)`` gives a sequence's policy lag (None = unknown). A group whose largest known lag exceeds
-    ``max_policy_lag`` is dropped and counted; a group that would overflow the batch goes to ``carry``.
-    """
-    sel = already or GroupSelection()
-    for group in pending:
-        seqs = group_tokens(group)
-        group_lags = [lag_of(tokens) for tokens in seqs]
-        known = [lag for lag in group_lags if lag is not None]
-        if max_policy_lag is not None and known and max(known) > max_policy_lag:
-            sel.stale_groups_dropped += 1
-        elif sel.n_sequences + len(seqs) <= batch_size:
-            sel.chosen.append(group)
-            sel.n_sequences += len(seqs)
-            sel.lags.extend(known)
-            sel.policy_lag_unknown += len(group_lags) - len(known)
-        else:
-            sel.carry.append(group)
-    return sel
-
-
-# ---- exact mixtures of environments ---------------------------------------------------------------------------------
-
-
-def group_env_id(group: Any) -> int | None:
-    """The ``env_id`` the API stamped on a group (None when the env did not register)."""
-    return group.get("env_id") if isinstance(group, dict) else getattr(group, "env_id", None)
+IsStale = Callable[[Any], bool]
 
 
 def mixture_quotas(
@@ -136,16 +82,37 @@ class MixtureBatcher:
     surplus_dropped: int = 0
     stale_dropped: int = 0
     short_steps: dict[str, int] = field(default_factory=dict)
+    env_ids_file: str | None = None  # JSON {env_id: name}, written by the launcher as each env registers
+    _env_ids_mtime: int | None = None
+
+    def refresh(self) -> None:
+        """Env id → name from ``env_ids_file``, read again only when the file changed."""
+        if not self.env_ids_file or not Path(self.env_ids_file).exists():
+            return
+        mtime = Path(self.env_ids_file).stat().st_mtime_ns
+        if mtime != self._env_ids_mtime:
+            self.names.update({int(k): str(v) for k, v in json.loads(Path(self.env_ids_file).read_text()).items()})
+            self._env_ids_mtime = mtime
+
+    def pending_groups(self) -> list[Any]:
+        """Polled groups waiting for a later batch (surplus per env)."""
+        return [group for queue in self.pending.values() for group in queue]
 
     def name_of(self, group: Any) -> str:
         env_id = group_env_id(group)
         return self.names.get(env_id, f"env_{env_id}") if env_id is not None else "env_unknown"
 
-    def add(self, groups: Iterable[Any]) -> None:
-        """Queue polled groups under their env's name (FIFO); learn group sizes; bound each env's backlog."""
-        for group in groups:
+    def add(self, groups: Iterable[Any], front: bool = False) -> None:
+        """Queue polled groups under their env's name (FIFO; ``front``: before the queued ones, in order); learn group
+        sizes; bound each env's backlog."""
+        groups = list(groups)
+        for i, group in enumerate(groups):
             name = self.name_of(group)
-            self.pending.setdefault(name, []).append(group)
+            queue = self.pending.setdefault(name, [])
+            if front:
+                queue.insert(sum(1 for g in groups[:i] if self.name_of(g) == name), group)
+            else:
+                queue.append(group)
             self.group_sizes.setdefault(name, len(group_tokens(group)))
             self.received[name] = self.received.get(name, 0) + len(group_tokens(group))
         if self.max_pending is not None:
@@ -154,17 +121,10 @@ class MixtureBatcher:
                     self.surplus_dropped += 1
                     queue.pop(0)
 
-    def _drop_stale(self, lag_of: Callable[[Sequence[int]], int | None], max_policy_lag: int | None) -> None:
-        if max_policy_lag is None:
-            return
+    def _drop_stale(self, is_stale: IsStale) -> None:
         for name, queue in self.pending.items():
-            fresh = []
-            for group in queue:
-                known = [lag for lag in (lag_of(t) for t in group_tokens(group)) if lag is not None]
-                if known and max(known) > max_policy_lag:
-                    self.stale_dropped += 1
-                else:
-                    fresh.append(group)
+            fresh = [group for group in queue if not is_stale(group)]
+            self.stale_dropped += len(queue) - len(fresh)
             self.pending[name] = fresh
 
     def _take(self, name: str, limit: int, chosen: list[Any], taken: dict[str, int]) -> None:
@@ -174,14 +134,11 @@ class MixtureBatcher:
             chosen.append(group)
             taken[name] = taken.get(name, 0) + len(group_tokens(group))
 
-    def select(
-        self,
-        waited_s: float,
-        lag_of: Callable[[Sequence[int]], int | None] = lambda tokens: None,
-        max_policy_lag: int | None = None,
-    ) -> list[Any] | None:
-        """One batch of exactly ``batch_size`` sequences by the weights, or None (poll more and call again)."""
-        self._drop_stale(lag_of, max_policy_lag)
+    def select(self, waited_s: float, is_stale: IsStale = lambda group: False) -> list[Any] | None:
+        """One batch of exactly ``batch_size`` sequences by the weights, or None (poll more and call again).
+
+        ``waited_s``: how long this step has polled so far; stale groups (``is_stale``) are dropped and counted."""
+        self._drop_stale(is_stale)
         weighted = [n for n, w in self.weights.items() if w > 0]
         unseen = [n for n in weighted if n not in self.group_sizes]  # group size (and so the quota) not known yet
         known = {n: self.weights[n] for n in weighted if n in self.group_sizes}
@@ -270,50 +227,28 @@ class MixtureBatcher:
         self.reassigned_sequences = int(state.get("reassigned", 0))
 
 
-def mixture_from_config(config: Any) -> MixtureBatcher | None:
+def mixture_from_config(atropos: AtroposConfig, batch_size: int) -> MixtureBatcher | None:
     """The mixture to hold, or None.
 
     Weights: ``atropos.mixture`` (name → weight), else — when the launcher runs the envs (it sets
     ``atropos.env_ids_file``) — the weights of two or more ``atropos.launcher.envs``. Env ids map to names in this
     order until ``atropos.env_ids_file`` (written as each env registers) says otherwise.
     """
-    atropos = config.atropos
-    weights = {str(k): float(v) for k, v in (atropos.get("mixture") or {}).items()}
-    sizes: dict[str, int] = {}
-    launcher_envs = list((atropos.get("launcher") or {}).get("envs") or [])
-    for i, env in enumerate(launcher_envs):
-        name = str(env.get("name") or f"env{i}")
-        if name in weights or not atropos.get("mixture"):
-            sizes[name] = int(env.get("group_size", 8))
-    if not weights and len(launcher_envs) >= 2 and atropos.get("env_ids_file"):  # the launcher started them
-        weights = {str(e.get("name") or f"env{i}"): float(e.get("weight", 1.0)) for i, e in enumerate(launcher_envs)}
+    envs = dict(zip(atropos.launcher.env_names(), atropos.launcher.envs, strict=True))
+    weights = {str(k): float(v) for k, v in atropos.mixture.items()}
+    if not weights and len(envs) >= 2 and atropos.env_ids_file:  # the launcher started them
+        weights = {name: float(env.weight) for name, env in envs.items()}
     if not weights:
         return None
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise ValueError(f"atropos.mixture / launcher env weights {weights}: use weights >= 0 with a positive sum")
-    batch_size = int(config.data.train_batch_size)
-    pending_batches = atropos.get("mixture_max_pending_batches")
+    pending_batches = atropos.mixture_max_pending_batches
     return MixtureBatcher(
         weights=weights,
         batch_size=batch_size,
-        wait_s=float(atropos.get("mixture_wait_s", 120.0)),
+        wait_s=atropos.mixture_wait_s,
         names=dict(enumerate(weights)),
-        group_sizes=sizes,
+        group_sizes={name: int(env.group_size) for name, env in envs.items() if name in weights},
         max_pending=None if pending_batches is None else int(pending_batches) * batch_size,
+        env_ids_file=atropos.env_ids_file,
     )
-
-
-def fill_mixture_batch(
-    batcher: MixtureBatcher,
-    poll: Callable[[], Iterable[Any]],
-    *,
-    lag_of: Callable[[Sequence[int]], int | None] = lambda tokens: None,
-    max_policy_lag: int | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> tuple[list[Any], int]:
-    """Poll (``poll()`` blocks until the API has a batch) until ``batcher`` can select one; (groups, polls)."""
-    start, polls = clock(), 0
-    while (chosen := batcher.select(clock() - start, lag_of, max_policy_lag)) is None:
-        batcher.add(poll())
-        polls += 1
-    return chosen, polls

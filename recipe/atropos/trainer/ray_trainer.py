@@ -1,15 +1,15 @@
 """RayAtroposTrainer: verl's RayPPOTrainer whose rollouts come from Atropos environments.
 
-Each step: poll one batch of scored groups from the Atropos API → convert to a DataProto → (pause the inference
+Each step: the group source hands one batch of scored groups → convert to a DataProto → (pause the inference
 endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) → reference log-probs when KL is on →
 advantages (env token-level where given, verl GRPO elsewhere) → actor update → checkpoint → push weights → resume the
-endpoint on the new policy version. Every stage is a method so other recipes can override one without copying the loop.
+endpoint on the new policy version. Every stage is a method so other recipes can override one without copying the loop;
+where groups come from is a :class:`~recipe.atropos.sources.GroupSource` (``_make_group_source``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,115 +19,72 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 from verl import DataProto
-from verl.trainer.ppo.metric_utils import (
-    compute_data_metrics,
-    compute_throughout_metrics,
-    compute_timing_metrics,
-)
+from verl.trainer.ppo.metric_utils import compute_data_metrics, compute_throughout_metrics, compute_timing_metrics
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer, apply_kl_penalty
 from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
-from recipe.atropos.algos.advantages import compute_atropos_advantages
-from recipe.atropos.sources.mixture import (
-    group_scores,
-    mixture_from_config,
-)
-from recipe.atropos.transport.client import AtroposClient
-from recipe.atropos.config.checks import check_atropos_config
+from recipe.atropos.algos.advantages import combine_advantages
+from recipe.atropos.algos.losses import is_weight_metrics
+from recipe.atropos.config.checks import check_atropos_config, share_rollout_correction_with_actor
+from recipe.atropos.endpoint.backends import RayReplicaBackend, VLLMCompletionsBackend
+from recipe.atropos.endpoint.ledger import CompletionLedger
+from recipe.atropos.endpoint.server import InferenceEndpoint
+from recipe.atropos.metrics_file import append_metrics_row, held_out_points, read_metrics, wait_for_evaluation
+from recipe.atropos.runtime.assets import model_vocab_size
+from recipe.atropos.schema import ScoredGroup, group_scores
+from recipe.atropos.sources import GroupSource, make_group_source
+from recipe.atropos.sources.jsonl import offline_training_steps
+from recipe.atropos.trainer.checkpoints import resume_step
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
-from recipe.atropos.endpoint.server import (
-    CompletionLedger,
-    InferenceEndpoint,
-    RayReplicaBackend,
-    VLLMCompletionsBackend,
-)
-from recipe.atropos.sources.jsonl import JsonlGroupSource, make_jsonl_source, offline_training_steps
-from recipe.atropos.launcher.report import append_metrics_row, held_out_points, read_metrics, wait_for_evaluation
-from recipe.atropos.sources.api import ApiStepSource, GroupPolling
-from recipe.atropos.launcher.preflight import model_vocab_size
-from recipe.atropos.transport.spool import GroupSpool
-from recipe.atropos.staleness import (
-    is_weight_metrics,
-    promote_actor_is_metrics,
-    rollout_logprob_diff,
-    share_rollout_correction_with_actor,
-)
-
-# Re-exported: other recipes and tests import these from the trainer module.
-__all__ = ["ApiStepSource", "RayAtroposTrainer", "check_atropos_config", "rollout_logprob_diff"]
+from recipe.atropos.trainer.step_metrics import promote_actor_is_metrics, rollout_logprob_diff, rollout_server_metrics
 
 logger = logging.getLogger(__name__)
 
 
-def resume_step(trainer_cfg: DictConfig) -> int:
-    """The step verl's ``RayPPOTrainer._load_checkpoint`` will resume at (0 = from scratch), read without loading.
-
-    Same rules: ``resume_mode`` disable → 0; auto → the tracker file in ``default_local_dir`` (relative to the working
-    directory), none → 0; resume_path → the ``global_step_N`` of ``resume_from_path``.
-    """
-    from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
-
-    mode = trainer_cfg.get("resume_mode", "auto")
-    if mode == "disable":
-        return 0
-    if mode == "resume_path" and isinstance(trainer_cfg.get("resume_from_path"), str):
-        folder = str(trainer_cfg.resume_from_path)
-    else:
-        folder = find_latest_ckpt_path(os.path.abspath(str(trainer_cfg.default_local_dir)))
-    if folder is None or "global_step_" not in folder:
-        return 0  # verl trains from scratch (auto) or fails with its own message
-    return int(folder.split("global_step_")[-1].rstrip("/"))
-
-
-class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
+class RayAtroposTrainer(RayPPOTrainer):
     """GRPO on Atropos environments; constructor as RayPPOTrainer's (datasets are not used)."""
 
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
-        check_atropos_config(config)
+        self.atropos = check_atropos_config(config)  # typed and checked once; verl's __init__ builds the source
         share_rollout_correction_with_actor(config)  # before the workers copy the config
-        super().__init__(config, *args, **kwargs)
-        self.atropos_cfg = config.atropos
+        self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions)
         self.endpoint: InferenceEndpoint | None = None
-        self.ledger = CompletionLedger(int(self.atropos_cfg.inference.max_tracked_completions))
-        self.spool = GroupSpool.from_config(config)
-        self.client = AtroposClient.from_config(
-            self.atropos_cfg,
-            vocab_size=model_vocab_size(str(config.actor_rollout_ref.model.path)),
-            current_step=lambda: int(self.global_steps),
-            spool=self.spool,
-        )
-        self._carry: list[Any] = []  # groups polled beyond one step's batch, trained next step
-        self._registered_step: int | None = None  # the step the API was told (init_workers registers)
-        self.mixture = mixture_from_config(config) if config.atropos.get("source", "api") == "api" else None
-        if isinstance(self.train_dataloader, ApiStepSource):
-            self.train_dataloader.mixture = self.mixture
+        super().__init__(config, *args, **kwargs)
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
     def init_workers(self) -> None:
-        """Register with the API first, then start verl's workers: environments get admitted, pass atroposlib's
-        start-up pause (5 s after registering) and queue their first requests at the endpoint's ``/health`` while our
-        workers start, instead of after. The step is the one ``_load_checkpoint`` will resume at (checked in fit)."""
-        if self.config.atropos.get("source", "api") == "api":
-            # A restored API queue can answer the first /batch at once: the spool records those groups at this step.
-            self.global_steps = resume_step(self.config.trainer)  # fit() sets it again (0, then the checkpoint's)
-            self._register(self.global_steps)
+        """Start the source first, then verl's workers: with the live API the trainer registers now, so environments
+        are admitted and queue their first requests at the endpoint's ``/health`` while the workers start. The step
+        is the one ``_load_checkpoint`` will resume at (the source checks the two agree in ``resume``)."""
+        self.global_steps = resume_step(self.config.trainer)  # fit() sets it again (0, then the checkpoint's)
+        self.source.start(self.global_steps)
         super().init_workers()
 
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
-        if self.config.atropos.get("source", "api") == "jsonl":  # offline: saved groups, no API / env / endpoint
-            self.train_dataloader = make_jsonl_source(self.config)
-            requested = self.config.trainer.get("total_training_steps")
-            self.total_training_steps = offline_training_steps(requested, self.train_dataloader)
-        else:
-            self.train_dataloader = ApiStepSource()
-            self.total_training_steps = int(self.config.trainer.total_training_steps)
-        self.val_dataloader = None
+        """verl's dataloader slot holds the group source (so checkpoints keep its state); no validation set."""
+        self.source = self._make_group_source()
+        self.train_dataloader, self.val_dataloader = self.source, None
+        requested = self.config.trainer.get("total_training_steps")
+        if self.source.online:
+            self.total_training_steps = int(requested)
+        else:  # saved groups: the data may end the run first
+            self.total_training_steps = offline_training_steps(requested, self.source)
         with open_dict(self.config):
             self.config.actor_rollout_ref.actor.optim.total_training_steps = self.total_training_steps
             if "critic" in self.config and "optim" in self.config.critic:
                 self.config.critic.optim.total_training_steps = self.total_training_steps
+
+    def _make_group_source(self) -> GroupSource:
+        """Where each step's groups come from (``atropos.source``); override to feed groups another way."""
+        return make_group_source(
+            self.config,
+            self.atropos,
+            version_of=self.ledger.version_of,
+            current_step=lambda: int(self.global_steps),
+            vocab_size=model_vocab_size(str(self.config.actor_rollout_ref.model.path)),
+        )
 
     def _update_actor(self, batch: DataProto) -> DataProto:
         """verl's update; a batch that lost groups (fallback_to_grpo=false) trains as one smaller mini-batch."""
@@ -144,10 +101,9 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
                 actor.ppo_mini_batch_size = configured
 
     def _save_checkpoint(self) -> None:
-        """verl's checkpoint, then the spool forgets the groups it includes."""
+        """verl's checkpoint, then the source forgets what it includes (the spool deletes trained groups)."""
         super()._save_checkpoint()
-        if self.spool is not None:
-            self.spool.checkpointed(int(self.global_steps))
+        self.source.checkpointed(int(self.global_steps))
 
     def _validate(self, merged: bool = False) -> dict[str, float]:
         return {}  # Atropos environments evaluate themselves (BaseEnv.evaluate)
@@ -155,51 +111,29 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
     # ---- stages ---------------------------------------------------------------------------------------------
     def _start_inference_endpoint(self) -> InferenceEndpoint:
         """Expose verl's rollout replicas to Atropos environments at atropos.inference.{host,port}."""
-        icfg = self.atropos_cfg.inference
+        icfg = self.atropos.inference
         eos = self.tokenizer.eos_token_id
         eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
         if icfg.backend == "ray":
             backend = RayReplicaBackend(self.llm_server_manager.server_handles, eos_ids)
-        elif icfg.backend == "vllm_http":
-            # null: ask each vLLM server which name it serves (verl serves model_config.local_path, not model.path)
-            backend = VLLMCompletionsBackend(self.llm_server_manager.server_addresses, icfg.get("served_model_name"))
-        else:
-            raise ValueError(f"atropos.inference.backend={icfg.backend!r}: use 'ray' or 'vllm_http'")
+        else:  # vllm_http; null name: ask each server (verl serves model_config.local_path, not model.path)
+            backend = VLLMCompletionsBackend(self.llm_server_manager.server_addresses, icfg.served_model_name)
         endpoint = InferenceEndpoint(
             backend,
             host=icfg.host,
-            port=int(icfg.port),
+            port=icfg.port,
             max_tokens_cap=int(self.config.data.max_response_length),
             eos_token_ids=eos_ids,
             tokenizer=self.tokenizer,
             policy_version=self.global_steps,
             ledger=self.ledger,
-            ready_file=icfg.get("ready_file"),
+            ready_file=icfg.ready_file,
         )
         return endpoint.start()
 
-    def _register(self, starting_step: int) -> None:
-        """Register with the API at ``starting_step``, then make envs admissible (they wait for the first /batch)."""
-        cfg = self.config
-        self.client.register(
-            batch_size=int(cfg.data.train_batch_size),
-            max_token_len=int(cfg.data.max_prompt_length + cfg.data.max_response_length),
-            starting_step=int(starting_step),
-            num_steps=int(self.total_training_steps),
-            wandb_group=str(self.atropos_cfg.wandb_group),
-            wandb_project=str(self.atropos_cfg.wandb_project),
-            checkpoint_dir=str(cfg.trainer.default_local_dir),
-            save_checkpoint_interval=int(cfg.trainer.save_freq),
-        )
-        self._registered_step = int(starting_step)
-        self._carry.extend(self.client.get_batch() or [])
-
-    def _resume_spooled_groups(self) -> None:
-        """Groups an earlier run fetched but did not train come first (after the checkpoint load set the step)."""
-        if self.spool is not None:
-            max_lag = self.atropos_cfg.get("max_policy_lag")
-            resumed = self.spool.resume(int(self.global_steps), None if max_lag is None else int(max_lag))
-            self._carry[:0] = resumed
+    def _poll_groups(self, metrics: dict[str, float]) -> list[ScoredGroup]:
+        """Exactly data.train_batch_size sequences of whole groups for this step, from the source."""
+        return self.source.next_groups(int(self.global_steps), metrics)
 
     def _to_dataproto(self, groups: Sequence[Any], metrics: dict[str, float]) -> DataProto:
         cfg = self.config.data
@@ -254,6 +188,8 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         return batch
 
     def _compute_advantages(self, batch: DataProto, metrics: dict[str, float]) -> DataProto:
+        """KL-in-reward and the decoupled IS weights (verl's), then the combined advantages
+        (:func:`~recipe.atropos.algos.advantages.combine_advantages`); rows of dropped groups leave the batch."""
         if self.config.algorithm.use_kl_in_reward:
             batch, kl_metrics = apply_kl_penalty(batch, self.kl_ctrl_in_reward, self.config.algorithm.kl_penalty)
             metrics.update(kl_metrics)
@@ -270,15 +206,25 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
             batch, is_metrics = compute_rollout_correction_and_add_to_batch(batch, rollout_corr)
             metrics.update(is_metrics)
             metrics.update(is_weight_metrics(is_metrics))
-        batch = compute_atropos_advantages(
-            batch,
-            use_env_advantages=bool(self.atropos_cfg.use_env_advantages),
-            fallback_to_grpo=bool(self.atropos_cfg.fallback_to_grpo),
+        tensors, extra = batch.batch, batch.non_tensor_batch
+        combined = combine_advantages(
+            env_advantages=tensors["token_level_advantages"],
+            has_env_advantages=tensors["has_env_advantages"],
+            rewards=tensors["token_level_rewards"],
+            response_mask=tensors["response_mask"],
+            group_ids=extra["uid"],
+            zeroed=extra["advantage_zeroed"],
+            use_env_advantages=self.atropos.use_env_advantages,
+            fallback_to_grpo=self.atropos.fallback_to_grpo,
             norm_adv_by_std_in_grpo=bool(self.config.algorithm.get("norm_adv_by_std_in_grpo", True)),
-            normalize=str((self.atropos_cfg.get("advantage") or {}).get("normalize", "none")),
-            clip=(self.atropos_cfg.get("advantage") or {}).get("clip"),
+            normalize=self.atropos.advantage.normalize,
+            clip=self.atropos.advantage.clip_range,
         )
-        metrics.update(batch.meta_info.pop("atropos_metrics", {}))
+        batch.batch["advantages"] = combined.advantages
+        batch.batch["returns"] = combined.advantages.clone()
+        metrics.update(combined.metrics)
+        if not bool(combined.keep.all()):
+            batch = batch.select_idxs(combined.keep.numpy())
         return batch
 
     def _push_weights(self) -> None:
@@ -286,22 +232,9 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         self.checkpoint_manager.update_weights(self.global_steps)
         self.endpoint.resume(self.global_steps)
 
-    def _rollout_server_metrics(self) -> dict[str, float]:
-        """``rollout/<replica>/<key>`` from every rollout server that has a ``stats()`` method (hf_cpu, vllm_cpu)."""
-        import ray
-
-        metrics: dict[str, float] = {}
-        for i, handle in enumerate(self.llm_server_manager.server_handles):
-            if not hasattr(handle, "stats"):  # Ray handles raise AttributeError for methods the actor lacks
-                continue
-            for key, value in ray.get(handle.stats.remote()).items():
-                metrics[f"rollout/{i}/{key}"] = float(value)
-        return metrics
-
     def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
-        path = self.atropos_cfg.get("metrics_file")
-        if path:
-            append_metrics_row(Path(path), {"step": self.global_steps, **metrics})
+        if self.atropos.metrics_file:
+            append_metrics_row(Path(self.atropos.metrics_file), {"step": self.global_steps, **metrics})
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -313,23 +246,14 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         )
         self.global_steps = 0
         self._load_checkpoint()
-        # Offline (atropos.source=jsonl) nothing generates: no endpoint, no registration, no weight pushes; the
-        # replicas verl started stay asleep (init_workers ends with sleep_replicas).
-        offline = isinstance(self.train_dataloader, JsonlGroupSource)
-        if not offline:
+        # Offline nothing generates: no endpoint and no weight pushes; the replicas verl started stay asleep
+        # (init_workers ends with sleep_replicas).
+        if self.source.online:
             self.checkpoint_manager.update_weights(self.global_steps)
             self.endpoint = self._start_inference_endpoint()
         succeeded = False
         try:
-            if not offline:
-                if self._registered_step is None:  # init_workers was overridden without calling ours
-                    self._register(int(self.global_steps))
-                elif self._registered_step != self.global_steps:
-                    raise RuntimeError(
-                        f"registered with the Atropos API at step {self._registered_step} but the checkpoint load "
-                        f"resumed at step {self.global_steps}: check trainer.resume_mode / trainer.resume_from_path"
-                    )
-                self._resume_spooled_groups()
+            self.source.resume(int(self.global_steps))
             self._train_loop(tracking)
             self._wait_for_final_evaluation()
             succeeded = True
@@ -342,8 +266,7 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
         """Keep serving the final policy until an env's evaluation of it is in the metrics file (at most
         ``atropos.final_eval_wait_s``), so a run's last held-out score is its final checkpoint's. Only when some env
         has evaluated during the run (an env that never evaluates is not waited for)."""
-        wait_s = float(self.atropos_cfg.get("final_eval_wait_s") or 0)
-        path = self.atropos_cfg.get("metrics_file")
+        wait_s, path = self.atropos.final_eval_wait_s, self.atropos.metrics_file
         if self.endpoint is None or wait_s <= 0 or not path or not held_out_points(read_metrics(Path(path))):
             return  # nothing to wait for: no environment has evaluated during this run
         version = self.endpoint.policy_version
@@ -365,7 +288,7 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
                 # next completions must come from the updated weights.
                 if self.endpoint is not None:  # None offline
                     with marked_timer("pause_endpoint", timing):
-                        self.endpoint.pause(float(self.atropos_cfg.inference.drain_timeout_s))
+                        self.endpoint.pause(self.atropos.inference.drain_timeout_s)
                     self.checkpoint_manager.sleep_replicas()
                 batch = self._compute_log_probs(batch, metrics, timing)
                 with marked_timer("adv", timing):
@@ -374,8 +297,7 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
                     actor_output = self._update_actor(batch)
                 metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
                 promote_actor_is_metrics(metrics)
-                if self.spool is not None:
-                    self.spool.trained(groups, self.global_steps, carried=self._held_groups())
+                self.source.trained(groups, self.global_steps)
                 save_freq = int(self.config.trainer.save_freq)
                 if save_freq > 0 and (
                     self.global_steps % save_freq == 0 or self.global_steps == self.total_training_steps
@@ -385,11 +307,9 @@ class RayAtroposTrainer(GroupPolling, RayPPOTrainer):
                 if self.endpoint is not None:
                     with marked_timer("update_weights", timing):
                         self._push_weights()
-                drain = int((self.atropos_cfg.get("spool") or {}).get("drain_max_sequences") or 0)
-                if self.spool is not None and self.endpoint is not None and drain > 0:  # keep the API's queue small
-                    self._carry.extend(self.client.drain(drain))
-            metrics.update(self.client.metrics())
-            metrics.update(self._rollout_server_metrics())
+                self.source.prefetch(self.global_steps)
+            metrics.update(self.source.metrics())
+            metrics.update(rollout_server_metrics(self.llm_server_manager.server_handles))
             if self.endpoint is not None:
                 metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
                 metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in self.endpoint.stats.items()})

@@ -17,10 +17,13 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from recipe.atropos.config import AtroposConfig
 from recipe.atropos.records import RejectedGroupLog
 from recipe.atropos.schema import GroupValidationError, ScoredGroup, validate_group
 
 logger = logging.getLogger(__name__)
+_DEFAULTS = AtroposConfig()  # the one home of the atropos.* defaults
+
 
 class AtroposAPIError(RuntimeError):
     """The API is unreachable past the timeout, or answered with an error payload."""
@@ -38,13 +41,13 @@ class AtroposClient:
         self,
         api_url: str,
         *,
-        request_timeout_s: float = 30.0,
+        request_timeout_s: float = _DEFAULTS.request_timeout_s,
         retries: int = 3,
         rejected_groups_file: str | None = None,
         vocab_size: int | None = None,
-        poll_interval_s: float = 0.05,
-        poll_max_interval_s: float = 2.0,
-        error_log_interval_s: float = 30.0,
+        poll_interval_s: float = _DEFAULTS.poll_interval_s,
+        poll_max_interval_s: float = _DEFAULTS.poll_max_interval_s,
+        error_log_interval_s: float = _DEFAULTS.error_log_interval_s,
         current_step: Callable[[], int] | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
@@ -71,24 +74,18 @@ class AtroposClient:
 
     @classmethod
     def from_config(
-        cls,
-        atropos_cfg: Any,
-        *,
-        vocab_size: int | None,
-        current_step: Callable[[], int] | None = None,
-        spool: GroupSpool | None = None,
+        cls, atropos: AtroposConfig, *, vocab_size: int | None, current_step: Callable[[], int] | None = None
     ) -> AtroposClient:
         """The client as the trainer configures it (``atropos.*`` keys)."""
         return cls(
-            atropos_cfg.api_url,
-            request_timeout_s=float(atropos_cfg.request_timeout_s),
-            rejected_groups_file=atropos_cfg.get("rejected_groups_file"),
+            atropos.api_url,
+            request_timeout_s=atropos.request_timeout_s,
+            rejected_groups_file=atropos.rejected_groups_file,
             vocab_size=vocab_size,
-            poll_interval_s=float(atropos_cfg.get("poll_interval_s", 0.05)),
-            poll_max_interval_s=float(atropos_cfg.get("poll_max_interval_s", 2.0)),
-            error_log_interval_s=float(atropos_cfg.get("error_log_interval_s", 30.0)),
+            poll_interval_s=atropos.poll_interval_s,
+            poll_max_interval_s=atropos.poll_max_interval_s,
+            error_log_interval_s=atropos.error_log_interval_s,
             current_step=current_step,
-            spool=spool,
         )
 
     # ---- HTTP -------------------------------------------------------------------------------------------

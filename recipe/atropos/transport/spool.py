@@ -17,31 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from recipe.atropos.config import AtroposConfig
+from recipe.atropos.records import append_jsonl, write_json_atomic
 from recipe.atropos.schema import GroupValidationError, ScoredGroup, validate_group
+from recipe.atropos.staleness import lag_lower_bound
 
 logger = logging.getLogger(__name__)
 
 COUNTERS = ("written", "trained", "deleted", "stale", "recovered")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power loss
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class GroupSpool:
@@ -59,24 +47,30 @@ class GroupSpool:
             self.counters.update(json.loads(self.counters_file.read_text()))
         existing = [int(p.stem) for p in self.pending_dir.glob("*.json")]
         self._next_seq = max([self.counters.get("last_seq", -1), *existing], default=-1) + 1
-        self._out: set[int] = set()  # handed to the trainer, neither trained nor set aside yet
+        # Handed out, neither trained nor set aside yet: seq -> the group object. Holding the object keeps its id()
+        # unique while it is out, so the groups the trainer hands back are matched by identity.
+        self._out: dict[int, ScoredGroup] = {}
         self._trained: dict[int, int] = {}  # seq -> step it was trained in (awaiting a checkpoint)
 
     @classmethod
-    def from_config(cls, config: Any) -> GroupSpool | None:
+    def from_config(cls, atropos: AtroposConfig, trainer_cfg: Any) -> GroupSpool | None:
         """``<trainer.default_local_dir>/spool`` (or ``atropos.spool.dir``); None when ``atropos.spool.enable`` off."""
-        scfg = config.atropos.get("spool") or {}
-        if not scfg.get("enable", True):
+        if not atropos.spool.enable:
             return None
-        directory = scfg.get("dir") or Path(str(config.trainer.default_local_dir)) / "spool"
-        return cls(directory, delete_on_checkpoint=int(config.trainer.get("save_freq", -1)) > 0)
+        directory = atropos.spool.dir or Path(str(trainer_cfg.default_local_dir)) / "spool"
+        return cls(directory, delete_on_checkpoint=int(trainer_cfg.get("save_freq", -1)) > 0)
+
+    def _seqs(self, groups: Iterable[Any]) -> set[int]:
+        """Sequence numbers of the handed-out groups among ``groups`` (by identity; others are ignored)."""
+        by_id = {id(group): seq for seq, group in self._out.items()}
+        return {by_id[id(g)] for g in groups if id(g) in by_id}
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
     def _path(self, seq: int) -> Path:
         return self.pending_dir / f"{seq:010d}.json"
 
     def _save_counters(self) -> None:
-        _write_atomic(self.counters_file, json.dumps({**self.counters, "last_seq": self._next_seq - 1}))
+        write_json_atomic(self.counters_file, {**self.counters, "last_seq": self._next_seq - 1})
 
     def pending_count(self) -> int:
         return sum(1 for _ in self.pending_dir.glob("*.json"))
@@ -88,13 +82,12 @@ class GroupSpool:
 
     # ---- the life of a group ------------------------------------------------------------------------------
     def put(self, group: ScoredGroup, *, fetched_step: int) -> int:
-        """Write ``group`` durably; its sequence number is set on ``group.spool_id`` and returned."""
+        """Write ``group`` durably and hand it out; returns its sequence number."""
         seq = self._next_seq
         self._next_seq += 1
         record = {"seq": seq, "fetched_step": fetched_step, "time": time.time(), "group": group.model_dump()}
-        _write_atomic(self._path(seq), json.dumps(record))
-        group.spool_id = seq
-        self._out.add(seq)
+        write_json_atomic(self._path(seq), record)
+        self._out[seq] = group
         self.counters["written"] += 1
         self._save_counters()
         return seq
@@ -106,23 +99,19 @@ class GroupSpool:
                 record = json.loads(path.read_text())
             except FileNotFoundError:
                 return
-        with open(self.stale_file, "a") as fh:
-            fh.write(json.dumps({**record, "reason": reason, "set_aside_at": time.time()}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_jsonl(self.stale_file, [{**record, "reason": reason, "set_aside_at": time.time()}], fsync=True)
         path.unlink(missing_ok=True)
-        self._out.discard(seq)
+        self._out.pop(seq, None)
         self.counters["stale"] += 1
         logger.info("spool: group %d set aside (%s)", seq, reason)
 
     def trained(self, groups: Iterable[Any], step: int, carried: Iterable[Any] = ()) -> None:
         """``groups`` were trained at ``step``; handed-out groups in neither list were dropped as stale."""
-        trained = {g.spool_id for g in groups if getattr(g, "spool_id", None) is not None}
-        kept = {g.spool_id for g in carried if getattr(g, "spool_id", None) is not None}
-        for seq in sorted(self._out - trained - kept):
+        trained, kept = self._seqs(groups), self._seqs(carried)
+        for seq in sorted(set(self._out) - trained - kept):
             self._set_aside(seq, f"dropped at step {step}: policy lag over atropos.max_policy_lag")
         for seq in trained:
-            self._out.discard(seq)
+            self._out.pop(seq, None)
             self.counters["trained"] += 1
             if self.delete_on_checkpoint:
                 self._trained[seq] = step
@@ -144,8 +133,8 @@ class GroupSpool:
     def resume(self, step: int, max_policy_lag: int | None) -> list[ScoredGroup]:
         """Groups left by an earlier run, oldest first, to train after resuming at ``step``.
 
-        A group fetched during step ``s`` came from a policy no newer than version ``s - 1``, so its lag at the next
-        step is at least ``step - (s - 1)``; groups over ``max_policy_lag`` (None = no cap) are set aside.
+        A group's lag at the next step is at least :func:`~recipe.atropos.staleness.lag_lower_bound` of the step it
+        was fetched at; groups over ``max_policy_lag`` (None = no cap) are set aside.
         """
         out = []
         for path in sorted(self.pending_dir.glob("*.json")):
@@ -153,7 +142,7 @@ class GroupSpool:
             if seq in self._out or seq in self._trained:
                 continue
             record = json.loads(path.read_text())
-            lag = step - (int(record["fetched_step"]) - 1)
+            lag = lag_lower_bound(step + 1, int(record["fetched_step"]))
             if max_policy_lag is not None and lag > max_policy_lag:
                 self._set_aside(seq, f"on resume at step {step}: policy lag >= {lag} > {max_policy_lag}", record)
                 continue
@@ -162,8 +151,7 @@ class GroupSpool:
             except GroupValidationError as error:
                 self._set_aside(seq, f"on resume: invalid group ({error})", record)
                 continue
-            group.spool_id = seq
-            self._out.add(seq)
+            self._out[seq] = group
             out.append(group)
         self.counters["recovered"] += len(out)
         self._save_counters()
