@@ -1,4 +1,4 @@
-"""The masked advantage-weighted CE: values by hand, every reduction, gradients, and the registered verl loss."""
+"""The masked advantage-weighted CE: values by hand, reductions, gradients, the registered verl loss, IS metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-from recipe.atropos.algos.losses import compute_advantage_weighted_sft_loss, token_cross_entropy
+from recipe.atropos.algos.losses import compute_advantage_weighted_sft_loss, is_weight_metrics, token_cross_entropy
 
 
 def uniform_case() -> tuple[torch.Tensor, ...]:
@@ -160,3 +160,18 @@ def test_bad_advantage_options_on_the_loss_name_the_fix() -> None:
     logits, ids, adv, mask = uniform_case()
     with pytest.raises(ValueError, match="'none' or 'batch'"):
         compute_advantage_weighted_sft_loss(logits, ids, adv, mask, advantage_normalization="group")
+
+
+def test_is_weight_metrics_rename_verls_three_and_drop_the_rest() -> None:
+    verl_metrics = {
+        "rollout_corr/rollout_is_mean": 1.25,
+        "rollout_corr/rollout_is_max": 2,
+        "rollout_corr/rollout_is_ratio_fraction_high": 0.5,
+        "rollout_corr/rollout_is_min": 0.5,
+    }
+    assert is_weight_metrics(verl_metrics) == {
+        "atropos/is_weight_mean": 1.25,
+        "atropos/is_weight_max": 2.0,
+        "atropos/is_truncated_fraction": 0.5,
+    }
+    assert is_weight_metrics({}) == {}

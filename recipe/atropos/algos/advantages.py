@@ -1,53 +1,63 @@
 """Advantages for Atropos batches: the environment's token-level values where given, verl's GRPO elsewhere.
 
-Rules, per sequence of a batch built by :func:`recipe.atropos.trainer.dataproto.scored_data_to_dataproto`:
+Rules, per sequence (row) of a batch, in :func:`combine_advantages`:
 
-- ``has_env_advantages`` and ``use_env_advantages``: the environment's ``token_level_advantages``, masked;
-- otherwise verl's :func:`compute_grpo_outcome_advantage` over the sequence's group (``uid``) — called, not
-  re-implemented — among the group's sequences that also take this rule;
-- ``advantage_zeroed`` (``set_advantage_to_zero`` override): advantage 0, and the sequence is left out of its group's
-  mean and std (zeroing the *score* first, as the public implementation does, would shift the group's statistics);
-- ``fallback_to_grpo=False``: sequences without env advantages are dropped (whole groups; counted), not trained on 0.
+- ``has_env_advantages`` and ``use_env_advantages``: the environment's token-level advantages, masked;
+- otherwise verl's :func:`compute_grpo_outcome_advantage` over the row's group (``group_ids``) — called, not
+  re-implemented — among the group's rows that also take this rule;
+- ``zeroed`` (the ``set_advantage_to_zero`` override): advantage 0, and the row is left out of its group's mean and
+  std, so it does not shift the advantages of the group's other rows;
+- ``fallback_to_grpo=False``: every group with a row that would take the GRPO rule is dropped whole (``keep`` is
+  False on all its rows; the groups are counted), rather than trained on 0.
 
 Then, on the combined advantages, in this order (:func:`normalize_and_clip_advantages`):
 
-1. ``normalize="batch"``: whiten over the batch's trained tokens ``T`` (``response_mask`` = 1, zeroed sequences left
-   out): ``A ← (A − mean_T(A)) / sqrt(var_T(A) + 1e-8)`` with the unbiased variance (verl's ``masked_whiten``);
-   ``"none"`` leaves them as they are. Fewer than two trained tokens: left as they are (counted).
-2. ``clip=[lo, hi]``: ``A ← min(max(A, lo), hi)`` on trained tokens (the share clipped is logged).
-3. Untrained tokens and zeroed sequences stay exactly 0.
+1. ``normalize="batch"``: whiten over the batch's trained tokens ``T`` (``response_mask`` = 1, zeroed and dropped
+   rows left out): ``A ← (A − mean_T(A)) / sqrt(var_T(A) + 1e-8)`` with the unbiased variance (verl's
+   ``masked_whiten``); ``"none"`` leaves them as they are. Fewer than two trained tokens: left as they are (counted).
+2. ``clip=(lo, hi)``: ``A ← min(max(A, lo), hi)`` on trained tokens (the share clipped is logged).
+3. Untrained tokens, zeroed rows and dropped rows are exactly 0.
+
+This module depends on torch, numpy and verl only.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from verl import DataProto
-from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register_adv_est
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 from verl.utils.torch_functional import masked_whiten
 
-ESTIMATOR_NAME = "atropos"
-NORMALIZATIONS = ("none", "batch")
+
+@dataclass(frozen=True)
+class CombinedAdvantages:
+    """What :func:`combine_advantages` returns.
+
+    ``advantages``: [N, R] float32, 0 outside trained tokens (``response_mask`` = 0, zeroed or dropped rows);
+    ``keep``: [N] bool, the rows to train (False exactly on the rows of dropped groups);
+    ``metrics``: ``atropos/...`` counters for the step's log.
+    """
+
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    metrics: dict[str, float]
 
 
-def check_advantage_options(normalize: str, clip: Sequence[float] | None) -> tuple[float, float] | None:
-    """Validate ``atropos.advantage.{normalize,clip}``; the clip range as a float pair (None = no clipping)."""
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(
-            f"atropos.advantage.normalize={normalize!r}: use 'none' or 'batch' (whiten over the batch's trained tokens)"
-        )
+def _check_options(normalize: str, clip: Sequence[float] | None) -> tuple[float, float] | None:
+    """The clip range as a float pair (None = no clipping); ValueError for options that cannot be applied."""
+    if normalize not in ("none", "batch"):
+        raise ValueError(f"normalize={normalize!r}: use 'none' or 'batch' (whiten over the trained tokens)")
     if clip is None:
         return None
-    bounds = list(clip)
-    if len(bounds) != 2 or not all(isinstance(b, int | float) and math.isfinite(b) for b in bounds):
-        raise ValueError(f"atropos.advantage.clip={bounds!r}: use null or two finite numbers [lo, hi], e.g. [-3, 3]")
-    lo, hi = float(bounds[0]), float(bounds[1])
+    try:
+        lo, hi = (float(b) for b in clip)
+    except (TypeError, ValueError):
+        lo, hi = 0.0, 0.0
     if not lo < hi:
-        raise ValueError(f"atropos.advantage.clip=[{lo}, {hi}]: lo must be below hi, e.g. [-3.0, 3.0]")
+        raise ValueError(f"clip={clip!r}: use None or two numbers (lo, hi) with lo < hi, e.g. (-3.0, 3.0)")
     return lo, hi
 
 
@@ -60,11 +70,19 @@ def normalize_and_clip_advantages(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Batch whitening then clipping of advantages over trained tokens (see the module doc for formulas and order).
 
-    ``advantages`` [N, T], ``mask`` [N, T] (1/True = trained token) → (float32 [N, T] (float64 for float64 input),
-    metrics).
-    Entries outside ``mask`` come back as 0.
+    Args:
+        advantages: [N, T] any float dtype.
+        mask: [N, T], 1/True = trained token.
+        normalize: ``"none"`` | ``"batch"``.
+        clip: None | ``(lo, hi)`` with ``lo < hi``.
+
+    Returns:
+        (advantages [N, T] float32 (float64 for float64 input), 0 outside ``mask``; metrics).
+
+    Raises:
+        ValueError: for an unknown ``normalize`` or a ``clip`` that is not an increasing pair.
     """
-    bounds = check_advantage_options(normalize, clip)
+    bounds = _check_options(normalize, clip)
     keep = mask.to(torch.bool)
     adv = advantages.to(torch.promote_types(advantages.dtype, torch.float32)) * keep
     n_tokens = int(keep.sum().item())
@@ -85,96 +103,96 @@ def normalize_and_clip_advantages(
     return adv, metrics
 
 
-def compute_atropos_advantages(
-    data: DataProto,
+def _row_flags(flags: torch.Tensor | np.ndarray | Sequence[bool], n: int, name: str) -> torch.Tensor:
+    """[N] bool CPU tensor from a tensor, an array or a list."""
+    if isinstance(flags, torch.Tensor):
+        out = flags.detach().to(device="cpu", dtype=torch.bool)
+    else:
+        out = torch.as_tensor(np.asarray(flags, dtype=bool))
+    if tuple(out.shape) != (n,):
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected [{n}] (one flag per row)")
+    return out
+
+
+def combine_advantages(
     *,
+    env_advantages: torch.Tensor,
+    has_env_advantages: torch.Tensor | np.ndarray,
+    rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    group_ids: np.ndarray,
+    zeroed: torch.Tensor | np.ndarray,
     use_env_advantages: bool = True,
     fallback_to_grpo: bool = True,
     norm_adv_by_std_in_grpo: bool = True,
     epsilon: float = 1e-6,
     normalize: str = "none",
     clip: Sequence[float] | None = None,
-) -> DataProto:
-    """Fill ``advantages`` and ``returns`` [N, R] (0 outside ``response_mask``); may drop groups (see module doc).
+) -> CombinedAdvantages:
+    """Per-row advantages: env token-level values or verl GRPO, then normalize/clip (rules in the module doc).
 
-    ``normalize`` / ``clip``: see :func:`normalize_and_clip_advantages` (applied after combining, before dropping).
-    Reads ``token_level_rewards`` (``token_level_scores`` when absent), ``response_mask``, ``token_level_advantages``,
-    ``has_env_advantages`` and the non-tensors ``uid`` and ``advantage_zeroed``. Counters go to
-    ``meta_info["atropos_metrics"]``.
+    Args:
+        env_advantages: [N, R] the environments' token-level advantages (read only where ``has_env_advantages``).
+        has_env_advantages: [N] bool, the row's group carries token-level advantages.
+        rewards: [N, R] token-level rewards; GRPO scores a row by their sum.
+        response_mask: [N, R] 1 = response token to train.
+        group_ids: [N] object array, the GRPO group of each row (verl's ``uid``).
+        zeroed: [N] bool, the row's ``set_advantage_to_zero`` override.
+        use_env_advantages: False = GRPO for every row, env advantages ignored.
+        fallback_to_grpo: False = drop the groups that would need GRPO instead of computing it.
+        norm_adv_by_std_in_grpo, epsilon: passed to verl's GRPO.
+        normalize, clip: see :func:`normalize_and_clip_advantages`.
+
+    Returns:
+        :class:`CombinedAdvantages` (``advantages`` [N, R] float32 on ``response_mask``'s device, ``keep`` [N] bool
+        on CPU, metrics). The caller selects ``keep`` rows; the normalization statistics already exclude the others.
+
+    Metrics: ``atropos/env_advantage_fraction`` (rows on the env rule / N), ``atropos/zeroed_advantage_count``,
+    ``atropos/dropped_groups``, ``atropos/grpo_sequences`` (rows on the GRPO rule; 0 without fallback),
+    ``atropos/trained_sequences`` (rows not zeroed), and those of :func:`normalize_and_clip_advantages`.
     """
-    batch = data.batch
-    mask = batch["response_mask"].to(torch.float32)
-    rewards = batch["token_level_rewards"] if "token_level_rewards" in batch.keys() else batch["token_level_scores"]
+    mask = response_mask.to(torch.float32)
     n = mask.shape[0]
-    uid = np.asarray(data.non_tensor_batch["uid"], dtype=object)
-    zeroed = torch.as_tensor(
-        np.asarray(data.non_tensor_batch.get("advantage_zeroed", np.zeros(n, dtype=bool)), dtype=bool)
-    )
-    has_env = "has_env_advantages" in batch.keys()
-    env = batch["has_env_advantages"].bool() if has_env else torch.zeros(n, dtype=torch.bool)
-    use_env = env & use_env_advantages
-    grpo = ~use_env & ~zeroed
+    if env_advantages.shape != mask.shape or rewards.shape != mask.shape:
+        raise ValueError(
+            f"env_advantages {tuple(env_advantages.shape)} and rewards {tuple(rewards.shape)} must have the shape of "
+            f"response_mask {tuple(mask.shape)}"
+        )
+    uid = np.asarray(group_ids, dtype=object)
+    if uid.shape != (n,):
+        raise ValueError(f"group_ids has shape {uid.shape}, expected [{n}] (one group id per row)")
+    zero = _row_flags(zeroed, n, "zeroed")
+    use_env = _row_flags(has_env_advantages, n, "has_env_advantages") & bool(use_env_advantages)
+    grpo = ~use_env & ~zero
 
     advantages = torch.zeros_like(mask)
     if use_env.any():
-        advantages[use_env] = batch["token_level_advantages"][use_env].to(torch.float32) * mask[use_env]
-    dropped_groups: set[Any] = set()
+        env_rows = use_env.to(mask.device)
+        advantages[env_rows] = env_advantages[env_rows].to(torch.float32)  # masked by normalize_and_clip below
+    dropped_groups: set[object] = set()
     if grpo.any():
+        rows = torch.nonzero(grpo).squeeze(-1)
         if fallback_to_grpo:
-            rows = torch.nonzero(grpo).squeeze(-1)
             grpo_adv, _ = compute_grpo_outcome_advantage(
-                token_level_rewards=rewards[rows],
-                response_mask=mask[rows],
+                token_level_rewards=rewards[rows.to(rewards.device)],
+                response_mask=mask[rows.to(mask.device)],
                 index=uid[rows.numpy()],
                 epsilon=epsilon,
                 norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
             )
-            advantages[rows] = grpo_adv.to(torch.float32)
+            advantages[rows.to(mask.device)] = grpo_adv.to(device=mask.device, dtype=torch.float32)
         else:
-            dropped_groups = set(uid[grpo.numpy()])
+            dropped_groups = set(uid[rows.numpy()])
 
-    trained = mask * (~zeroed).to(mask.dtype)[:, None]
-    if dropped_groups:
-        trained = trained * torch.as_tensor([u not in dropped_groups for u in uid], dtype=mask.dtype)[:, None]
+    keep = torch.as_tensor([u not in dropped_groups for u in uid], dtype=torch.bool)
+    trained = mask * (keep & ~zero).to(device=mask.device, dtype=mask.dtype)[:, None]
     advantages, norm_metrics = normalize_and_clip_advantages(advantages, trained, normalize=normalize, clip=clip)
-    data.batch["advantages"] = advantages
-    data.batch["returns"] = advantages.clone()
-    counted = (~zeroed).sum().item()
     metrics = {
         "atropos/env_advantage_fraction": float(use_env.sum().item()) / max(n, 1),
-        "atropos/zeroed_advantage_count": float(zeroed.sum().item()),
+        "atropos/zeroed_advantage_count": float(zero.sum().item()),
         "atropos/dropped_groups": float(len(dropped_groups)),
         "atropos/grpo_sequences": float(grpo.sum().item()) if fallback_to_grpo else 0.0,
-        "atropos/trained_sequences": float(counted),
+        "atropos/trained_sequences": float((~zero).sum().item()),
         **norm_metrics,
     }
-    if dropped_groups:
-        keep = np.array([u not in dropped_groups for u in uid], dtype=bool)
-        data = data.select_idxs(keep)
-    data.meta_info.setdefault("atropos_metrics", {}).update(metrics)
-    return data
-
-
-@register_adv_est(ESTIMATOR_NAME)
-def compute_atropos_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray,
-    epsilon: float = 1e-6,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``algorithm.adv_estimator=atropos`` in verl's generic ``compute_advantage``: [N, R] → ([N, R], [N, R]).
-
-    verl's generic path hands estimators only rewards, mask and uid, so this is the GRPO fallback of
-    :func:`compute_atropos_advantages`; ``RayAtroposTrainer`` calls the full function, which also sees the
-    environments' token-level advantages and ``set_advantage_to_zero`` overrides.
-    """
-    norm = True if config is None else bool(config.get("norm_adv_by_std_in_grpo", True))
-    return compute_grpo_outcome_advantage(
-        token_level_rewards=token_level_rewards,
-        response_mask=response_mask,
-        index=index,
-        epsilon=epsilon,
-        norm_adv_by_std_in_grpo=norm,
-    )
+    return CombinedAdvantages(advantages=advantages, keep=keep, metrics=metrics)

@@ -1,18 +1,21 @@
 """The masked advantage-weighted cross-entropy, standalone and as a registered verl policy loss.
 
-``compute_advantage_weighted_sft_loss`` is the interface Atropos asked for: "given a batch of tokens, a batch of
-advantages of the same shape, and a batch of loss masks also of the same shape, compute token-level CE and scale it
-by the advantages and then reduce and backprop". The cross-entropy runs in chunks of tokens, forward and backward,
-so no float32 copy of the whole [B, T, V] logits tensor is ever made.
+``compute_advantage_weighted_sft_loss``: tokens, advantages and loss masks of one shape [B, T] (advantages may be
+[B]) → token-level CE scaled by the advantages, masked, reduced; differentiable. The cross-entropy runs in chunks of
+tokens, forward and backward, so no float32 copy of the whole [B, T, V] logits tensor is ever made.
 
-``advantage_weighted_ce`` is the same objective inside verl's actor: ``agg_loss(-A · log π, mask)``; on policy its
-gradient equals REINFORCE/GRPO's.
-Select it with ``actor_rollout_ref.actor.policy_loss.loss_mode=advantage_weighted_ce``.
+``advantage_weighted_ce`` (``POLICY_LOSS_NAME``) is the same objective inside verl's actor:
+``agg_loss(-A · log π · w, mask)`` with ``w`` truncated importance weights (:func:`behaviour_is_weights`; 1 without
+rollout correction); on policy its gradient equals REINFORCE/GRPO's. Select it with
+``actor_rollout_ref.actor.policy_loss.loss_mode=advantage_weighted_ce``.
+
+:func:`is_weight_metrics` renames verl's ``rollout_corr/`` IS metrics to the recipe's ``atropos/is_*`` names, for the
+driver (decoupled mode) and the actor (bypass mode) alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +26,13 @@ from recipe.atropos.algos.advantages import normalize_and_clip_advantages
 POLICY_LOSS_NAME = "advantage_weighted_ce"
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "sum", "none")
 DEFAULT_CHUNK_TOKENS = 512
+
+# verl's rollout-correction metric names (``rollout_corr/`` prefix) → the recipe's short names.
+IS_METRIC_NAMES = {
+    "rollout_corr/rollout_is_mean": "atropos/is_weight_mean",
+    "rollout_corr/rollout_is_max": "atropos/is_weight_max",
+    "rollout_corr/rollout_is_ratio_fraction_high": "atropos/is_truncated_fraction",
+}
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -142,6 +152,14 @@ def compute_advantage_weighted_sft_loss(
     return seq_means.mean() if seq_means.numel() else per_token.sum() * 0.0
 
 
+def is_weight_metrics(rollout_corr_metrics: Mapping[str, Any]) -> dict[str, float]:
+    """verl's ``rollout_corr/rollout_is_{mean,max,ratio_fraction_high}`` as ``atropos/is_weight_{mean,max}``,
+    ``atropos/is_truncated_fraction`` (the fraction of tokens whose raw ratio exceeded the threshold)."""
+    return {
+        new: float(rollout_corr_metrics[old]) for old, new in IS_METRIC_NAMES.items() if old in rollout_corr_metrics
+    }
+
+
 def behaviour_is_weights(
     old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor, rollout_correction: Any
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
@@ -150,7 +168,8 @@ def behaviour_is_weights(
     In bypass mode ``old_log_prob`` is the rollout's log-probs, so these are the weights that correct for the policy
     lag: token level ``min(exp(log π_θ - log π_rollout), C)`` with ``C`` = ``rollout_is_threshold`` (or sequence level,
     or with rejection sampling, as configured). All tensors [bs, response_length]; returns (weights or None when
-    ``rollout_is`` is unset, the response mask after rejection sampling, metrics).
+    neither ``rollout_is`` nor ``rollout_rs`` is set, the response mask after rejection sampling, metrics named by
+    :func:`is_weight_metrics`).
     """
     if rollout_correction is None or not bool(response_mask.any()):
         return None, response_mask, {}
@@ -159,8 +178,6 @@ def behaviour_is_weights(
     if rollout_is is None and rollout_rs is None:
         return None, response_mask, {}
     from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
-
-    from recipe.atropos.staleness import is_weight_metrics
 
     with torch.no_grad():
         weights_proto, mask, corr_metrics = compute_rollout_correction_and_rejection_mask(
