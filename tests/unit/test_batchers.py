@@ -1,69 +1,63 @@
-"""select_groups: exact-size step batches of whole groups, stale groups dropped, extras carried."""
+"""Batchers: exact-size step batches of whole groups (FIFO, or held to a mixture of envs), stale groups dropped."""
 
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
-from recipe.atropos.sources.mixture import (
-    GroupSelection,
-    MixtureBatcher,
-    fill_mixture_batch,
-    mixture_from_config,
-    mixture_quotas,
-    select_groups,
-)
+from recipe.atropos.config import atropos_config
+from recipe.atropos.sources.fifo import FifoBatcher
+from recipe.atropos.sources.mixture import MixtureBatcher, mixture_from_config, mixture_quotas
 
 
 def group(first_token: int, size: int) -> dict:
     return {"tokens": [[first_token, i] for i in range(size)], "scores": [float(i) for i in range(size)]}
 
 
-def no_lag(tokens: object) -> int:
-    return 0
+def firsts(groups: list[dict]) -> list[int]:
+    return [g["tokens"][0][0] for g in groups]
 
 
-def test_fills_exactly_and_carries_the_overflow() -> None:
-    groups = [group(1, 4), group(2, 4), group(3, 4)]
-    sel = select_groups(groups, batch_size=8, lag_of=no_lag)
-    assert [g["tokens"][0][0] for g in sel.chosen] == [1, 2]
-    assert [g["tokens"][0][0] for g in sel.carry] == [3]
-    assert sel.n_sequences == 8
+def test_fifo_fills_exactly_and_carries_the_overflow() -> None:
+    batcher = FifoBatcher(batch_size=8)
+    batcher.add([group(1, 4), group(2, 4), group(3, 4)])
+    assert firsts(batcher.select()) == [1, 2]
+    assert firsts(batcher.pending_groups()) == [3]
+    assert batcher.metrics([])["atropos/carried_groups"] == 1.0
 
 
-def test_a_group_that_does_not_fit_is_carried_and_a_smaller_later_one_fills() -> None:
-    sel = select_groups([group(1, 4), group(2, 6), group(3, 2)], batch_size=6, lag_of=no_lag)
-    assert [g["tokens"][0][0] for g in sel.chosen] == [1, 3]
-    assert [g["tokens"][0][0] for g in sel.carry] == [2]
-    assert sel.n_sequences == 6
+def test_fifo_a_group_that_does_not_fit_waits_and_a_smaller_later_one_fills() -> None:
+    batcher = FifoBatcher(batch_size=6)
+    batcher.add([group(1, 4), group(2, 6), group(3, 2)])
+    assert firsts(batcher.select()) == [1, 3]
+    assert firsts(batcher.pending_groups()) == [2]
 
 
-def test_stale_groups_are_dropped_and_counted() -> None:
-    lag = {1: 0, 2: 3, 3: 1}
-    sel = select_groups(
-        [group(1, 2), group(2, 2), group(3, 2)], batch_size=4, lag_of=lambda t: lag[t[0]], max_policy_lag=1
-    )
-    assert [g["tokens"][0][0] for g in sel.chosen] == [1, 3]
-    assert sel.stale_groups_dropped == 1
-    assert sel.lags == [0, 0, 1, 1]
+def test_fifo_stale_groups_are_dropped_and_counted_per_batch() -> None:
+    batcher = FifoBatcher(batch_size=4)
+    batcher.add([group(1, 2), group(2, 2), group(3, 2)])
+    assert firsts(batcher.select(is_stale=lambda g: g["tokens"][0][0] == 2)) == [1, 3]
+    assert batcher.metrics([])["atropos/stale_groups_dropped"] == 1.0
+    batcher.add([group(4, 2), group(5, 2)])
+    batcher.select()
+    assert batcher.metrics([])["atropos/stale_groups_dropped"] == 0.0  # counted once, for the batch it was dropped in
+    assert batcher.stale_dropped == 1
 
 
-def test_without_a_lag_limit_stale_groups_are_kept() -> None:
-    sel = select_groups([group(1, 2)], batch_size=2, lag_of=lambda t: 7)
-    assert sel.stale_groups_dropped == 0 and sel.lags == [7, 7]
+def test_fifo_waits_for_more_groups_keeping_the_chosen_ones_first() -> None:
+    batcher = FifoBatcher(batch_size=4)
+    batcher.add([group(1, 2), group(2, 4)])
+    assert batcher.select() is None  # 1 fits (2 of 4), 2 does not: wait for the next poll
+    batcher.add([group(3, 2)])
+    assert firsts(batcher.select()) == [1, 3]
+    assert firsts(batcher.pending_groups()) == [2]
 
 
-def test_unknown_lags_are_counted_not_dropped() -> None:
-    sel = select_groups([group(1, 2)], batch_size=2, lag_of=lambda t: None, max_policy_lag=0)
-    assert sel.n_sequences == 2 and sel.policy_lag_unknown == 2 and sel.lags == []
-
-
-def test_continues_an_earlier_partial_selection() -> None:
-    first = select_groups([group(1, 2)], batch_size=4, lag_of=no_lag)
-    assert first.n_sequences == 2
-    second = select_groups([group(2, 2), group(3, 2)], batch_size=4, lag_of=no_lag, already=first)
-    assert isinstance(second, GroupSelection) and second.n_sequences == 4
-    assert [g["tokens"][0][0] for g in second.chosen] == [1, 2]
-    assert [g["tokens"][0][0] for g in second.carry] == [3]
+def test_fifo_front_puts_groups_before_the_waiting_ones_in_order() -> None:
+    batcher = FifoBatcher(batch_size=4)
+    batcher.add([group(3, 2)])
+    batcher.add([group(1, 2), group(2, 2)], front=True)
+    assert firsts(batcher.select()) == [1, 2]
 
 
 # ---- exact mixtures -------------------------------------------------------------------------------------------------
@@ -134,8 +128,7 @@ def test_backlog_bound_and_lag_cap_drop_and_count() -> None:
     batcher = MixtureBatcher({"a": 1.0}, batch_size=2, wait_s=0.0, names={0: "a"}, max_pending=4)
     batcher.add([env_group(0, 2, tag=t) for t in range(3)])
     assert batcher.surplus_dropped == 1 and [g["tokens"][0][0] for g in batcher.pending["a"]] == [1, 2]
-    lag = {1: 5, 2: 0}
-    chosen = batcher.select(0.0, lag_of=lambda tokens: lag[tokens[0]], max_policy_lag=1)
+    chosen = batcher.select(0.0, is_stale=lambda g: g["tokens"][0][0] == 1)
     assert [g["tokens"][0][0] for g in chosen] == [2] and batcher.stale_dropped == 1
 
 
@@ -148,25 +141,27 @@ def test_unmapped_envs_only_fill_a_missing_share() -> None:
     assert "atropos/env/env_7/sequences" in batcher.metrics(chosen)
 
 
-def test_fill_mixture_batch_polls_until_the_batch_holds() -> None:
-    batcher = MixtureBatcher({"a": 0.5, "b": 0.5}, batch_size=4, wait_s=100.0, names={0: "a", 1: "b"})
-    polls = iter([[env_group(0, 2), env_group(0, 2)], [env_group(0, 2), env_group(1, 2)]])
-    chosen, n_polls = fill_mixture_batch(batcher, lambda: next(polls), clock=lambda: 0.0)
-    assert n_polls == 2 and [g["env_id"] for g in chosen] == [0, 1]
-    assert len(batcher.pending["a"]) == 2
+def test_mixture_front_keeps_each_envs_order() -> None:
+    batcher = MixtureBatcher({"a": 1.0}, batch_size=4, wait_s=0.0, names={0: "a"})
+    batcher.add([env_group(0, 2, tag=3)])
+    batcher.add([env_group(0, 2, tag=1), env_group(0, 2, tag=2)], front=True)
+    assert [g["tokens"][0][0] for g in batcher.pending_groups()] == [1, 2, 3]
 
 
 def test_mixture_from_config_explicit_weights_or_the_launchers_envs() -> None:
-    from omegaconf import OmegaConf
-
     envs = [{"name": "a", "group_size": 4, "weight": 1.0}, {"name": "b", "group_size": 2, "weight": 0.5}]
-    base = {"data": {"train_batch_size": 8}, "atropos": {"launcher": {"envs": envs}, "mixture_wait_s": 7}}
-    assert mixture_from_config(OmegaConf.create(base)) is None  # envs started elsewhere, no atropos.mixture
-    launched = OmegaConf.merge(base, {"atropos": {"env_ids_file": "/x/env_ids.json"}})
-    batcher = mixture_from_config(launched)
+    base = {"atropos": {"launcher": {"envs": envs}, "mixture_wait_s": 7, "mixture_max_pending_batches": None}}
+
+    def typed(*overrides: dict) -> object:
+        return atropos_config(OmegaConf.merge(base, *overrides))
+
+    assert mixture_from_config(typed(), batch_size=8) is None  # envs started elsewhere, no atropos.mixture
+    batcher = mixture_from_config(typed({"atropos": {"env_ids_file": "/x/env_ids.json"}}), batch_size=8)
     assert batcher.weights == {"a": 1.0, "b": 0.5} and batcher.group_sizes == {"a": 4, "b": 2}
     assert batcher.names == {0: "a", 1: "b"} and batcher.wait_s == 7.0 and batcher.max_pending is None
-    explicit = OmegaConf.merge(base, {"atropos": {"mixture": {"gsm8k": 0.7, "math": 0.3}}})
-    assert mixture_from_config(explicit).names == {0: "gsm8k", 1: "math"}
+    assert batcher.env_ids_file == "/x/env_ids.json"
+    explicit = typed({"atropos": {"mixture": {"gsm8k": 0.7, "math": 0.3}, "mixture_max_pending_batches": 4}})
+    batcher = mixture_from_config(explicit, batch_size=8)
+    assert batcher.names == {0: "gsm8k", 1: "math"} and batcher.max_pending == 32  # 4 batches of 8
     with pytest.raises(ValueError, match="weights"):
-        mixture_from_config(OmegaConf.merge(base, {"atropos": {"mixture": {"x": -1.0}}}))
+        typed({"atropos": {"mixture": {"x": -1.0}}})
