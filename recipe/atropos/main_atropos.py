@@ -15,8 +15,8 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from recipe.atropos import extensions
-from recipe.atropos.config.checks import check_atropos_config
+from recipe.atropos.algos import extensions
+from recipe.atropos.config import check_atropos_config
 from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.runtime.assets import resolve_model_path
 from recipe.atropos.runtime.gpu import check_gpu_runtime
@@ -31,10 +31,11 @@ def _add_external_module(module: str) -> None:
         os.environ["VERL_USE_EXTERNAL_MODULES"] = ",".join([*current, module])
 
 
-def prepare_runtime(config: DictConfig) -> bool:
-    """Resolve the embedded model, select the CPU runtime when asked or without CUDA; True when it is on."""
+def prepare_runtime(config: DictConfig, runtime: str = "auto") -> bool:
+    """Resolve the embedded model, select the CPU runtime when ``runtime`` (``atropos.runtime``) asks or without CUDA;
+    True when it is on."""
     config.actor_rollout_ref.model.path = resolve_model_path(str(config.actor_rollout_ref.model.path))
-    use_cpu = should_use_cpu_runtime(str(config.atropos.get("runtime", "auto")))
+    use_cpu = should_use_cpu_runtime(runtime)
     if use_cpu:
         apply_cpu_runtime(config, extra_modules=[extensions.MODULE])
     else:
@@ -49,17 +50,12 @@ class AtroposTaskRunner:
 
     def run(self, config: DictConfig, trainer_cls: type | None = None) -> None:
         from verl.trainer.main_ppo_v0 import BaseTaskRunner
-        from verl.trainer.ppo.utils import need_critic, need_reference_policy
+        from verl.trainer.ppo.utils import need_reference_policy
         from verl.utils.config import omega_conf_to_dataclass, validate_config
 
         from recipe.atropos.trainer import RayAtroposTrainer
 
         OmegaConf.resolve(config)
-        if need_critic(config):
-            raise ValueError(
-                f"algorithm.adv_estimator={config.algorithm.adv_estimator} needs a critic; this recipe trains "
-                "critic-free (use adv_estimator=atropos or grpo)"
-            )
         roles = BaseTaskRunner()
         _, worker_group_cls = roles.add_actor_rollout_worker(config)
         roles.add_reward_model_resource_pool(config)
@@ -82,9 +78,8 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
 
     os.environ.setdefault("WANDB_MODE", "offline")  # wandb logs locally unless the user says otherwise
-    check_atropos_config(config)
-
-    prepare_runtime(config)
+    atropos = check_atropos_config(config)
+    prepare_runtime(config, atropos.runtime)
     started_ray = False
     if not ray.is_initialized():
         ray_init: dict[str, Any] = OmegaConf.to_container(config.ray_kwargs.get("ray_init", {}), resolve=True)

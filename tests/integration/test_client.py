@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from recipe.atropos.launcher.processes import free_port
 from recipe.atropos.schema import GroupValidationError, validate_group
 from recipe.atropos.transport.client import AtroposAPIError, AtroposClient
-from recipe.atropos.launcher.processes import free_port
 
 X = -100
 
@@ -106,7 +106,7 @@ def test_malformed_groups_from_the_api_are_counted_kept_and_do_not_crash(make_ru
     assert metrics["atropos/rejected_groups"] == 1.0 and metrics["atropos/rejected_groups/scores"] == 1.0
     kept = [json.loads(line) for line in rejected_file.read_text().splitlines()]
     assert kept[0]["field"] == "scores" and kept[0]["group"]["tokens"][0][0] == 5
-    assert len(client.rejected_groups) == 1
+    assert client.rejected.total == 1 and client.rejected.counts == {"scores": 1}
 
 
 def test_api_down_then_up_the_client_waits_and_recovers(make_run_api) -> None:

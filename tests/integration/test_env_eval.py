@@ -15,6 +15,8 @@ import pytest
 from atroposlib.envs.base import APIServerConfig
 from transformers import AutoTokenizer
 
+from recipe.atropos.endpoint.backends import Completion, SamplingParams
+from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.envs.one_word_env import (
     HELD_OUT_SUBJECTS,
     SUBJECTS,
@@ -22,7 +24,6 @@ from recipe.atropos.envs.one_word_env import (
     OneWordEnvConfig,
     held_out_questions,
 )
-from recipe.atropos.endpoint.server import Completion, InferenceEndpoint, SamplingParams
 
 
 class ScriptedReplies:

@@ -19,7 +19,8 @@ import pytest
 import requests
 import torch
 
-from recipe.atropos.endpoint.server import InferenceEndpoint, SamplingParams, VLLMCompletionsBackend
+from recipe.atropos.endpoint.backends import SamplingParams, VLLMCompletionsBackend
+from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.launcher.processes import ManagedProcess, free_port
 
 requires_vllm = pytest.mark.skipif(

@@ -1,6 +1,6 @@
 """Exact env mixtures against a real `run-api`: two envs registered through /register-env post at different speeds
-(stand-ins for BaseEnv's posting loop: real HTTP, real API queue), the trainer's client polls /batch and
-MixtureBatcher holds the weights, where the API's FIFO batches follow the envs' speeds."""
+(stand-ins for BaseEnv's posting loop: real HTTP, real API queue); the trainer's group source polls /batch through its
+client and its MixtureBatcher holds the weights, where the API's FIFO batches follow the envs' speeds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import time
 import pytest
 import requests
 
-from recipe.atropos.sources.mixture import MixtureBatcher, fill_mixture_batch, group_env_id
+from recipe.atropos.sources.api import ApiGroupSource
+from recipe.atropos.sources.mixture import MixtureBatcher
+from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.client import AtroposClient
 
 X = -100
@@ -57,34 +59,36 @@ class StandInEnv(threading.Thread):
 
 @pytest.mark.timeout(120)
 def test_two_envs_at_075_025_hold_the_weights_over_8_steps_although_the_small_one_is_faster(run_api) -> None:
-    client = AtroposClient(run_api.url)
-    client.register(batch_size=8, max_token_len=64, starting_step=0, num_steps=100)
-    assert client.get_batch() is None  # the trainer's first /batch admits envs
+    batcher = MixtureBatcher({"slow": 0.75, "fast": 0.25}, batch_size=8, wait_s=30.0, max_pending=4 * 8)
+    registration = {"batch_size": 8, "max_token_len": 64, "num_steps": 100}
+    source = ApiGroupSource(
+        AtroposClient(run_api.url),
+        batcher,
+        LagMeter(lambda tokens: None, None),
+        registration=registration,
+        poll_timeout_s=30,
+    )
+    source.start(0)  # registers; its first /batch admits envs
+    assert batcher.pending_groups() == []
     slow = StandInEnv(run_api.url, "slow", 0.75, group_size=4, interval=0.05, score=1.0)
     fast = StandInEnv(run_api.url, "fast", 0.25, group_size=2, interval=0.005, score=0.0)
     # the launcher's registration check: /status-env answers for registered ids only
     status = [requests.get(f"{run_api.url}/status-env", json={"env_id": i}, timeout=5).status_code for i in range(3)]
     assert status[:2] == [200, 200] and status[2] != 200
-    names = {slow.env_id: "slow", fast.env_id: "fast"}
-    batcher = MixtureBatcher({"slow": 0.75, "fast": 0.25}, batch_size=8, wait_s=30.0, names=names, max_pending=4 * 8)
-    polled: list[int] = []
-
-    def poll() -> list:
-        groups = client.poll_batch(timeout=30)
-        polled.extend(group_env_id(g) for g in groups for _ in g.tokens)
-        return groups
-
+    batcher.names.update({slow.env_id: "slow", fast.env_id: "fast"})
     trained = {"slow": 0, "fast": 0}
     slow.start()
     fast.start()
     try:
-        for _ in range(8):
-            groups, _polls = fill_mixture_batch(batcher, poll)
-            metrics = batcher.metrics(groups)
+        for step in range(1, 9):
+            metrics: dict[str, float] = {}
+            groups = source.next_groups(step, metrics)
             assert sum(len(g.tokens) for g in groups) == 8
             for name in trained:
                 trained[name] += int(metrics[f"atropos/env/{name}/sequences"])
             assert metrics["atropos/env/slow/mean_score"] == 1.0
+            assert metrics["atropos/polls"] >= 1 and metrics["atropos/policy_lag_unknown"] == 8.0
+            source.trained(groups, step)
             time.sleep(0.2)  # the actor update
     finally:
         slow.stop_event.set()
@@ -93,10 +97,10 @@ def test_two_envs_at_075_025_hold_the_weights_over_8_steps_although_the_small_on
         fast.join(5)
 
     fraction = trained["slow"] / 64
-    fifo = polled.count(slow.env_id) / len(polled)
-    logger.info("trained %s (slow %.3f); API FIFO: slow %.3f of %d sequences", trained, fraction, fifo, len(polled))
+    fifo = batcher.received["slow"] / sum(batcher.received.values())
+    logger.info("trained %s (slow %.3f); API FIFO: slow %.3f of %s", trained, fraction, fifo, batcher.received)
     assert abs(fraction - 0.75) <= 0.05, trained
     assert abs(trained["fast"] / 64 - 0.25) <= 0.05, trained
     assert batcher.reassigned_sequences == 0
     # what the API's FIFO batches held: mostly the faster env (the mixture the trainer would have drifted to)
-    assert fifo < 0.5, (polled.count(slow.env_id), len(polled))
+    assert fifo < 0.5, batcher.received

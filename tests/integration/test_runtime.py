@@ -16,7 +16,8 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipe.atropos.endpoint.server import InferenceEndpoint, RayReplicaBackend
+from recipe.atropos.endpoint.backends import RayReplicaBackend
+from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.runtime import apply_cpu_runtime, cpu_runtime_env, cpu_runtime_overrides, should_use_cpu_runtime
 from recipe.atropos.runtime.platform import PlatformCPU, dedupe_backend
 from recipe.atropos.runtime.rollout import HFCPURolloutServer, HFGenerator, SamplingKey

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe.atropos.schema import GroupValidationError
-from recipe.atropos.transport.client import AtroposClient
-from recipe.atropos.sources.jsonl import JsonlGroupSource, OfflineDataError, offline_training_steps
 from recipe.atropos.runtime.assets import build_tiny_model
+from recipe.atropos.schema import GroupValidationError
+from recipe.atropos.sources.jsonl import JsonlGroupSource, OfflineDataError, offline_training_steps
+from recipe.atropos.transport.client import AtroposClient
 
 X = -100
 
@@ -103,10 +103,10 @@ def test_only_bad_lines_fail_naming_the_files(tmp_path: Path) -> None:
 
 
 def test_the_trainers_rejected_groups_file_is_accepted(tmp_path: Path) -> None:
-    # The live client's own _reject writes the record; a group rejected for a reason since fixed trains again.
+    # The live client's own rejection log writes the record; a group rejected for a reason since fixed trains again.
     rejected = tmp_path / "rejected.jsonl"
     client = AtroposClient("http://127.0.0.1:1", rejected_groups_file=str(rejected))
-    client._reject(group(9, 2), GroupValidationError("scores", "example reason"))
+    client.rejected.reject(group(9, 2), GroupValidationError("scores", "example reason"))
     source = JsonlGroupSource([str(rejected)], batch_size=2)
     assert ids(source.next_batch()) == [9]
 
@@ -181,16 +181,16 @@ def test_reads_what_atroposlibs_writer_saves(tmp_path: Path) -> None:
 
 
 def test_config_checks_for_offline_mode(tmp_path: Path) -> None:
-    from recipe.atropos.launch_atropos_verl_services import load_config
+    from recipe.atropos.config import check_atropos_config
+    from recipe.atropos.launcher.config import load_config
     from recipe.atropos.sources.jsonl import make_jsonl_source
-    from recipe.atropos.trainer import check_atropos_config
 
     tiny = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
     path = write(tmp_path / "g.jsonl", [group(g, 4) for g in range(1, 5)])
     common = ["actor_rollout_ref.model.path=/m", "atropos.source=jsonl", f"atropos.jsonl_paths=[{path}]"]
     config = load_config(tiny, [*common, "trainer.total_training_steps=null", "atropos.offline.epochs=3"])
-    check_atropos_config(config)  # epochs end the run: no total_training_steps needed
-    source = make_jsonl_source(config)
+    atropos = check_atropos_config(config)  # epochs end the run: no total_training_steps needed
+    source = make_jsonl_source(atropos, batch_size=int(config.data.train_batch_size))
     assert source.epochs == 3 and source.batch_size == 8 and offline_training_steps(None, source) == 6
     with pytest.raises(ValueError, match="total_training_steps is required"):
         check_atropos_config(load_config(tiny, [*common, "trainer.total_training_steps=null"]))
@@ -201,7 +201,7 @@ def test_config_checks_for_offline_mode(tmp_path: Path) -> None:
 
 
 def test_the_launcher_refuses_offline_mode_naming_the_entry_point() -> None:
-    from recipe.atropos.launch_atropos_verl_services import Launcher, LaunchError
+    from recipe.atropos.launcher.supervisor import Launcher, LaunchError
 
     tiny = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
     with pytest.raises(LaunchError, match="recipe.atropos.main_atropos"):

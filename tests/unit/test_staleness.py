@@ -167,3 +167,12 @@ def test_bypass_is_metrics_from_the_actor_get_the_short_names() -> None:
     assert metrics["atropos/is_weight_mean"] == 1.1 and metrics["atropos/is_weight_max"] == 2.0
 
 
+def test_an_estimator_other_than_grpo_is_refused_naming_grpo() -> None:
+    """The trainer never calls verl's compute_advantage: an estimator it would ignore (or gae's critic) is refused."""
+    for estimator in ("gae", "rloo"):
+        config = load_config(
+            CONFIGS / "atropos_grpo_tiny.yaml",
+            ["actor_rollout_ref.model.path=/m", f"algorithm.adv_estimator={estimator}"],
+        )
+        with pytest.raises(ValueError, match="use algorithm.adv_estimator=grpo"):
+            check_atropos_config(config)

@@ -149,7 +149,7 @@ def combine_advantages(
 
     Metrics: ``atropos/env_advantage_fraction`` (rows on the env rule / N), ``atropos/zeroed_advantage_count``,
     ``atropos/dropped_groups``, ``atropos/grpo_sequences`` (rows on the GRPO rule; 0 without fallback),
-    ``atropos/trained_sequences`` (rows not zeroed), and those of :func:`normalize_and_clip_advantages`.
+    ``atropos/trained_sequences`` (rows kept and not zeroed), and those of :func:`normalize_and_clip_advantages`.
     """
     mask = response_mask.to(torch.float32)
     n = mask.shape[0]
@@ -192,7 +192,7 @@ def combine_advantages(
         "atropos/zeroed_advantage_count": float(zero.sum().item()),
         "atropos/dropped_groups": float(len(dropped_groups)),
         "atropos/grpo_sequences": float(grpo.sum().item()) if fallback_to_grpo else 0.0,
-        "atropos/trained_sequences": float((~zero).sum().item()),
+        "atropos/trained_sequences": float((keep & ~zero).sum().item()),
         **norm_metrics,
     }
     return CombinedAdvantages(advantages=advantages, keep=keep, metrics=metrics)

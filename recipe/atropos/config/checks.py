@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from recipe.atropos.algos.losses import POLICY_LOSS_NAME as ADVANTAGE_WEIGHTED_CE
 from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
 
-ADVANTAGE_WEIGHTED_CE = "advantage_weighted_ce"
 VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
 
 
@@ -37,6 +37,13 @@ def check_atropos_config(config: DictConfig) -> AtroposConfig:
         )
     if not config.actor_rollout_ref.model.get("path"):
         raise ValueError("actor_rollout_ref.model.path is required: a model directory or hub name")
+    estimator = config.algorithm.get("adv_estimator")
+    if estimator != "grpo":
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator}: this recipe trains critic-free with the environments' advantages "
+            "where given and GRPO elsewhere; use algorithm.adv_estimator=grpo (atropos.use_env_advantages / "
+            "atropos.fallback_to_grpo choose the mix)"
+        )
     check_staleness_config(config, atropos)
     # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
     if atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
