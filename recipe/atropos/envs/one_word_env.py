@@ -21,7 +21,6 @@ Run: ``python -m recipe.atropos.envs.one_word_env serve --env.tokenizer_name MOD
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -34,6 +33,8 @@ from typing import Any
 import aiohttp
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, EvalHandlingEnum, ScoredDataGroup
 from pydantic import Field
+
+from recipe.atropos.records import append_jsonl
 
 INSTRUCTION = "Answer in exactly one word."
 SUBJECTS = (
@@ -322,9 +323,7 @@ class OneWordEnv(BaseEnv):
         row.update(self.counts.as_metrics(f"env/{self.config.wandb_name or self.name}"))
         logger.info("held-out evaluation: %s", row)
         if self.config.metrics_file:
-            Path(self.config.metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.config.metrics_file, "a") as fh:  # one short write: appends stay whole lines
-                fh.write(json.dumps(row) + "\n")
+            append_jsonl(Path(self.config.metrics_file), [row])
         return row
 
 

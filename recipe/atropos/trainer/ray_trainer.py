@@ -170,7 +170,7 @@ class RayAtroposTrainer(RayPPOTrainer):
                     "use ManagedServer in the environments or set bypass_mode=false"
                 )
             # The behaviour policy's log-probs stand in for the old policy's (no old-log-prob pass); the actor's loss
-            # applies the truncated IS weights from its own copy of rollout_correction (staleness.py).
+            # applies the truncated IS weights from its own copy of rollout_correction (config.checks).
             batch.batch["old_log_probs"] = batch.batch["rollout_log_probs"]
         else:
             with marked_timer("old_log_prob", timing):
