@@ -1,4 +1,7 @@
-"""Models that exist without a hub: a tiny random Llama for tests, and SmolLM2-135M-Instruct from PyPI for the demo.
+"""Model files: a tiny random Llama for tests, SmolLM2-135M-Instruct from PyPI for the demo (both without a hub), and
+what the recipe reads from a model directory (:func:`model_vocab_size`: token ids must be below it).
+
+Used by the launcher (pre-flight, the API guard's vocabulary) and the trainer driver; imports no torch at module level.
 
 CLI: ``python -m recipe.atropos.runtime.assets tiny DIR`` | ``python -m recipe.atropos.runtime.assets smollm2 [DIR]``.
 """
@@ -6,6 +9,7 @@ CLI: ``python -m recipe.atropos.runtime.assets tiny DIR`` | ``python -m recipe.a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -29,6 +33,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ATROPOS_VERL_CACHE") or Path.home() / ".cache" / "atropos-verl")
 
 
+def model_vocab_size(model_path: str) -> int | None:
+    """``vocab_size`` from the model directory's ``config.json`` (the embedding's rows; a multimodal model's
+    ``text_config``), else None."""
+    try:
+        data = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
 def _publish(build_dir: Path, out_dir: Path) -> Path:
     """Move a finished build into place atomically (a concurrent builder that lost the race keeps the winner's)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +55,7 @@ def _publish(build_dir: Path, out_dir: Path) -> Path:
 
 
 def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
-    """A random 2-layer Llama (hidden 128, 2 heads → head_dim 64) with a byte-level ChatML tokenizer, in ~1 s.
+    """A random 2-layer Llama (hidden 128, 2 heads → head_dim 64) with a byte-level ChatML tokenizer.
 
     Idempotent: an existing ``out_dir`` with a config is returned as is.
     """
