@@ -1,4 +1,5 @@
-"""Fault suite, HTTP level: malformed ScoredData against the real guarded API (atroposlib's app behind api_guard).
+"""Fault suite, HTTP level: malformed ScoredData against the real guarded API (``python -m recipe.atropos.guard.app``:
+atroposlib's app behind validation).
 
 One guarded API process serves the whole module (vocabulary 1000, batch size 8). Every malformed input must get 422
 naming the field, be counted by field in ``/guard/stats``, be kept in the rejected-groups file, and never reach the
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from recipe.atropos.launcher.processes import free_port
 from recipe.atropos.transport.client import AtroposClient
 from tests.conftest import RunApi
 from tests.integration.test_client import group
@@ -79,7 +81,7 @@ MALFORMED: dict[str, tuple[object, str]] = {
 def guarded(tmp_path_factory: pytest.TempPathFactory):
     run = tmp_path_factory.mktemp("guarded")
     api = RunApi(
-        port=__import__("recipe.atropos.launcher.processes", fromlist=["free_port"]).free_port(),
+        port=free_port(),
         log_dir=run,
         guard={
             "vocab_size": VOCAB,

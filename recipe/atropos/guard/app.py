@@ -3,11 +3,11 @@
     python -m recipe.atropos.guard.app --host 127.0.0.1 --port 8000 --vocab-size 49152 --batch-size 64 \
         --rejected-file RUN/rejected_groups.jsonl --stats-file RUN/api_guard_stats.json
 
-atroposlib 0.4.0 (archived) queues any ScoredData whose types parse: a NaN score makes ``GET /batch`` answer 500 after
-popping the batch, a token id past the vocabulary crashes the trainer's embedding, a group whose size does not divide
-the batch size stalls batch formation forever, an empty group sits in the queue. This ASGI wrapper checks every
-``POST /scored_data`` and ``/scored_data_list`` before atroposlib sees it (:func:`recipe.atropos.transport.client.validate_group`
-plus the vocabulary size and the batch size); a bad group gets **422** with the field and the reason, is counted, is
+atroposlib's API queues any ScoredData whose types parse: a NaN score makes ``GET /batch`` answer 500 after popping
+the batch, a token id past the vocabulary crashes the trainer's embedding, a group whose size does not divide the
+batch size stalls batch formation forever, an empty group sits in the queue. This ASGI wrapper checks every
+``POST /scored_data`` and ``/scored_data_list`` before atroposlib sees it (:func:`recipe.atropos.schema.validate_group`
+with the vocabulary size and the batch size); a bad group gets **422** with the field and the reason, is counted, is
 appended to the rejected-groups file, and never enters the queue. Valid groups of a list are still queued.
 
 With ``--queue-file``, whatever the API still holds when it stops cleanly (SIGTERM/SIGINT: queued groups, formed

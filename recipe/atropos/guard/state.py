@@ -1,37 +1,28 @@
-"""State of the guarded API (:mod:`recipe.atropos.guard.app`): counters, the rejected-groups file, the queue file.
+"""State of the guarded API (``python -m recipe.atropos.guard.app``): counters, the rejected groups, the queue file.
 
-Counters are persisted in the stats file (so they survive an API restart); the groups the API holds at a clean stop
-are written to the queue file and put back at the front of the next API's queue after the trainer registers.
+Invariants: the stats file always holds the current counters, replaced whole after every change, so they survive an
+API restart (``starts`` counts the processes that used it); a rejected group is one line of the rejected-groups file
+(:class:`recipe.atropos.records.RejectedGroupLog`); the groups the API holds at a clean stop are written to the queue
+file in one atomic replacement and put back at the front of the next API's queue, once, after the trainer registers
+(the file is then renamed, never restored twice).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from recipe.atropos.records import RejectedGroupLog, read_jsonl, write_atomic, write_json_atomic
 from recipe.atropos.schema import GroupValidationError
 
 logger = logging.getLogger("atropos_api_guard")
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temporary file, fsync and rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class GuardState:
-    """Counters of the guard (optionally persisted across restarts) and the rejected-groups file."""
+    """Counters of the guard (optionally persisted across restarts), the rejected-groups log and the queue file."""
 
     def __init__(
         self,
@@ -47,11 +38,10 @@ class GuardState:
         self.restored_groups = 0
         self.dumped_groups = 0
         self.batch_size = batch_size
-        self.rejected_file = Path(rejected_file) if rejected_file else None
+        self.rejected_log = RejectedGroupLog(rejected_file, what="a ScoredData group (422)")
         self.stats_file = Path(stats_file) if stats_file else None
         self.accepted_groups = 0
         self.accepted_sequences = 0
-        self.rejected: Counter[str] = Counter()
         self.starts = 1
         self.unpackable_envs: list[dict[str, Any]] = []
         if self.stats_file is not None and self.stats_file.exists():
@@ -63,9 +53,14 @@ class GuardState:
             self.restored_groups = int(old.get("restored_groups", 0))
             self.dumped_groups = int(old.get("dumped_groups", 0))
         self.to_restore: list[dict[str, Any]] = []
-        if self.queue_file is not None and self.queue_file.exists():
-            self.to_restore = [json.loads(line) for line in self.queue_file.read_text().splitlines() if line.strip()]
+        if self.queue_file is not None:
+            self.to_restore = read_jsonl(self.queue_file)
         self.save()
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Rejected groups by the field named in the rejection (persisted with the other counters)."""
+        return self.rejected_log.counts
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -84,13 +79,8 @@ class GuardState:
             write_json_atomic(self.stats_file, self.counters())
 
     def reject(self, raw: Any, error: GroupValidationError) -> None:
-        self.rejected[error.field] += 1
-        logger.warning("rejected a ScoredData group (422): %s", error)
-        if self.rejected_file is not None:
-            self.rejected_file.parent.mkdir(parents=True, exist_ok=True)
-            record = {"reason": str(error), "field": error.field, "group": raw, "time": time.time()}
-            with open(self.rejected_file, "a") as fh:
-                fh.write(json.dumps(record, default=str) + "\n")
+        """Count ``raw`` by field, keep it with the reason in the rejected-groups file, persist the counters."""
+        self.rejected_log.reject(raw, error)
         self.save()
 
     def restore_into_queue(self) -> None:
@@ -114,13 +104,7 @@ class GuardState:
         groups += list(getattr(api, "queue", []))
         groups += [g for buffered in getattr(api, "buffer", {}).values() for g in buffered]
         groups += self.to_restore  # never restored (no trainer registered): keep them for the next start
-        tmp = self.queue_file.with_name(f".{self.queue_file.name}.tmp")
-        self.queue_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as fh:
-            fh.writelines(json.dumps(g) + "\n" for g in groups)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.queue_file)
+        write_atomic(self.queue_file, "".join(json.dumps(g) + "\n" for g in groups))
         self.dumped_groups += len(groups)
         self.save()
         logger.info("wrote the %d groups the API still held to %s", len(groups), self.queue_file)
