@@ -1,9 +1,11 @@
-"""The launcher: config checks (unit) and failure handling of whole runs with real processes (e2e, tiny config).
+"""The launcher: config checks, env command lines, the run report (unit) and failure handling of whole runs with real
+processes (e2e, tiny config).
 
-A run to completion through the launcher is tested in test_e2e_trainer.py."""
+A run to completion through the launcher is tested in tests/e2e/test_e2e_trainer.py."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,8 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from recipe.atropos.launch_atropos_verl_services import EnvSpec, LaunchError, env_specs, load_config
-from recipe.atropos.launcher.report import read_metrics, step_line, summarize
+from recipe.atropos.config import EnvConfig, atropos_config
+from recipe.atropos.launcher.config import LaunchError, load_config
+from recipe.atropos.launcher.envs import checked_envs, env_argv, write_env_ids
+from recipe.atropos.launcher.report import fault_line, step_line, summarize, write_run_report
+from recipe.atropos.metrics_file import read_metrics
 from tests.helpers import launcher_argv, wait_for
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
@@ -47,29 +52,64 @@ print(fast.data.train_batch_size)
     assert out.stdout.strip() == "16"
 
 
+def envs_of(*overrides: str) -> dict[str, EnvConfig]:
+    config = load_config(TINY, list(overrides))
+    return checked_envs(atropos_config(config).launcher, int(config.data.train_batch_size))
+
+
 def test_batch_size_must_be_a_multiple_of_every_group_size() -> None:
-    config = load_config(TINY, ["data.train_batch_size=6"])
     with pytest.raises(LaunchError, match="train_batch_size=6 is not a multiple of env 'one_word' group_size=4"):
-        env_specs(config)
+        envs_of("data.train_batch_size=6")
 
 
 def test_env_entry_needs_exactly_one_of_module_or_script() -> None:
-    config = load_config(TINY, ["+atropos.launcher.envs.0.script=x.py"])
-    with pytest.raises(LaunchError, match="exactly one of `module` or `script`"):
-        env_specs(config)
+    with pytest.raises(LaunchError, match=r"envs\[0\] \(one_word\): give exactly one of `module` or `script`"):
+        envs_of("+atropos.launcher.envs.0.script=x.py")
+
+
+def test_envs_are_named_by_index_unless_named_and_names_must_differ() -> None:
+    assert list(envs_of()) == ["one_word", "one_word_pairs"]
+    assert list(envs_of("atropos.launcher.envs.1.name=null")) == ["one_word", "env1"]
+    with pytest.raises(LaunchError, match=r"envs\[1\]: the name 'one_word' is taken"):
+        envs_of("atropos.launcher.envs.1.name=one_word")
+    with pytest.raises(LaunchError, match="atropos.launcher.envs is empty"):
+        envs_of("atropos.launcher.envs=[]")
+
+
+def argv_flags(argv: list[str], skip: int) -> dict[str, str]:
+    return dict(zip(argv[skip::2], argv[skip + 1 :: 2], strict=True))
 
 
 def test_env_command_line_fills_in_endpoints_and_lets_env_flags_win() -> None:
-    spec = EnvSpec(name="gsm8k", script="/x/gsm8k_server.py", group_size=8, weight=2.0, args={"env.use_wandb": True})
-    argv = spec.argv("http://127.0.0.1:1", "http://127.0.0.1:2", "/models/m", 640)
+    env = EnvConfig(script="/x/gsm8k_server.py", group_size=8, weight=2.0, args={"env.use_wandb": True})
+    urls = {"api_url": "http://127.0.0.1:1", "inference_url": "http://127.0.0.1:2", "model": "/models/m"}
+    argv = env_argv("gsm8k", env, **urls, max_token_length=640, max_policy_lag=None)
     assert argv[1:3] == ["/x/gsm8k_server.py", "serve"]
-    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    flags = argv_flags(argv, 3)
     assert flags["--env.rollout_server_url"] == "http://127.0.0.1:1"
     assert flags["--openai.base_url"] == "http://127.0.0.1:2/v1"
     assert flags["--openai.server_type"] == "vllm"
     assert flags["--env.group_size"] == "8" and flags["--env.inference_weight"] == "2.0"
-    assert flags["--env.max_token_length"] == "640"
+    assert flags["--env.max_token_length"] == "640" and flags["--env.wandb_name"] == "gsm8k"
     assert flags["--env.use_wandb"] == "true"  # the env's own flag overrides the launcher default (false)
+    assert "--env.max_batches_offpolicy" not in flags  # no lag cap: the env's own default
+
+
+def test_env_command_line_keeps_the_env_within_the_lag_cap() -> None:
+    env = EnvConfig(module="some.env")
+    urls = {"api_url": "http://a", "inference_url": "http://b", "model": "/m", "max_token_length": 64}
+    for lag, ahead in [(0, "1"), (2, "1"), (4, "3")]:
+        argv = env_argv("e", env, **urls, max_policy_lag=lag)
+        assert argv[1:4] == ["-m", "some.env", "serve"]
+        assert argv_flags(argv, 4)["--env.max_batches_offpolicy"] == ahead
+    capped = env_argv("e", EnvConfig(module="m", args={"env.max_batches_offpolicy": 7}), **urls, max_policy_lag=2)
+    assert argv_flags(capped, 4)["--env.max_batches_offpolicy"] == "7"  # the env's own flag wins here too
+
+
+def test_env_ids_file_maps_id_to_name_as_json(tmp_path: Path) -> None:
+    write_env_ids(tmp_path / "env_ids.json", {0: "one_word", 1: "one_word_pairs"})
+    assert json.loads((tmp_path / "env_ids.json").read_text()) == {"0": "one_word", "1": "one_word_pairs"}
+    assert [p.name for p in tmp_path.iterdir()] == ["env_ids.json"]  # no temporary file left
 
 
 def test_summary_and_step_line_from_a_metrics_file(tmp_path: Path) -> None:
@@ -80,6 +120,31 @@ def test_summary_and_step_line_from_a_metrics_file(tmp_path: Path) -> None:
     assert len(rows) == 7
     assert summarize(rows) == "mean score first 5 steps 0.200 -> last 5 steps 0.400 (7 steps)"
     assert step_line(rows[0], 7).startswith("step 1/7 | mean score 0.000")
+
+
+def test_fault_line_counts_restarts_and_rejections(tmp_path: Path) -> None:
+    assert fault_line(tmp_path, 0, 0) == ""  # no faults, no guard stats: no line
+    stats = {"accepted_groups": 12, "rejected": {"tokens": 2, "scores": 1}}
+    (tmp_path / "api_guard_stats.json").write_text(json.dumps(stats))
+    assert fault_line(tmp_path, 1, 3) == (
+        f"faults: api restarts 1, env restarts 3, groups accepted 12, rejected 3 (scores 1, tokens 2; kept in "
+        f"{tmp_path / 'rejected_groups.jsonl'})"
+    )
+
+
+def test_run_report_writes_the_summary_and_the_plot(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "atropos/mean_score": 0.5}) + "\n" for i in (1, 2)))
+    summary = write_run_report(tmp_path, metrics, "tiny", api_restarts=1, env_restarts=0)
+    assert summary.splitlines() == [
+        "mean score first 2 steps 0.500 -> last 2 steps 0.500 (2 steps)",
+        fault_line(tmp_path, 1, 0),
+    ]
+    assert (tmp_path / "summary.txt").read_text() == summary + "\n"
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    empty = tmp_path / "empty"
+    assert write_run_report(empty, empty / "metrics.jsonl", "tiny", 0, 0) == "no steps recorded"
+    assert not (empty / "metrics.png").exists()
 
 
 # ---- whole runs -------------------------------------------------------------------------------------------

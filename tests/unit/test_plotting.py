@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from recipe.atropos.launcher.report import held_out_points, plot_metrics, read_metrics, step_line, summarize, trainer_rows
+from recipe.atropos.launcher.report import plot_metrics, step_line, summarize
+from recipe.atropos.metrics_file import held_out_points, read_metrics, trainer_rows
 
 
 def mixed_rows(tmp_path: Path) -> list[dict]:

@@ -1,36 +1,27 @@
 """Checks a launch makes before any service starts; each failure is one line naming the key and the fix.
 
-Also answers two questions the launcher and trainer share: the model's vocabulary size (token ids must be below it)
-and whether a run directory already holds a finished run.
+:func:`typed_config` builds a launch's typed ``atropos`` block (once, when the launcher is made); :func:`run_preflight`
+checks the rest: the whole config (the trainer's own checks), the model path, the env modules/scripts and the fixed
+ports. Also says whether a run directory already holds a finished run.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import socket
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # the typed config imports verl: not at import time
+    from recipe.atropos.config import AtroposConfig, LauncherConfig
 
 
 class PreflightError(ValueError):
     """A configuration that cannot start; the message is one line naming the key and the fix."""
-
-
-def model_vocab_size(model_path: str) -> int | None:
-    """``vocab_size`` from the model directory's ``config.json`` (the embedding's rows), else None."""
-    config = Path(model_path) / "config.json"
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    size = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
-    return int(size) if size else None
 
 
 def check_model_path(path: str) -> None:
@@ -72,23 +63,23 @@ def check_model_path(path: str) -> None:
         )
 
 
-def check_envs(entries: Sequence[Any]) -> None:
+def check_envs(launcher: LauncherConfig) -> None:
     """Each env's module is importable (found without running it) or its script exists."""
-    for i, spec in enumerate(entries):
-        where = f"atropos.launcher.envs[{i}] ({spec.name})"
-        if spec.module:
+    for i, (name, env) in enumerate(zip(launcher.env_names(), launcher.envs, strict=True)):
+        where = f"atropos.launcher.envs[{i}] ({name})"
+        if env.module:
             try:
-                found = importlib.util.find_spec(spec.module)
+                found = importlib.util.find_spec(env.module)
             except (ImportError, ValueError) as exc:
                 found, reason = None, f" ({exc})"
             else:
                 reason = ""
             if found is None:
                 raise PreflightError(
-                    f"{where}: module {spec.module!r} is not importable{reason}; install it or fix `module`"
+                    f"{where}: module {env.module!r} is not importable{reason}; install it or fix `module`"
                 )
-        elif not Path(spec.script).expanduser().is_file():
-            raise PreflightError(f"{where}: script {spec.script!r} does not exist; fix `script`")
+        elif not Path(env.script or "").expanduser().is_file():
+            raise PreflightError(f"{where}: script {env.script!r} does not exist; fix `script`")
 
 
 def check_port_free(key: str, port: int | None, host: str = "127.0.0.1") -> None:
@@ -111,20 +102,33 @@ def finished_step(checkpoint_dir: Path) -> int | None:
         return None
 
 
-def run_preflight(config: DictConfig, envs: Sequence[Any]) -> None:
-    """Every check above plus the trainer's own (:func:`recipe.atropos.config.checks.check_atropos_config`)."""
+def _one_line(exc: ValueError) -> PreflightError:
+    return PreflightError(str(exc).replace("\n", " "))
+
+
+def typed_config(config: DictConfig) -> AtroposConfig:
+    """The typed ``atropos`` block of ``config`` (:func:`recipe.atropos.config.atropos_config`); a bad key or value is
+    a :class:`PreflightError`."""
     if os.environ.get("VERL_PLATFORM") == "cpu":  # inherited from a CPU run: verl would look our platform up on import
         importlib.import_module("recipe.atropos.runtime.platform")
-    from recipe.atropos.config.checks import check_atropos_config
+    from recipe.atropos.config import atropos_config
+
+    try:
+        return atropos_config(config)
+    except ValueError as exc:
+        raise _one_line(exc) from None
+
+
+def run_preflight(config: DictConfig, atropos: AtroposConfig) -> None:
+    """The trainer's own checks of the whole config (:func:`recipe.atropos.config.check_atropos_config`), then the
+    model path, the envs and the fixed ports of ``atropos`` (the typed block of ``config``)."""
+    from recipe.atropos.config import check_atropos_config
 
     try:
         check_atropos_config(config)
     except ValueError as exc:
-        raise PreflightError(str(exc).replace("\n", " ")) from None
+        raise _one_line(exc) from None
     check_model_path(str(config.actor_rollout_ref.model.path))
-    check_envs(envs)
-    lcfg = config.atropos.launcher
-    check_port_free("atropos.launcher.api_port", lcfg.get("api_port"))
-    check_port_free("atropos.launcher.inference_port", lcfg.get("inference_port"))
-    if int(lcfg.get("max_api_restarts", 0)) < 0 or int(lcfg.get("max_env_restarts", 0)) < 0:
-        raise PreflightError("atropos.launcher.max_api_restarts / max_env_restarts must be >= 0")
+    check_envs(atropos.launcher)
+    check_port_free("atropos.launcher.api_port", atropos.launcher.api_port)
+    check_port_free("atropos.launcher.inference_port", atropos.launcher.inference_port)

@@ -1,11 +1,29 @@
-"""The launcher's report of a run: one console line per metrics row, the closing summary and the plot."""
+"""The launcher's report of a run: one console line per metrics row, and at the end the summary, the fault line and
+the plot (``summary.txt`` and ``metrics.png`` in the run directory)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from recipe.atropos.metrics_file import HELD_OUT_SUFFIX, LENGTH, SCORE, held_out_points, is_eval_row, trainer_rows
+from recipe.atropos.metrics_file import (
+    HELD_OUT_SUFFIX,
+    LENGTH,
+    SCORE,
+    held_out_points,
+    is_eval_row,
+    read_metrics,
+    trainer_rows,
+)
+from recipe.atropos.records import write_atomic
+
+# Files of the run directory the guarded API writes and the report reads.
+GUARD_STATS = "api_guard_stats.json"
+REJECTED_GROUPS = "rejected_groups.jsonl"
+
+logger = logging.getLogger("atropos_launcher")
 
 
 def step_line(row: dict[str, Any], total_steps: int) -> str:
@@ -24,8 +42,8 @@ def step_line(row: dict[str, Any], total_steps: int) -> str:
 
 def summarize(rows: list[dict[str, Any]], window: int = 5) -> str:
     """Held-out success first → last (when the envs evaluated), then the kept-group mean score:
-    ``held-out success 0.170 (step 0) -> 0.940 (step 10); mean score first 5 steps 0.113 -> last 5 steps 0.871
-    (15 steps)``."""
+    ``held-out success 0.125 (step 0) -> 0.875 (step 6); kept-group mean score first 5 steps 0.400 -> last 5 steps
+    0.500 (6 steps)``."""
     scores = [r[SCORE] for r in trainer_rows(rows) if SCORE in r]
     if not scores:
         return "no steps recorded"
@@ -73,3 +91,32 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: Path, title: str = "GRPO o
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def fault_line(run_dir: Path, api_restarts: int, env_restarts: int) -> str:
+    """One line: API/env restarts and groups the guarded API rejected ('' when there were none)."""
+    stats_file = Path(run_dir) / GUARD_STATS
+    guard = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    rejected = guard.get("rejected") or {}
+    if not (api_restarts or env_restarts or rejected):
+        return ""
+    by_field = ", ".join(f"{field} {n}" for field, n in sorted(rejected.items())) or "none"
+    return (
+        f"faults: api restarts {api_restarts}, env restarts {env_restarts}, groups accepted "
+        f"{guard.get('accepted_groups', 0)}, rejected {sum(rejected.values())} ({by_field}; kept in "
+        f"{Path(run_dir) / REJECTED_GROUPS})"
+    )
+
+
+def write_run_report(run_dir: Path, metrics_file: Path, title: str, api_restarts: int, env_restarts: int) -> str:
+    """The closing summary (plus the fault line, when there were faults), also kept in ``<run_dir>/summary.txt``;
+    ``<run_dir>/metrics.png`` when any row was recorded."""
+    rows = read_metrics(metrics_file)
+    summary = summarize(rows)
+    if rows:
+        logger.info("plot: %s", plot_metrics(rows, Path(run_dir) / "metrics.png", title=title))
+    faults = fault_line(run_dir, api_restarts, env_restarts)
+    if faults:
+        summary = f"{summary}\n{faults}"
+    write_atomic(Path(run_dir) / "summary.txt", summary + "\n")
+    return summary

@@ -7,18 +7,18 @@ The YAML is the trainer's own Hydra config; its ``atropos.launcher`` block names
 ports, directory, timeouts and restart policy. Pre-flight checks (config keys, model path, env modules/scripts, ports)
 run before any service starts; each failure is one line naming the key and the fix, exit code 2. A run directory
 whose checkpoint already reached ``trainer.total_training_steps`` is reported finished (exit 0). The API is
-atroposlib's own app behind validation (:mod:`recipe.atropos.guard.app`). Every service logs to
+atroposlib's own app behind validation (``python -m recipe.atropos.guard.app``). Every service logs to
 ``<run_dir>/logs/<name>.log``. A dead API is restarted on the same port (``restart_api``, bounded; the environments
 are restarted with it, the trainer registers again by itself), a dead environment is restarted (``restart_envs``,
 bounded); past the bounds the launcher names the service, prints its log tail and stops the rest. Ctrl-C / SIGTERM
 (SIGINT works even when inherited as ignored) stop every process tree the launcher started — nothing else. When the
-trainer finishes, the run's metrics are plotted to ``<run_dir>/metrics.png`` and summarised in one line.
+trainer finishes, the run's metrics are plotted to ``<run_dir>/metrics.png`` and summarised (``summary.txt``, with a
+fault line when services were restarted or groups rejected).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -31,39 +31,40 @@ from typing import Any
 import requests
 
 from recipe.atropos.guard.app import guard_argv
-from recipe.atropos.guard.state import write_json_atomic
-from recipe.atropos.launcher.config import EnvSpec, LaunchError, env_specs, load_config
-from recipe.atropos.launcher.report import plot_metrics, read_metrics, step_line, summarize
-from recipe.atropos.launcher.preflight import PreflightError, finished_step, model_vocab_size, run_preflight
+from recipe.atropos.launcher.config import LaunchError, load_config
+from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
+from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, tail
-from recipe.atropos.runtime.assets import resolve_model_path
+from recipe.atropos.launcher.report import GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
+from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.records import write_json_atomic
+from recipe.atropos.runtime.assets import model_vocab_size, resolve_model_path
 
-# Re-exported: tests and other recipes import the config helpers from the launcher module.
-__all__ = ["EnvSpec", "LaunchError", "Launcher", "env_specs", "load_config", "main"]
+__all__ = ["Launcher", "main"]
 
 logger = logging.getLogger("atropos_launcher")
 
 
-class _TrainerExited(Exception):
-    """The trainer exited while the launcher waited for an environment to register (not an error by itself)."""
-
-
 class Launcher:
+    """One supervised run of the config at ``config_path`` with Hydra ``overrides``; the typed ``atropos`` block is
+    built once, here (:attr:`atropos`), and the environments are checked (:class:`LaunchError`)."""
+
     def __init__(self, config_path: Path, overrides: list[str]) -> None:
         self.config_path = Path(config_path).resolve()
         self.overrides = list(overrides)
         self.config = load_config(self.config_path, self.overrides)
-        if self.config.atropos.get("source", "api") != "api":
+        self.atropos = typed_config(self.config)
+        if not self.atropos.online:
             raise LaunchError(
-                f"atropos.source={self.config.atropos.source}: offline training needs no API or environments; run "
+                f"atropos.source={self.atropos.source}: offline training needs no API or environments; run "
                 "`python -m recipe.atropos.main_atropos` with the same config and overrides instead"
             )
-        self.envs = env_specs(self.config)
-        lcfg = self.config.atropos.launcher
+        lcfg = self.atropos.launcher
+        self.envs = checked_envs(lcfg, int(self.config.data.train_batch_size))  # name -> entry, in start order
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(lcfg.run_dir or f"outputs/{self.config.trainer.experiment_name}-{stamp}").resolve()
-        self.api_port = int(lcfg.api_port or free_port())
-        self.inference_port = int(lcfg.inference_port or free_port())
+        self.api_port = lcfg.api_port or free_port()
+        self.inference_port = lcfg.inference_port or free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.inference_url = f"http://127.0.0.1:{self.inference_port}"
         self.metrics_file = self.run_dir / "metrics.jsonl"
@@ -76,7 +77,7 @@ class Launcher:
 
     def preflight(self) -> None:
         """Raise :class:`PreflightError` (one line) before anything starts."""
-        run_preflight(self.config, self.envs)
+        run_preflight(self.config, self.atropos)
 
     def finished(self) -> int | None:
         """The step this run directory already finished at (checkpoint >= total steps), else None."""
@@ -113,26 +114,34 @@ class Launcher:
             f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
             *(
                 [f"atropos.rejected_groups_file={self.run_dir / 'rejected_groups_trainer.jsonl'}"]
-                if not self.config.atropos.get("rejected_groups_file")
+                if not self.atropos.rejected_groups_file
                 else []
             ),
             f"hydra.run.dir={self.run_dir / 'hydra'}",  # not ./outputs/<date>/<time>
         ]
 
-    def _start_env(self, spec: EnvSpec) -> ManagedProcess:
-        max_len = int(self.config.data.max_prompt_length + self.config.data.max_response_length)
-        return self._start(spec.name, spec.argv(self.api_url, self.inference_url, self.model, max_len))
+    def _start_env(self, name: str) -> ManagedProcess:
+        argv = env_argv(
+            name,
+            self.envs[name],
+            api_url=self.api_url,
+            inference_url=self.inference_url,
+            model=self.model,
+            max_token_length=int(self.config.data.max_prompt_length + self.config.data.max_response_length),
+            max_policy_lag=self.atropos.max_policy_lag,
+        )
+        return self._start(name, argv)
 
     def api_argv(self) -> list[str]:
         """The guarded API (``guard_api``, default) or plain ``run-api``, on ``api_port``."""
-        if not self.config.atropos.launcher.get("guard_api", True):
+        if not self.atropos.launcher.guard_api:
             return run_api_argv(self.api_port)
         return guard_argv(
             self.api_port,
             vocab_size=model_vocab_size(self.model),
             batch_size=int(self.config.data.train_batch_size),
-            rejected_file=self.run_dir / "rejected_groups.jsonl",
-            stats_file=self.run_dir / "api_guard_stats.json",
+            rejected_file=self.run_dir / REJECTED_GROUPS,
+            stats_file=self.run_dir / GUARD_STATS,
             queue_file=self.run_dir / "api_queue.jsonl",
         )
 
@@ -140,42 +149,23 @@ class Launcher:
         api = self._start("run-api", self.api_argv())
         api.wait_http(f"{self.api_url}/status", timeout=60)
 
-    def _start_registered_env(self, spec: EnvSpec, timeout: float) -> None:
-        """Start ``spec`` and wait until the API lists it: envs register one at a time, so the env id the API hands
-        out (its registration count) names this env; ``env_ids.json`` tells the trainer (exact env mixtures).
-        The API admits envs only once the trainer has registered, so a trainer that exits meanwhile (finished, or
-        died) ends the wait without recording an id; the caller's next look at the trainer handles its exit."""
-        proc = self._start_env(spec)
+    def _start_registered_env(self, name: str, timeout: float) -> None:
+        """Start env ``name`` and record the env id it registers as (:mod:`recipe.atropos.launcher.envs`); a trainer
+        that exits meanwhile ends the wait without an id (the caller's next look at the trainer handles its exit)."""
+        proc = self._start_env(name)
         env_id = len(self.env_ids)
-
-        def registered() -> bool:
-            trainer = self.children.get("trainer")
-            if trainer is not None and trainer.poll() is not None:
-                raise _TrainerExited
-            try:
-                answer = requests.get(f"{self.api_url}/status-env", json={"env_id": env_id}, timeout=5)
-            except requests.RequestException:
-                return False
-            return answer.status_code == 200
-
-        try:
-            proc.wait_until(registered, timeout, f"registration with the API as env id {env_id}")
-        except _TrainerExited:
+        if not wait_registered(proc, self.api_url, env_id, timeout, self.children.get("trainer")):
             return
-        except (RuntimeError, TimeoutError) as error:
-            raise LaunchError(str(error)) from error
-        self.env_ids[env_id] = spec.name
-        # the trainer reads it while we write: replace it whole
-        write_json_atomic(self.env_ids_file, {str(k): v for k, v in self.env_ids.items()})
-        logger.info("%s registered as env id %d", spec.name, env_id)
+        self.env_ids[env_id] = name
+        write_env_ids(self.env_ids_file, self.env_ids)
+        logger.info("%s registered as env id %d", name, env_id)
 
     def _start_envs(self) -> None:
         """Every environment, registered in order (env id -> name for exact mixtures). The first one starts while the
         trainer is still starting (its start-up overlaps the trainer's Ray start-up)."""
-        timeout = float(self.config.atropos.launcher.startup_timeout_s)
         self.env_ids = {}  # a (re)started API numbers its envs from 0
-        for spec in self.envs:
-            self._start_registered_env(spec, timeout)
+        for name in self.envs:
+            self._start_registered_env(name, self.atropos.launcher.startup_timeout_s)
 
     def restart_api(self) -> None:
         """Start the API again on the same port, then the environments (their env ids died with the old API)."""
@@ -185,15 +175,16 @@ class Launcher:
             self.children["run-api"].poll(),
             self.api_port,
             self.api_restarts,
-            int(self.config.atropos.launcher.max_api_restarts),
+            self.atropos.launcher.max_api_restarts,
         )
-        for spec in self.envs:
-            self.children[spec.name].stop()
+        for name in self.envs:
+            if name in self.children:
+                self.children[name].stop()
         self._start_api()
         self._start_envs()
 
     def start_all(self) -> None:
-        timeout = float(self.config.atropos.launcher.startup_timeout_s)
+        timeout = self.atropos.launcher.startup_timeout_s
         self.model = resolve_model_path(str(self.config.actor_rollout_ref.model.path))
         self._start_api()
         trainer = self._start("trainer", self.trainer_argv())
@@ -209,18 +200,18 @@ class Launcher:
     def _record_final_api_stats(self) -> None:
         """What the API still holds when the run ends (not trained, not lost): ``api_final_stats.json``."""
         api = self.children.get("run-api")
-        if api is None or api.poll() is not None or not self.config.atropos.launcher.get("guard_api", True):
+        if api is None or api.poll() is not None or not self.atropos.launcher.guard_api:
             return
         try:
             stats = requests.get(f"{self.api_url}/guard/stats", timeout=5).json()
         except (requests.RequestException, ValueError) as exc:
             logger.warning("could not read the API's final counters: %s", exc)
             return
-        (self.run_dir / "api_final_stats.json").write_text(json.dumps(stats) + "\n")
+        write_json_atomic(self.run_dir / "api_final_stats.json", stats)
 
     def stop_all(self) -> None:
         """Producers first, then the consumer, then the API (its counters read once nothing else talks to it)."""
-        for name in [*(s.name for s in self.envs), "trainer"]:
+        for name in [*self.envs, "trainer"]:
             if name in self.children:
                 self.children[name].stop()
         self._record_final_api_stats()
@@ -235,7 +226,7 @@ class Launcher:
 
     def supervise(self) -> None:
         """Until the trainer exits: restart or fail on a dead env, fail on a dead API, mirror each step."""
-        lcfg = self.config.atropos.launcher
+        lcfg = self.atropos.launcher
         total = int(self.config.trainer.total_training_steps)
         printed = 0
         while True:
@@ -249,52 +240,30 @@ class Launcher:
                     raise self._died(trainer)
                 return
             if self.children["run-api"].poll() is not None:
-                if lcfg.get("restart_api", True) and self.api_restarts < int(lcfg.max_api_restarts):
+                if lcfg.restart_api and self.api_restarts < lcfg.max_api_restarts:
                     self.restart_api()
                     continue
                 raise self._died(self.children["run-api"])
-            for spec in self.envs:
-                proc = self.children[spec.name]
+            for name in self.envs:
+                proc = self.children[name]
                 if proc.poll() is None:
                     continue
-                if lcfg.restart_envs and self.restarts.get(spec.name, 0) < int(lcfg.max_env_restarts):
-                    self.restarts[spec.name] = self.restarts.get(spec.name, 0) + 1
-                    logger.warning("%s exited (code %s); restart %d", spec.name, proc.poll(), self.restarts[spec.name])
-                    self._start_registered_env(spec, float(lcfg.startup_timeout_s))
+                if lcfg.restart_envs and self.restarts.get(name, 0) < lcfg.max_env_restarts:
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    logger.warning("%s exited (code %s); restart %d", name, proc.poll(), self.restarts[name])
+                    self._start_registered_env(name, lcfg.startup_timeout_s)
                 else:
                     raise self._died(proc)
             time.sleep(1.0)
 
     def _write_launcher_state(self) -> None:
         state = {"api_restarts": self.api_restarts, "env_restarts": dict(self.restarts)}
-        (self.run_dir / "launcher_state.json").write_text(json.dumps(state) + "\n")
+        write_json_atomic(self.run_dir / "launcher_state.json", state)
 
     def finish(self) -> str:
-        rows = read_metrics(self.metrics_file)
-        summary = summarize(rows)
-        if rows:
-            png = plot_metrics(rows, self.run_dir / "metrics.png", title=str(self.config.trainer.experiment_name))
-            logger.info("plot: %s", png)
-        faults = self.fault_summary()
-        if faults:
-            summary = f"{summary}\n{faults}"
-        (self.run_dir / "summary.txt").write_text(summary + "\n")
-        return summary
-
-    def fault_summary(self) -> str:
-        """One line: API/env restarts and groups the guarded API rejected ('' when there were none)."""
-        stats_file = self.run_dir / "api_guard_stats.json"
-        guard = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-        rejected = guard.get("rejected") or {}
-        env_restarts = sum(self.restarts.values())
-        if not (self.api_restarts or env_restarts or rejected):
-            return ""
-        by_field = ", ".join(f"{field} {n}" for field, n in sorted(rejected.items())) or "none"
-        return (
-            f"faults: api restarts {self.api_restarts}, env restarts {env_restarts}, groups accepted "
-            f"{guard.get('accepted_groups', 0)}, rejected {sum(rejected.values())} ({by_field}; kept in "
-            f"{self.run_dir / 'rejected_groups.jsonl'})"
-        )
+        """The closing summary (:func:`recipe.atropos.launcher.report.write_run_report`)."""
+        title = str(self.config.trainer.experiment_name)
+        return write_run_report(self.run_dir, self.metrics_file, title, self.api_restarts, sum(self.restarts.values()))
 
     def run(self) -> int:
         try:
