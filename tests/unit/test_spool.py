@@ -91,3 +91,28 @@ def test_groups_are_matched_by_identity_not_by_content(tmp_path: Path) -> None:
     spool.put(twin, fetched_step=1)
     spool.trained([twin], step=1, carried=[first])
     assert spool.metrics()["atropos/spool_trained"] == 1.0 and spool.metrics()["atropos/spool_stale"] == 0.0
+
+
+def test_a_kill_between_counting_and_deleting_loses_no_account(tmp_path: Path, monkeypatch) -> None:
+    """Interrupted after the counters of a checkpoint's deletions are on disk but before the files are gone: the next
+    spool finishes the deletions, so written == deleted + stale + pending still holds (it failed in a CI run before)."""
+    spool = GroupSpool(tmp_path)
+    fetched = groups(3)
+    for g in fetched:
+        spool.put(g, fetched_step=1)
+    spool.trained(fetched[:2], step=1, carried=fetched[2:])
+
+    def killed(self: Path, missing_ok: bool = False) -> None:
+        raise KeyboardInterrupt("SIGINT during the deletion")
+
+    monkeypatch.setattr(Path, "unlink", killed)
+    try:
+        spool.checkpointed(1)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    again = GroupSpool(tmp_path)
+    counters = json.loads((tmp_path / "counters.json").read_text())
+    assert counters["written"] == 3 and counters["deleted"] == 2 and counters["stale"] == 0
+    assert again.pending_count() == 1  # only the carried group is left, and it comes back
+    assert [g.tokens[0][0] for g in again.resume(step=1, max_policy_lag=None)] == [20]

@@ -1,8 +1,8 @@
 """A durable on-disk spool of fetched ScoredData groups: written before use, deleted only once trained and saved.
 
 ``GET /batch`` pops groups from the API's in-memory queue: a trainer that crashes or is interrupted after fetching
-them would lose them. The client writes every fetched group here first (one JSON file per group, temporary file +
-fsync + rename), the trainer marks the groups it trained, and files are deleted when a checkpoint that includes that
+them would lose them. The group source writes every fetched group here first (one JSON file per group, temporary file
++ fsync + rename), the trainer marks the groups it trained, and files are deleted when a checkpoint that includes that
 training is saved (right away when the run saves no checkpoints). A resumed run takes the spooled groups back, oldest
 first; those past the policy-lag cap go to ``stale.jsonl`` with the reason (kept for offline use, counted), never
 silently dropped. Layout under ``<trainer.default_local_dir>/spool/``::
@@ -10,7 +10,12 @@ silently dropped. Layout under ``<trainer.default_local_dir>/spool/``::
     pending/<seq>.json   {"seq", "fetched_step", "group": ScoredData}
     stale.jsonl          one line per group set aside, with "reason"
     counters.json        written / trained / deleted / stale / recovered totals over every run sharing this directory
-                         (nothing fetched is lost: written == deleted + stale + pending files)
+                         (nothing fetched is lost: written == deleted + stale + pending files), and the files being
+                         removed ("removing")
+
+A file leaves ``pending/`` only after the counters that account for it are on disk together with its name under
+``removing``; a spool opened after a crash in between finishes those removals, so the identity above holds at any
+kill point.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class GroupSpool:
         self.counters = dict.fromkeys(COUNTERS, 0)
         if self.counters_file.exists():
             self.counters.update(json.loads(self.counters_file.read_text()))
+        for seq in self.counters.pop("removing", []):  # accounted for before a crash cut the removal short
+            self._path(seq).unlink(missing_ok=True)
         existing = [int(p.stem) for p in self.pending_dir.glob("*.json")]
         self._next_seq = max([self.counters.get("last_seq", -1), *existing], default=-1) + 1
         # Handed out, neither trained nor set aside yet: seq -> the group object. Holding the object keeps its id()
@@ -70,7 +77,19 @@ class GroupSpool:
         return self.pending_dir / f"{seq:010d}.json"
 
     def _save_counters(self) -> None:
-        write_json_atomic(self.counters_file, {**self.counters, "last_seq": self._next_seq - 1})
+        self._save_counters_removing([])
+
+    def _save_counters_removing(self, removing: list[int]) -> None:
+        write_json_atomic(self.counters_file, {**self.counters, "last_seq": self._next_seq - 1, "removing": removing})
+
+    def _remove(self, seqs: list[int], counter: str) -> None:
+        """Count ``seqs`` under ``counter``, durably, then delete their files (see the module docstring)."""
+        if not seqs:
+            return
+        self.counters[counter] += len(seqs)
+        self._save_counters_removing(seqs)
+        for seq in seqs:
+            self._path(seq).unlink(missing_ok=True)
 
     def pending_count(self) -> int:
         return sum(1 for _ in self.pending_dir.glob("*.json"))
@@ -100,9 +119,8 @@ class GroupSpool:
             except FileNotFoundError:
                 return
         append_jsonl(self.stale_file, [{**record, "reason": reason, "set_aside_at": time.time()}], fsync=True)
-        path.unlink(missing_ok=True)
         self._out.pop(seq, None)
-        self.counters["stale"] += 1
+        self._remove([seq], "stale")
         logger.info("spool: group %d set aside (%s)", seq, reason)
 
     def trained(self, groups: Iterable[Any], step: int, carried: Iterable[Any] = ()) -> None:
@@ -115,19 +133,17 @@ class GroupSpool:
             self.counters["trained"] += 1
             if self.delete_on_checkpoint:
                 self._trained[seq] = step
-            else:
-                self._path(seq).unlink(missing_ok=True)
-                self.counters["deleted"] += 1
-        self._save_counters()
+        if self.delete_on_checkpoint:
+            self._save_counters()
+        else:
+            self._remove(sorted(trained), "deleted")
 
     def checkpointed(self, step: int) -> int:
         """A checkpoint of ``step`` is saved: delete the groups trained up to it; returns how many."""
-        done = [seq for seq, trained_at in self._trained.items() if trained_at <= step]
+        done = sorted(seq for seq, trained_at in self._trained.items() if trained_at <= step)
         for seq in done:
-            self._path(seq).unlink(missing_ok=True)
             del self._trained[seq]
-        self.counters["deleted"] += len(done)
-        self._save_counters()
+        self._remove(done, "deleted")
         return len(done)
 
     def resume(self, step: int, max_policy_lag: int | None) -> list[ScoredGroup]:
