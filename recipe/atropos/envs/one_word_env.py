@@ -1,8 +1,8 @@
 """OneWordEnv: an offline Atropos environment a small model learns in minutes on CPU.
 
 Task: a seeded stream of everyday questions, each ending in "Answer in exactly one word."; score 1.0 when the reply
-is exactly one word (punctuation ignored), else 0.0. SmolLM2-135M-Instruct starts near 0.1 and reaches ~0.9 within
-15 GRPO steps (``shared/notes/demo-feasibility.md``): the run teaches the *format*, not knowledge.
+is exactly one word (punctuation ignored), else 0.0. A small instruct model learns it in a few GRPO steps (the demo's
+measured curve is in docs/atropos.rst): the run teaches the *format*, not knowledge.
 
 Every ``env_advantage_every``-th group also carries token-level ``advantages`` (the group-normalised score on every
 completion token, 0 on the prompt), so a training run exercises both of the trainer's advantage paths: the
