@@ -28,8 +28,11 @@ TINY = CONFIGS / "atropos_grpo_tiny.yaml"
 @pytest.mark.parametrize("name", ["atropos_grpo", "atropos_grpo_tiny", "atropos_grpo_cpu_demo", "atropos_grpo_gpu"])
 def test_every_shipped_config_composes(name: str) -> None:
     config = load_config(CONFIGS / f"{name}.yaml", [])
-    assert config.algorithm.adv_estimator == "atropos"
+    assert config.algorithm.adv_estimator == "grpo"  # env advantages are combined by the trainer, not an estimator
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "advantage_weighted_ce"
+    launcher = atropos_config(config).launcher  # the typed block accepts every shipped config
+    if launcher.envs:  # atropos_grpo.yaml names none: its environments are started elsewhere
+        checked_envs(launcher, int(config.data.train_batch_size))
 
 
 def test_launcher_composes_the_trainers_config_without_importing_verl() -> None:
@@ -104,6 +107,20 @@ def test_env_command_line_keeps_the_env_within_the_lag_cap() -> None:
         assert argv_flags(argv, 4)["--env.max_batches_offpolicy"] == ahead
     capped = env_argv("e", EnvConfig(module="m", args={"env.max_batches_offpolicy": 7}), **urls, max_policy_lag=2)
     assert argv_flags(capped, 4)["--env.max_batches_offpolicy"] == "7"  # the env's own flag wins here too
+
+
+def test_the_launcher_gives_each_env_this_runs_endpoints_and_lag_cap(tmp_path: Path) -> None:
+    from recipe.atropos.launcher.supervisor import Launcher
+
+    demo = CONFIGS / "atropos_grpo_cpu_demo.yaml"
+    launcher = Launcher(demo, [f"atropos.launcher.run_dir={tmp_path}", "atropos.launcher.api_port=1234"])
+    name = next(iter(launcher.envs))
+    flags = argv_flags(launcher.env_argv(name), 4)
+    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:1234" and flags["--env.wandb_name"] == name
+    assert flags["--openai.base_url"] == f"{launcher.inference_url}/v1"
+    assert flags["--env.max_batches_offpolicy"] == "1"  # the demo's max_policy_lag 2: one batch queued ahead
+    deeper = Launcher(demo, [f"atropos.launcher.run_dir={tmp_path}", "atropos.max_policy_lag=4"])
+    assert argv_flags(deeper.env_argv(name), 4)["--env.max_batches_offpolicy"] == "3"
 
 
 def test_env_ids_file_maps_id_to_name_as_json(tmp_path: Path) -> None:

@@ -120,8 +120,9 @@ class Launcher:
             f"hydra.run.dir={self.run_dir / 'hydra'}",  # not ./outputs/<date>/<time>
         ]
 
-    def _start_env(self, name: str) -> ManagedProcess:
-        argv = env_argv(
+    def env_argv(self, name: str) -> list[str]:
+        """The command line of env ``name``: this run's API, endpoint, model, lengths and lag cap."""
+        return env_argv(
             name,
             self.envs[name],
             api_url=self.api_url,
@@ -130,7 +131,6 @@ class Launcher:
             max_token_length=int(self.config.data.max_prompt_length + self.config.data.max_response_length),
             max_policy_lag=self.atropos.max_policy_lag,
         )
-        return self._start(name, argv)
 
     def api_argv(self) -> list[str]:
         """The guarded API (``guard_api``, default) or plain ``run-api``, on ``api_port``."""
@@ -152,7 +152,7 @@ class Launcher:
     def _start_registered_env(self, name: str, timeout: float) -> None:
         """Start env ``name`` and record the env id it registers as (:mod:`recipe.atropos.launcher.envs`); a trainer
         that exits meanwhile ends the wait without an id (the caller's next look at the trainer handles its exit)."""
-        proc = self._start_env(name)
+        proc = self._start(name, self.env_argv(name))
         env_id = len(self.env_ids)
         if not wait_registered(proc, self.api_url, env_id, timeout, self.children.get("trainer")):
             return
