@@ -12,7 +12,7 @@ PY_VLLM     := $(VENV_VLLM)/bin/python
 STAMP_VLLM  := $(VENV_VLLM)/.installed
 VLLM_WHEELS := $(VENV_VLLM)-wheels
 
-.PHONY: install test lint demo bench check-extras clean vllm-env test-vllm
+.PHONY: install test test-fast lint demo bench check-extras clean vllm-env test-vllm
 
 install: $(STAMP)
 
@@ -30,8 +30,14 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# All three tiers (pyproject's testpaths: tests/unit, tests/integration, tests/e2e, fastest first); the 15 slowest
+# tests and the time per tier are printed at the end.
 test: install lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The unit tier only (in-process, no server or Ray): under 90 s.
+test-fast: install lint
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m recipe.atropos.launch_atropos_verl_services --config recipe/atropos/config/atropos_grpo_cpu_demo.yaml
@@ -70,7 +76,7 @@ $(STAMP_VLLM): pyproject.toml tools/repack_vllm_wheel.py
 	touch $(STAMP_VLLM)
 
 test-vllm: vllm-env
-	$(PY_VLLM) -m pytest -m vllm tests/test_vllm_cpu.py tests/test_inference_vllm_http.py $(PYTEST_ARGS)
+	$(PY_VLLM) -m pytest -m vllm tests/e2e/test_vllm_cpu.py tests/integration/test_inference_vllm_http.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache

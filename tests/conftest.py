@@ -1,9 +1,14 @@
-"""Shared fixtures: a real Atropos `run-api` process on 127.0.0.1 (fresh per test module), a tiny local model, and
-the check that a test leaves no process behind."""
+"""Shared fixtures: a real Atropos `run-api` process on 127.0.0.1 (fresh per test module), a tiny local model, the
+launcher as a test runs it (`launch`), and the check that a test leaves no process behind (`no_leftovers`).
+
+Tiers are directories: every test under tests/unit, tests/integration, tests/e2e gets that marker here
+(`pytest -m unit` = `pytest tests/unit`); a test file anywhere else is refused at collection. The time each tier
+took is printed at the end of the run."""
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +18,7 @@ import pytest
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv
 from recipe.atropos.runtime.assets import build_tiny_model
-from tests.helpers import descendants, left_behind
+from tests.helpers import FIXTURE_PIDS, Launch, http_ok, launcher_factory, no_processes_left, wait_until
 
 # Offline, quiet, deterministic defaults for every test process.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,8 +27,54 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# Processes owned by fixtures that outlive a test (the module's run-api, restarted by some tests): not leftovers.
-FIXTURE_PIDS: set[int] = set()
+TIERS = ("unit", "integration", "e2e")
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def tier_of(path: Path) -> str | None:
+    """``unit`` / ``integration`` / ``e2e`` for a file under that directory of tests/, ``""`` for another file under
+    tests/, None outside tests/."""
+    try:
+        top = Path(path).resolve().relative_to(TESTS_DIR).parts[0]
+    except ValueError:
+        return None
+    return top if top in TIERS else ""
+
+
+_tier_of_test: dict[str, str] = {}
+_tier_seconds: dict[str, float] = defaultdict(float)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by its directory. A test file under tests/ outside the three tiers is an error; a test marked
+    for another tier than its directory's gets a warning (the directory decides what `make test-fast` runs)."""
+    misplaced = set()
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            continue
+        if not tier:
+            misplaced.add(str(item.path))
+            continue
+        others = sorted({m.name for m in item.iter_markers() if m.name in TIERS and m.name != tier})
+        if others:
+            item.warn(pytest.PytestWarning(f"marked {', '.join(others)} but in tests/{tier}: move it or drop the mark"))
+        item.add_marker(getattr(pytest.mark, tier))
+        _tier_of_test[item.nodeid] = tier
+    if misplaced:
+        raise pytest.UsageError(f"test files must be under tests/{{{','.join(TIERS)}}}/: {sorted(misplaced)}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    tier = _tier_of_test.get(report.nodeid)
+    if tier:
+        _tier_seconds[tier] += report.duration  # setup + call + teardown (module fixtures count where first used)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
+    if _tier_seconds:
+        times = ", ".join(f"{t} {_tier_seconds[t]:.1f} s" for t in TIERS if t in _tier_seconds)
+        terminalreporter.write_line(f"time per tier: {times}")
 
 
 @dataclass
@@ -44,7 +95,7 @@ class RunApi:
         argv = run_api_argv(self.port) if self.guard is None else guard_argv(self.port, **self.guard)
         self.proc = ManagedProcess("run-api", argv, self.log_dir / "run_api.log").start()
         FIXTURE_PIDS.add(self.proc.popen.pid)  # a fixture's API outlives the test that restarted it
-        self.proc.wait_http(f"{self.url}/status", timeout=60)
+        wait_until(http_ok(f"{self.url}/status"), 60, "run-api to answer", proc=self.proc)
         return self
 
     def stop(self) -> None:
@@ -87,11 +138,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def no_leftovers() -> Iterator[list[ManagedProcess]]:
     """Processes the test starts (append them here to have them stopped, whole trees, at the end); afterwards no
-    process the test started may remain (Ray, vLLM workers, envs included) — ones that existed before are ignored."""
-    before = descendants()
-    started: list[ManagedProcess] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-    left = left_behind(before | FIXTURE_PIDS)
-    assert not left, f"processes left behind: {left}"
+    process the test started may remain (Ray, vLLM workers, envs included), see ``helpers.no_processes_left``: ones
+    that existed before, and fixtures' processes (FIXTURE_PIDS) with their children, are ignored; processes
+    re-parented to init are found too; any found are stopped and the test fails."""
+    with no_processes_left() as started:
+        yield started
+
+
+@pytest.fixture()
+def launch(tmp_path: Path, tiny_model: Path, no_leftovers: list[ManagedProcess]) -> Iterator[Callable[..., Launch]]:
+    """Starts ``python -m recipe.atropos.launch_atropos_verl_services`` on the tiny model (``helpers.launcher_argv``):
+    ``launch(*overrides, run_dir=tmp_path/"run", config=TINY_CONFIG, log=tmp_path/"launcher.log")`` returns a started
+    :class:`~tests.helpers.Launch` (``wait_for``, ``wait_exit``, ``child``, ``send_signal``, ``log_text``). Called
+    again with the same ``run_dir`` it resumes that run. At teardown each launcher still running gets SIGTERM (it
+    stops its services), then its process tree is stopped; then ``no_leftovers`` fails the test if any process it
+    started remains. For one run shared by a module's tests: ``helpers.no_processes_left`` and
+    ``helpers.launcher_factory`` in a module-scoped fixture."""
+    with launcher_factory(tiny_model, tmp_path) as start:
+        yield start

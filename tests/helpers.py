@@ -1,19 +1,33 @@
-"""Helpers shared by the end-to-end tests: the launcher's command line, waiting for an exit, processes left behind."""
+"""Helpers shared by the tests that start real processes: command lines, the one wait loop, processes left behind."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
+import requests
 
-from recipe.atropos.launcher.processes import ManagedProcess, tail
+from recipe.atropos.launcher.processes import ManagedProcess, stop_process_tree, tail
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
 TINY_CONFIG = CONFIG_DIR / "atropos_grpo_tiny.yaml"
+
+# Set (to a token unique to the test) in the environment of every process a test under `no_leftovers` starts and
+# inherited by all their descendants, Ray's included: finds what they left behind even after re-parenting to init.
+TEST_TAG_VAR = "ATROPOS_VERL_TEST_TAG"
+
+# Processes owned by fixtures that outlive a test (the module's run-api, restarted by some tests): not leftovers.
+FIXTURE_PIDS: set[int] = set()
 
 
 def launcher_argv(model: Path, run_dir: Path, *overrides: str, config: Path = TINY_CONFIG) -> list[str]:
@@ -48,44 +62,177 @@ def trainer_argv(model: Path, run_dir: Path, *overrides: str, config_name: str =
     ]
 
 
-def wait_exit(proc: ManagedProcess, timeout: float) -> int:
-    """The exit code of ``proc``; after ``timeout`` s, TimeoutError with its log tail."""
+# ---- the one wait loop ------------------------------------------------------------------------------------------
+class Pollable(Protocol):
+    def poll(self) -> int | None: ...
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: Pollable | None = None,
+    log: Path | None = None,
+    interval: float = 0.5,
+) -> None:
+    """Poll ``ready()`` until true. ``proc`` (a ``ManagedProcess`` or ``Popen``) exiting first, or ``timeout`` s
+    passing, fails the test (AssertionError) with the tail of ``log`` (default: ``proc.log_path``)."""
+    if log is None:
+        log = getattr(proc, "log_path", None)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return int(proc.poll())
-        time.sleep(1)
-    raise TimeoutError(f"{proc.name} still running after {timeout} s:\n{tail(proc.log_path, 60)}")
+    while True:
+        if ready():
+            return
+        code = None if proc is None else proc.poll()
+        if code is not None:
+            raise AssertionError(f"exited with code {code} before {what}:\n{tail(log, 80) if log else ''}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timeout after {timeout:.0f} s waiting for {what}:\n{tail(log, 80) if log else ''}")
+        time.sleep(interval)
+
+
+def wait_exit(proc: ManagedProcess, timeout: float) -> int:
+    """The exit code of ``proc``; after ``timeout`` s, AssertionError with its log tail."""
+    wait_until(lambda: proc.poll() is not None, timeout, f"{proc.name} to exit", log=proc.log_path)
+    return int(proc.poll())
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A ``wait_until`` predicate: ``GET url`` answers with a status below 500."""
+
+    def answers() -> bool:
+        try:
+            return requests.get(url, timeout=2).status_code < 500
+        except requests.RequestException:
+            return False
+
+    return answers
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
-    """Until ``predicate()``; a launcher that exits first, or a timeout (the launcher is then stopped with SIGTERM, so
-    it stops its services), fails the test with the log tail."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
+    """Deprecated (kept for tests/integration/test_launcher.py until it uses the ``launch`` fixture): ``wait_until``,
+    then SIGTERM to ``proc`` when it failed."""
+    try:
+        wait_until(predicate, timeout, what, proc=proc, log=log)
+    except AssertionError:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+        raise
+
+
+# ---- the launcher as a test runs it -----------------------------------------------------------------------------
+@dataclass
+class Launch:
+    """One ``launch_atropos_verl_services`` process started by the ``launch`` fixture (stopped by it)."""
+
+    proc: ManagedProcess
+    run_dir: Path
+
+    @property
+    def log(self) -> Path:
+        return self.proc.log_path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """``wait_until`` for this launcher: its exit (or a timeout) fails the test with its log tail."""
+        wait_until(ready, timeout, what, proc=self.proc)
+
+    def wait_exit(self, timeout: float) -> int:
+        return wait_exit(self.proc, timeout)
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def child(self, needle: str) -> psutil.Process:
+        """The launcher's descendant whose command line holds ``needle``."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if any(needle in part for part in child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        raise AssertionError(f"no child process of the launcher running {needle}")
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGTERM (the launcher stops its services), then the whole process tree of what is still running."""
+        popen = self.proc.popen
+        if popen is None or popen.poll() is not None:
             return
-        if proc.poll() is not None:
-            raise AssertionError(f"launcher exited ({proc.poll()}) before {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-    proc.terminate()
-    proc.wait(60)
-    raise AssertionError(f"timeout waiting for {what}:\n{log.read_text()[-4000:]}")
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            stop_process_tree(popen.pid)
+            popen.wait(timeout=30)
 
 
+@contextmanager
+def launcher_factory(model: Path, tmp_dir: Path) -> Iterator[Callable[..., Launch]]:
+    """``start(*overrides, run_dir=tmp_dir/"run", config=TINY_CONFIG, log=tmp_dir/"launcher.log")`` starts a launcher
+    on ``model`` and returns its :class:`Launch`; on leaving, every launcher started is stopped (:meth:`Launch.stop`).
+    The same ``run_dir`` again resumes that run (the log is appended to)."""
+    launches: list[Launch] = []
+
+    def start(
+        *overrides: str, run_dir: Path | None = None, config: Path = TINY_CONFIG, log: Path | None = None
+    ) -> Launch:
+        run_dir = run_dir or tmp_dir / "run"
+        argv = launcher_argv(model, run_dir, *overrides, config=config)
+        proc = ManagedProcess("launcher", argv, log or tmp_dir / "launcher.log").start()
+        launches.append(Launch(proc, run_dir))
+        return launches[-1]
+
+    try:
+        yield start
+    finally:
+        for run in reversed(launches):
+            run.stop()
+
+
+# ---- processes left behind --------------------------------------------------------------------------------------
 def descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def left_behind(before: set[int], grace_s: float = 30.0) -> list[list[str]]:
-    """Command lines of this process's descendants not in ``before`` still alive after ``grace_s`` (zombies ignored)."""
+def tagged(tag: str) -> list[psutil.Process]:
+    """Processes (of any parent) whose environment holds ``TEST_TAG_VAR=tag``: started by the test that set it."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(TEST_TAG_VAR) == tag:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def left_behind(before: set[int], grace_s: float = 30.0, tag: str | None = None, kill: bool = False) -> list[list[str]]:
+    """Command lines of the processes still alive after ``grace_s`` (zombies ignored) among this process's
+    descendants not in ``before`` and, with ``tag``, the processes carrying it (except ``before`` and theirs).
+    ``kill``: stop those found (whole trees), so a failed test does not leave them to the next one."""
     deadline = time.monotonic() + grace_s
 
-    def alive() -> list[psutil.Process]:
-        out = []
-        for p in psutil.Process().children(recursive=True):
+    def excluded() -> set[int]:
+        out = set(before)
+        for pid in before:
             try:
-                if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def alive() -> list[psutil.Process]:
+        skip = excluded()
+        candidates = {p.pid: p for p in psutil.Process().children(recursive=True)}
+        if tag is not None:
+            candidates.update({p.pid: p for p in tagged(tag)})
+        out = []
+        for pid, p in candidates.items():
+            try:
+                if pid not in skip and p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                     out.append(p)
             except psutil.NoSuchProcess:
                 continue
@@ -101,4 +248,32 @@ def left_behind(before: set[int], grace_s: float = 30.0) -> list[list[str]]:
             names.append(p.cmdline())
         except psutil.NoSuchProcess:
             continue
+    if kill:
+        for p in left:
+            stop_process_tree(p.pid)
     return names
+
+
+@contextmanager
+def no_processes_left(grace_s: float = 30.0) -> Iterator[list[ManagedProcess]]:
+    """Processes started inside (append ManagedProcess objects to have them stopped, whole trees, on leaving); on
+    leaving, no process started inside may remain (Ray, vLLM workers, envs included): AssertionError naming them, after
+    stopping them. Ones that existed before, and FIXTURE_PIDS with their children, are ignored. What was started is
+    found as this process's descendants and by ``TEST_TAG_VAR``, set to a fresh token in ``os.environ`` inside (every
+    process started inherits it), so processes re-parented to init when their parent died are found too."""
+    tag = uuid.uuid4().hex
+    previous = os.environ.get(TEST_TAG_VAR)
+    os.environ[TEST_TAG_VAR] = tag
+    before = descendants()
+    started: list[ManagedProcess] = []
+    try:
+        yield started
+    finally:
+        if previous is None:
+            os.environ.pop(TEST_TAG_VAR, None)
+        else:
+            os.environ[TEST_TAG_VAR] = previous
+        for proc in reversed(started):
+            proc.stop()
+        left = left_behind(before | FIXTURE_PIDS, grace_s, tag=tag, kill=True)
+    assert not left, f"processes left behind: {left}"
