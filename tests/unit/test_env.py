@@ -1,13 +1,23 @@
-"""The bundled OneWordEnv: scoring and env-side advantages by hand, config, deterministic questions."""
+"""The bundled OneWordEnv: scoring and env-side advantages by hand, config, its seeded question stream and the
+held-out set."""
 
 from __future__ import annotations
 
+import asyncio
 import math
-import random
 
 import pytest
 
-from recipe.atropos.envs.one_word_env import INSTRUCTION, OneWordEnv, group_normalised, one_word_score, question
+from recipe.atropos.envs.one_word_env import (
+    HELD_OUT_SUBJECTS,
+    INSTRUCTION,
+    SUBJECTS,
+    TEMPLATES,
+    OneWordEnv,
+    group_normalised,
+    held_out_questions,
+    one_word_score,
+)
 
 
 @pytest.mark.parametrize(
@@ -36,10 +46,57 @@ def test_group_normalised_by_hand() -> None:
     assert group_normalised([1.0, 1.0]) == [0.0, 0.0]
 
 
-def test_questions_are_seeded_and_carry_the_instruction() -> None:
-    first = [question(random.Random(7)) for _ in range(3)]
-    again = [question(random.Random(7)) for _ in range(3)]
-    assert first == again and all(q.endswith(INSTRUCTION) for q in first)
+async def _items(env: OneWordEnv, n: int) -> list[str]:
+    return [await env.get_next_item() for _ in range(n)]
+
+
+def question_stream(seed: int, n: int = 200) -> list[str]:
+    """The first ``n`` items the env asks with ``--env.seed seed``, through its own ``setup`` and ``get_next_item``
+    (no tokenizer or server is needed for these)."""
+    env_config, _ = OneWordEnv.config_init()
+    assert env_config.steps_per_eval == 0  # setup then starts no evaluation
+    env = object.__new__(OneWordEnv)
+    env.config = env_config.model_copy(update={"seed": seed})
+    asyncio.run(env.setup())
+    return asyncio.run(_items(env, n))
+
+
+TRAINING_QUESTIONS = {f"{t.format(s)} {INSTRUCTION}" for t in TEMPLATES for s in SUBJECTS}
+
+
+def test_same_seed_same_question_stream_and_other_seeds_other_streams() -> None:
+    assert question_stream(0) == question_stream(0)  # a run's envs ask the same questions when restarted
+    # the tiny config's two envs (seeds 0 and 1) ask different streams; so does any other seed
+    streams = {seed: question_stream(seed) for seed in (0, 1, 7)}
+    assert streams[0] != streams[1] and streams[0] != streams[7] and streams[1] != streams[7]
+    assert streams[0][:20] != streams[1][:20]  # not merely the same stream shifted late
+
+
+def test_questions_are_template_subject_pairs_ending_with_the_instruction_and_vary() -> None:
+    stream = question_stream(0)
+    assert all(q.endswith(" " + INSTRUCTION) for q in stream)
+    assert set(stream) <= TRAINING_QUESTIONS
+    # a stream of 200 reaches every template and nearly every subject, not one question over and over
+    assert all(any(q.startswith(t.split("{}")[0]) for q in stream) for t in TEMPLATES)
+    assert sum(any(s in q for q in stream) for s in SUBJECTS) >= len(SUBJECTS) - 2
+    assert len(set(stream)) >= 40
+
+
+def test_held_out_subjects_never_appear_in_training_questions() -> None:
+    asked = [q for seed in (0, 1, 7) for q in question_stream(seed)]
+    assert not [q for q in asked if any(h in q for h in HELD_OUT_SUBJECTS)]
+    assert not [q for q in TRAINING_QUESTIONS if any(h in q for h in HELD_OUT_SUBJECTS)]
+    assert not set(SUBJECTS) & set(HELD_OUT_SUBJECTS)
+
+
+def test_held_out_set_is_fixed_on_held_out_subjects_and_disjoint_from_training() -> None:
+    full = held_out_questions(32)
+    assert held_out_questions(32) == full and held_out_questions(8) == full[:8]  # the same set in every run
+    assert len(set(full)) == 32 == len(HELD_OUT_SUBJECTS) * len(TEMPLATES)
+    assert all(q.endswith(" " + INSTRUCTION) and sum(h in q for h in HELD_OUT_SUBJECTS) == 1 for q in full)
+    assert not set(full) & TRAINING_QUESTIONS
+    # the env's evaluation (8 questions by default) already spans several held-out subjects
+    assert len({h for q in full[:8] for h in HELD_OUT_SUBJECTS if h in q}) >= 4
 
 
 def test_config_init_points_at_the_vllm_server_type() -> None:
