@@ -1,104 +1,185 @@
 """verl 0.9.1's SGLang rollout server keeps the generate() contract RayReplicaBackend calls.
 
-verl's ``async_sglang_server`` imports ``sglang`` at module level, which is not installed on CPU machines, so its
-source is read with ``ast`` (the installed file, not a copy): our call must bind to the real signature, and the
-server must translate the vLLM-style keys we send (``max_tokens``, ``logprobs``). Where ``sglang`` is installed the
-class itself is imported and checked the same way.
+verl's ``async_sglang_server`` imports ``sglang`` at module level, and sglang (a GPU-only dependency) is not installed
+on CPU machines. So where it is missing, the installed verl module is imported with an empty stand-in for the
+``sglang`` package (every name it imports from sglang is a placeholder; nothing of sglang runs), and verl's own
+``SGLangHttpServer.generate`` is then called the way our backend calls it, on a stand-in engine that records the
+request verl builds and answers like SGLang. Where sglang is installed, the real module is imported the same way.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
+import importlib
+import importlib.abc
+import importlib.machinery
 import inspect
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import verl
 from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput
 
-from recipe.atropos.endpoint.server import RayReplicaBackend, SamplingParams
+from recipe.atropos.endpoint.backends import Completion, RayReplicaBackend, SamplingParams
 
-SGLANG_SERVER = Path(verl.__file__).parent / "workers" / "rollout" / "sglang_rollout" / "async_sglang_server.py"
-
-
-def sglang_generate() -> ast.AsyncFunctionDef:
-    tree = ast.parse(SGLANG_SERVER.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SGLangHttpServer")
-    return next(n for n in cls.body if isinstance(n, ast.AsyncFunctionDef) and n.name == "generate")
+SERVER_MODULE = "verl.workers.rollout.sglang_rollout.async_sglang_server"
+PROMPT = [1, 2, 3]
 
 
-def signature_of(fn: ast.AsyncFunctionDef) -> inspect.Signature:
-    """The parameters of ``fn`` (defaults as placeholders), without importing its module."""
-    args = fn.args.args[1:]  # drop self
-    n_defaults = len(fn.args.defaults)
-    params = [
-        inspect.Parameter(
-            a.arg,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            default=None if i >= len(args) - n_defaults else inspect.Parameter.empty,
-        )
-        for i, a in enumerate(args)
-    ]
-    return inspect.Signature(params)
+class Placeholder:
+    """Any class or function imported from the stand-in sglang: keeps the keywords it was built with."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.__dict__.update(kwargs)
 
 
-class RecordingHandle:
-    """A stand-in Ray handle: records the generate() call and answers like verl's servers do (TokenOutput)."""
+class _StandInSglang(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finder of last resort for ``sglang`` and its submodules: empty packages whose every name is a Placeholder."""
 
-    def __init__(self) -> None:
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "sglang" and not name.startswith("sglang."):
+            return None
+        return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = types.ModuleType(spec.name)
+
+        def placeholder(attr: str) -> Any:
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return type(attr, (Placeholder,), {})
+
+        module.__getattr__ = placeholder  # type: ignore[method-assign]
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def sglang_server() -> Iterator[types.ModuleType]:
+    """verl's installed ``async_sglang_server`` module; what this import added to ``sys.modules`` (sglang's stand-in
+    and verl's sglang modules) is removed afterwards, so no later test sees them."""
+    before = set(sys.modules)
+    finder = _StandInSglang()
+    sys.meta_path.append(finder)  # last: a real sglang, where installed, is found first
+    try:
+        yield importlib.import_module(SERVER_MODULE)
+    finally:
+        sys.meta_path.remove(finder)
+        for name in set(sys.modules) - before:
+            if "sglang" in name:
+                del sys.modules[name]
+        rollout = sys.modules.get("verl.workers.rollout")
+        if rollout is not None and "verl.workers.rollout.sglang_rollout" not in sys.modules:
+            rollout.__dict__.pop("sglang_rollout", None)
+
+
+class StandInEngine:
+    """SGLang's tokenizer manager as verl's server uses it: records each request, answers with ``output``."""
+
+    def __init__(self, output: dict[str, Any]) -> None:
+        self.output = output
+        self.requests: list[Any] = []
+
+    def generate_request(self, request: Any, _raw: Any) -> Any:
+        self.requests.append(request)
+
+        async def answer() -> Any:
+            yield self.output
+
+        return answer()
+
+
+def server_self(engine: StandInEngine) -> SimpleNamespace:
+    """The attributes ``SGLangHttpServer.generate`` reads from ``self`` (set by its ``__init__`` in a real server)."""
+    config = SimpleNamespace(
+        max_model_len=64, prompt_length=48, response_length=16, enable_rollout_routing_replay=False, mtp=None
+    )
+    return SimpleNamespace(
+        _disaggregation_role="null",
+        _pd_decode_peers=[],
+        config=config,
+        lora_as_adapter=False,
+        tokenizer_manager=engine,
+        replica_rank=0,
+        global_steps=3,
+    )
+
+
+class ServerHandle:
+    """A Ray handle whose ``generate.remote(**kwargs)`` runs verl's own ``SGLangHttpServer.generate``."""
+
+    def __init__(self, server_class: type, engine: StandInEngine) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.generate = SimpleNamespace(remote=self._remote)
+        self._server = server_self(engine)
+        self._generate = server_class.generate
 
-    async def _remote(self, **kwargs: Any) -> TokenOutput:
-        self.calls.append(kwargs)
-        return TokenOutput(token_ids=[5, 2], log_probs=[-0.1, -0.2])
+        async def remote(**kwargs: Any) -> TokenOutput:
+            self.calls.append({k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()})
+            return await self._generate(self._server, **kwargs)
 
-
-def backend_call() -> dict[str, Any]:
-    handle = RecordingHandle()
-    backend = RayReplicaBackend([handle], eos_token_ids=[2])
-    completion = asyncio.run(backend.generate([1, 2, 3], SamplingParams(max_tokens=8, temperature=0.7, top_k=-1)))
-    assert completion.token_ids == [5, 2] and completion.finish_reason == "stop"
-    return handle.calls[0]
+        self.generate = SimpleNamespace(remote=remote)
 
 
-def test_sglang_is_a_registered_verl_rollout() -> None:
+SGLANG_OUTPUT = {
+    "output_ids": [5, 2],
+    # SGLang's (log-prob, token id, text) triples of the sampled tokens
+    "meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": [(-0.1, 5, None), (-0.2, 2, None)]},
+}
+
+
+def run_backend(server_class: type, params: SamplingParams) -> tuple[Completion, ServerHandle, StandInEngine]:
+    engine = StandInEngine(SGLANG_OUTPUT)
+    handle = ServerHandle(server_class, engine)
+    completion = asyncio.run(RayReplicaBackend([handle], eos_token_ids=[2]).generate(PROMPT, params))
+    return completion, handle, engine
+
+
+def test_sglang_is_a_registered_verl_rollout_served_by_this_module(sglang_server: types.ModuleType) -> None:
     assert "sglang" in RolloutReplicaRegistry._registry
+    assert issubclass(sglang_server.SGLangReplica, sglang_server.RolloutReplica)
 
 
-def test_our_generate_call_binds_to_verls_sglang_server_signature() -> None:
-    fn = sglang_generate()
-    sig = signature_of(fn)
-    assert list(sig.parameters)[:3] == ["prompt_ids", "sampling_params", "request_id"]
-    assert ast.unparse(fn.returns) == "TokenOutput"
-    call = backend_call()
-    sig.bind(**call)  # raises TypeError if a keyword we pass is missing from verl's signature
+def test_our_generate_call_binds_to_verls_sglang_server_signature(sglang_server: types.ModuleType) -> None:
+    sig = inspect.signature(sglang_server.SGLangHttpServer.generate)
+    assert list(sig.parameters)[:4] == ["self", "prompt_ids", "sampling_params", "request_id"]
+    assert inspect.iscoroutinefunction(sglang_server.SGLangHttpServer.generate)
+    _, handle, _ = run_backend(sglang_server.SGLangHttpServer, SamplingParams(max_tokens=8))
+    (call,) = handle.calls
     assert set(call) == {"prompt_ids", "sampling_params", "request_id"}
+    sig.bind(None, **call)  # TypeError if a keyword we pass is not in verl's signature
 
 
-def test_sglang_server_translates_the_vllm_style_keys_we_send() -> None:
-    source = ast.unparse(sglang_generate())
-    sent = set(backend_call()["sampling_params"])
-    assert sent == {"temperature", "top_p", "top_k", "max_tokens", "logprobs"}
-    # verl maps max_tokens -> SGLang's max_new_tokens and logprobs -> return_logprob; the rest are SGLang's own names
-    assert "sampling_params.pop('max_tokens')" in source
-    assert "sampling_params.pop('logprobs', False)" in source
-    assert "output_token_logprobs" in source  # log-probs of the sampled tokens come back in TokenOutput.log_probs
+def test_verls_sglang_server_translates_the_vllm_style_keys_we_send(sglang_server: types.ModuleType) -> None:
+    params = SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, top_k=-1)
+    completion, handle, engine = run_backend(sglang_server.SGLangHttpServer, params)
+    sent = handle.calls[0]["sampling_params"]
+    assert set(sent) == {"temperature", "top_p", "top_k", "max_tokens", "logprobs"}
+    (request,) = engine.requests
+    # max_tokens -> SGLang's max_new_tokens, logprobs -> return_logprob; the rest are SGLang's own names, unchanged
+    assert request.sampling_params == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 8}
+    assert request.return_logprob is True
+    assert list(request.input_ids) == PROMPT and request.rid == handle.calls[0]["request_id"]
+    # the sampled tokens' log-probs come back in TokenOutput.log_probs, which our backend returns with the tokens
+    assert completion == Completion([5, 2], [-0.1, -0.2], "stop")
 
 
-def test_the_real_sglang_server_class_when_sglang_is_installed() -> None:
-    pytest.importorskip("sglang", reason="sglang is not installed (GPU-only dependency); checked from source above")
-    from verl.workers.rollout.sglang_rollout.async_sglang_server import SGLangHttpServer
-
-    inspect.signature(SGLangHttpServer.generate).bind(None, **backend_call())
+def test_verls_sglang_server_caps_max_tokens_at_the_context_left(sglang_server: types.ModuleType) -> None:
+    # max_model_len 64, prompt of 3: at most 64 - 3 - 1 = 60 new tokens, whatever we ask for
+    _, _, engine = run_backend(sglang_server.SGLangHttpServer, SamplingParams(max_tokens=500))
+    assert engine.requests[0].sampling_params["max_new_tokens"] == 60
 
 
 def test_gpu_config_with_sglang_passes_and_vllm_http_with_sglang_is_refused() -> None:
-    from recipe.atropos.launch_atropos_verl_services import load_config
-    from recipe.atropos.trainer import check_atropos_config
+    from recipe.atropos.config.checks import check_atropos_config
+    from recipe.atropos.launcher.config import load_config
 
     gpu = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_gpu.yaml"
     config = load_config(gpu, ["actor_rollout_ref.rollout.name=sglang"])
