@@ -1,15 +1,20 @@
-"""Every shipped config composes and passes verl's own ``validate_config``, as the trainer would run it."""
+"""Every shipped config composes and passes verl's own ``validate_config``, as the trainer would run it; the base
+YAML's ``atropos:`` block repeats the defaults of ``AtroposConfig`` exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import validate_config
 
-from recipe.atropos.launch_atropos_verl_services import load_config
+from recipe.atropos.config import AtroposConfig, atropos_config
+from recipe.atropos.launcher.config import load_config
 from recipe.atropos.runtime import CPU_SETTINGS
 from recipe.atropos.runtime.gpu import FLASH_ATTN_INSTALL, check_gpu_runtime, flash_attn_importable, needs_flash_attn
 
@@ -30,6 +35,10 @@ def _as_run(name: str):
 
 def test_the_list_of_shipped_configs_is_the_documented_one() -> None:
     assert {"atropos_grpo", "atropos_grpo_tiny", "atropos_grpo_cpu_demo", "atropos_grpo_gpu"} <= set(SHIPPED)
+    # every YAML shipped is a primary config (checked below) or the base they all extend
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == {*SHIPPED, "atropos_grpo_base"}
+    for name in SHIPPED:
+        assert "atropos_grpo_base" in yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["defaults"], name
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -37,6 +46,7 @@ def test_shipped_config_passes_verls_validate_config(name: str) -> None:
     config = _as_run(name)
     assert not need_critic(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=False)
+    atropos_config(config)  # the typed `atropos` block accepts it (unknown keys, wrong types, bad values raise)
 
 
 def test_gpu_config_fits_one_gpu_and_keeps_bounded_checkpoints() -> None:
@@ -94,3 +104,57 @@ def test_vllm_http_backend_needs_a_vllm_rollout(rollout: str, accepted: bool) ->
     else:
         with pytest.raises(ValueError, match="vllm_http needs a vLLM rollout"):
             check_atropos_config(config)
+
+
+# ---- the base YAML's `atropos:` block against the dataclass defaults ---------------------------------------------
+def dataclass_defaults(cls: type) -> dict[str, Any]:
+    """Every field of ``cls`` with its default (default_factory called), nested dataclasses as dicts; verl's
+    ``BaseConfig._target_`` (set by ``omega_conf_to_dataclass``, never written in a YAML) left out."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "_target_":
+            continue
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise AssertionError(f"{cls.__name__}.{f.name} has no default: the YAML cannot repeat it")
+        out[f.name] = dataclass_defaults(type(value)) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def differences(yaml_value: Any, default: Any, path: str) -> list[str]:
+    """Where the YAML and the defaults disagree: missing or extra keys, unequal values (numbers as floats)."""
+    if isinstance(default, dict) and isinstance(yaml_value, dict):
+        out = [f"{path}.{k}: in the dataclass, not in the YAML" for k in sorted(default.keys() - yaml_value.keys())]
+        out += [f"{path}.{k}: in the YAML, not in the dataclass" for k in sorted(yaml_value.keys() - default.keys())]
+        for key in sorted(default.keys() & yaml_value.keys()):
+            out += differences(yaml_value[key], default[key], f"{path}.{key}")
+        return out
+    numbers = (int, float)
+    if isinstance(default, numbers) and isinstance(yaml_value, numbers) and not isinstance(default, bool):
+        equal = not isinstance(yaml_value, bool) and float(yaml_value) == float(default)
+    else:
+        equal = type(yaml_value) is type(default) and yaml_value == default
+    return [] if equal else [f"{path}: YAML {yaml_value!r}, dataclass {default!r}"]
+
+
+def test_base_yaml_atropos_block_repeats_the_dataclass_defaults_key_by_key() -> None:
+    block = yaml.safe_load((CONFIGS / "atropos_grpo_base.yaml").read_text())["atropos"]
+    defaults = dataclass_defaults(AtroposConfig)
+    assert defaults["launcher"]["envs"] == []  # the base starts no environment; configs list their own
+    diffs = differences(block, defaults, "atropos")
+    assert not diffs, "atropos_grpo_base.yaml and AtroposConfig disagree:\n" + "\n".join(diffs)
+
+
+def test_the_comparison_sees_a_changed_default_a_missing_key_and_an_extra_one() -> None:
+    defaults = {"a": 1.0, "b": {"c": None, "d": []}, "e": True}
+    assert differences({"a": 1, "b": {"c": None, "d": []}, "e": True}, defaults, "x") == []  # 1 == 1.0
+    assert differences({"a": 2, "b": {"c": "${y}", "x": 1}, "e": 1}, defaults, "x") == [
+        "x.a: YAML 2, dataclass 1.0",
+        "x.b.d: in the dataclass, not in the YAML",
+        "x.b.x: in the YAML, not in the dataclass",
+        "x.b.c: YAML '${y}', dataclass None",
+        "x.e: YAML 1, dataclass True",
+    ]
