@@ -201,7 +201,8 @@ def test_config_checks_for_offline_mode(tmp_path: Path) -> None:
 
 
 def test_the_launcher_refuses_offline_mode_naming_the_entry_point() -> None:
-    from recipe.atropos.launcher.supervisor import Launcher, LaunchError
+    from recipe.atropos.launcher.config import LaunchError
+    from recipe.atropos.launcher.supervisor import Launcher
 
     tiny = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
     with pytest.raises(LaunchError, match="recipe.atropos.main_atropos"):

@@ -26,9 +26,10 @@ from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
 VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
 
 
-def check_atropos_config(config: DictConfig) -> AtroposConfig:
-    """The typed ``atropos`` block, after every check of the whole config; ``ValueError`` names the key and the fix."""
-    atropos = atropos_config(config)
+def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = None) -> AtroposConfig:
+    """The typed ``atropos`` block (built here unless given), after every check of the whole config; ``ValueError``
+    names the key and the fix."""
+    atropos = atropos if atropos is not None else atropos_config(config)
     offline_epochs = atropos.source == "jsonl" and atropos.offline.epochs
     if not config.trainer.get("total_training_steps") and not offline_epochs:
         raise ValueError(

@@ -125,7 +125,7 @@ def run_preflight(config: DictConfig, atropos: AtroposConfig) -> None:
     from recipe.atropos.config import check_atropos_config
 
     try:
-        check_atropos_config(config)
+        check_atropos_config(config, atropos)
     except ValueError as exc:
         raise _one_line(exc) from None
     check_model_path(str(config.actor_rollout_ref.model.path))
