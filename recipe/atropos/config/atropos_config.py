@@ -17,10 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from verl.base_config import BaseConfig
 
+from recipe.atropos.runtime import CPU_ROLLOUTS, RUNTIMES
+
 SOURCES = ("api", "jsonl")
 BACKENDS = ("ray", "vllm_http")
-RUNTIMES = ("auto", "cpu", "cuda")
-CPU_ROLLOUTS = ("hf_cpu", "vllm")
 NORMALIZATIONS = ("none", "batch")
 
 

@@ -65,7 +65,8 @@ VLLM_CPU_SETTINGS: tuple[tuple[str, object], ...] = (
     ("actor_rollout_ref.rollout.enforce_eager", True),
     ("actor_rollout_ref.rollout.dtype", "float32"),
 )
-CPU_ROLLOUTS = ("hf_cpu", "vllm")
+CPU_ROLLOUTS = ("hf_cpu", "vllm")  # atropos.cpu_rollout
+RUNTIMES = ("auto", "cpu", "cuda")  # atropos.runtime
 
 
 def cpu_rollout_settings(cpu_rollout: str = "hf_cpu") -> tuple[tuple[str, object], ...]:
@@ -90,7 +91,7 @@ def cuda_available() -> bool:
 
 def should_use_cpu_runtime(requested: str = "auto") -> bool:
     """``auto``: only without CUDA; ``cpu``: always; ``cuda``: never."""
-    if requested not in ("auto", "cpu", "cuda"):
+    if requested not in RUNTIMES:
         raise ValueError(f"atropos.runtime={requested!r}: use 'auto', 'cpu' or 'cuda'")
     return requested == "cpu" or (requested == "auto" and not cuda_available())
 
