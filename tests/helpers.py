@@ -156,8 +156,9 @@ class Launch:
                 continue
         raise AssertionError(f"no child process of the launcher running {needle}")
 
-    def stop(self, grace_s: float = 60.0) -> None:
-        """SIGTERM (the launcher stops its services), then the whole process tree of what is still running."""
+    def stop(self, grace_s: float = 60.0, kill_after_s: float = 10.0) -> None:
+        """SIGTERM (the launcher stops its services); after ``grace_s``, the whole process tree of what still runs
+        (SIGTERM, SIGKILL after ``kill_after_s``)."""
         popen = self.proc.popen
         if popen is None or popen.poll() is not None:
             return
@@ -165,7 +166,7 @@ class Launch:
         try:
             popen.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            stop_process_tree(popen.pid)
+            stop_process_tree(popen.pid, timeout=kill_after_s)
             popen.wait(timeout=30)
 
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from recipe.atropos.launcher.processes import ManagedProcess
-from tests.helpers import TEST_TAG_VAR, no_processes_left, wait_exit, wait_until
+from tests.helpers import TEST_TAG_VAR, Launch, no_processes_left, wait_exit, wait_until
 
 
 def test_wait_until_returns_when_ready_and_fails_on_timeout() -> None:
@@ -48,3 +48,47 @@ def test_processes_stopped_in_time_are_not_leftovers(tmp_path: Path) -> None:
         started.append(ManagedProcess("sleeper", argv, tmp_path / "s.log").start())  # stopped on leaving
         done = ManagedProcess("quick", [sys.executable, "-c", "pass"], tmp_path / "q.log").start()
         assert wait_exit(done, 30) == 0
+
+
+def dead(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+GRACEFUL = """
+import signal, sys, time
+def stop(*_):
+    open(sys.argv[1], "w").write("stopped its services")
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+STUBBORN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+subprocess.Popen([sys.executable, "-c", child])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_launch_stop_sends_sigterm_then_stops_the_tree_of_a_launcher_that_ignores_it(tmp_path: Path) -> None:
+    with no_processes_left(grace_s=1.0):
+        note = tmp_path / "note"
+        graceful = ManagedProcess("launcher", [sys.executable, "-c", GRACEFUL, str(note)], tmp_path / "g.log").start()
+        run = Launch(graceful, tmp_path)
+        run.wait_for(lambda: "ready" in run.log_text(), 30, "ready")
+        run.stop(grace_s=30)
+        assert graceful.poll() == 130 and note.read_text() == "stopped its services"  # SIGTERM first
+
+        stubborn = ManagedProcess("launcher", [sys.executable, "-c", STUBBORN], tmp_path / "s.log").start()
+        run = Launch(stubborn, tmp_path)
+        run.wait_for(lambda: "ready" in run.log_text(), 30, "ready")
+        child = run.child("signal.SIG_IGN")
+        run.stop(grace_s=0.5, kill_after_s=0.5)  # ignored: the whole tree is stopped (SIGKILL after 0.5 s)
+        assert stubborn.poll() is not None  # (its code reads 0: psutil reaped it before Popen could)
+        assert dead(child)  # re-parented, killed (a zombie until init reaps it)
