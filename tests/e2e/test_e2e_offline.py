@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from recipe.atropos.launcher.report import read_metrics
 from recipe.atropos.launcher.processes import ManagedProcess, tail
+from recipe.atropos.metrics_file import read_metrics
 from tests.helpers import trainer_argv, wait_exit
-
-pytestmark = pytest.mark.e2e
 
 REPLIES = ("Blue", "It is blue", "Paris", "A cat")
 

@@ -4,26 +4,21 @@ held-out evaluations reach the metrics file and the summary."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from recipe.atropos.launcher.processes import ManagedProcess, tail
+from recipe.atropos.launcher.processes import tail
 from recipe.atropos.metrics_file import read_metrics
-from tests.helpers import launcher_argv
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 
 
-@pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: Path, tiny_model: Path) -> None:
+def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: Path, launch) -> None:
     """The demo's mode on the tiny config: the actor applies min(π_θ/π_rollout, 2) itself; no old-log-prob pass;
     the env's held-out evaluations land in the metrics file and the summary."""
-    model = tiny_model
-    run_dir = tmp_path / "run"
     # The tiny config, its first env evaluating on held-out questions every API step (env flag names hold dots, so
     # the YAML is edited rather than overridden).
     config_dir = tmp_path / "config"
@@ -32,23 +27,14 @@ def test_bypass_mode_trains_end_to_end_without_the_old_log_prob_pass(tmp_path: P
     tiny = yaml.safe_load((CONFIGS / "atropos_grpo_tiny.yaml").read_text())
     tiny["atropos"]["launcher"]["envs"][0]["args"].update({"env.steps_per_eval": 1, "env.eval_questions": 2})
     (config_dir / "tiny_eval.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
-    argv = launcher_argv(
-        model,
-        run_dir,
+    run = launch(
         "trainer.total_training_steps=3",
         "algorithm.rollout_correction.bypass_mode=true",
         "atropos.final_eval_wait_s=300",
         config=config_dir / "tiny_eval.yaml",
     )
-    launcher = ManagedProcess("launcher", argv, tmp_path / "launcher.log").start()
-    try:
-        deadline = 540.0
-        while launcher.poll() is None and deadline > 0:
-            time.sleep(1)
-            deadline -= 1
-        assert launcher.poll() == 0, tail(launcher.log_path, 80)
-    finally:
-        launcher.stop()
+    run_dir = run.run_dir
+    assert run.wait_exit(540) == 0, tail(run.log, 80)
     rows = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if r.get("source") == "env:one_word"]
     rows = [r for r in rows if "source" not in r]

@@ -19,8 +19,6 @@ from transformers import AutoModelForCausalLM
 from recipe.atropos.runtime import cpu_runtime_env, cpu_runtime_overrides
 from recipe.atropos.runtime.assets import build_tiny_model
 
-pytestmark = pytest.mark.e2e
-
 REWARD_FN = '''
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
     """Fraction of the letter 'a' in the reply: varies between samples of a random model."""
@@ -48,7 +46,7 @@ def numbers(log: str, key: str) -> list[float]:
 
 
 @pytest.mark.timeout(420)
-def test_verl_grpo_loop_runs_on_cpu(tmp_path: Path) -> None:
+def test_verl_grpo_loop_runs_on_cpu(tmp_path: Path, no_leftovers: list) -> None:
     model = build_tiny_model(tmp_path / "tiny")
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD_FN)
