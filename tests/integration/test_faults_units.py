@@ -135,7 +135,7 @@ def test_resuming_a_finished_run_says_so_and_exits_0(tiny_model: Path, tmp_path:
     assert "already finished: checkpoint at step 3 of trainer.total_training_steps=3" in run.stdout
 
 
-def test_sigint_works_when_inherited_as_ignored(tiny_model: Path, tmp_path: Path) -> None:
+def test_sigint_works_when_inherited_as_ignored(tiny_model: Path, tmp_path: Path, no_leftovers: list) -> None:
     """A launcher started with SIGINT ignored (a script's background job) still stops on SIGINT."""
     import time
 

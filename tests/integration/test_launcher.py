@@ -1,38 +1,20 @@
-"""The launcher: config checks, env command lines, the run report (unit) and failure handling of whole runs with real
-processes (e2e, tiny config).
-
-A run to completion through the launcher is tested in tests/e2e/test_e2e_trainer.py."""
+"""The launcher with real processes: composition without importing verl (a fresh interpreter), supervision of a
+dying environment, and a trainer that cannot start."""
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
-from recipe.atropos.config import EnvConfig, atropos_config
-from recipe.atropos.launcher.config import LaunchError, load_config
-from recipe.atropos.launcher.envs import checked_envs, env_argv, write_env_ids
-from recipe.atropos.launcher.report import fault_line, step_line, summarize, write_run_report
-from recipe.atropos.metrics_file import read_metrics
-from tests.helpers import launcher_argv, wait_for
+from recipe.atropos.launcher.config import LaunchError
+from recipe.atropos.launcher.processes import ManagedProcess
+from recipe.atropos.launcher.supervisor import Launcher
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 TINY = CONFIGS / "atropos_grpo_tiny.yaml"
-
-
-@pytest.mark.parametrize("name", ["atropos_grpo", "atropos_grpo_tiny", "atropos_grpo_cpu_demo", "atropos_grpo_gpu"])
-def test_every_shipped_config_composes(name: str) -> None:
-    config = load_config(CONFIGS / f"{name}.yaml", [])
-    assert config.algorithm.adv_estimator == "grpo"  # env advantages are combined by the trainer, not an estimator
-    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "advantage_weighted_ce"
-    launcher = atropos_config(config).launcher  # the typed block accepts every shipped config
-    if launcher.envs:  # atropos_grpo.yaml names none: its environments are started elsewhere
-        checked_envs(launcher, int(config.data.train_batch_size))
 
 
 def test_launcher_composes_the_trainers_config_without_importing_verl() -> None:
@@ -46,7 +28,6 @@ fast = load_config({str(CONFIGS / "atropos_grpo_cpu_demo.yaml")!r}, ["data.train
 assert "verl" not in sys.modules and "torch" not in sys.modules, "composition imported verl"
 with initialize_config_dir(config_dir={str(CONFIGS)!r}, version_base=None):
     slow = compose(config_name="atropos_grpo_cpu_demo", overrides=["data.train_batch_size=16"])
-assert "verl" in sys.modules
 assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)
 print(fast.data.train_batch_size)
 """
@@ -55,146 +36,38 @@ print(fast.data.train_batch_size)
     assert out.stdout.strip() == "16"
 
 
-def envs_of(*overrides: str) -> dict[str, EnvConfig]:
-    config = load_config(TINY, list(overrides))
-    return checked_envs(atropos_config(config).launcher, int(config.data.train_batch_size))
-
-
-def test_batch_size_must_be_a_multiple_of_every_group_size() -> None:
-    with pytest.raises(LaunchError, match="train_batch_size=6 is not a multiple of env 'one_word' group_size=4"):
-        envs_of("data.train_batch_size=6")
-
-
-def test_env_entry_needs_exactly_one_of_module_or_script() -> None:
-    with pytest.raises(LaunchError, match=r"envs\[0\] \(one_word\): give exactly one of `module` or `script`"):
-        envs_of("+atropos.launcher.envs.0.script=x.py")
-
-
-def test_envs_are_named_by_index_unless_named_and_names_must_differ() -> None:
-    assert list(envs_of()) == ["one_word", "one_word_pairs"]
-    assert list(envs_of("atropos.launcher.envs.1.name=null")) == ["one_word", "env1"]
-    with pytest.raises(LaunchError, match=r"envs\[1\]: the name 'one_word' is taken"):
-        envs_of("atropos.launcher.envs.1.name=one_word")
-    with pytest.raises(LaunchError, match="atropos.launcher.envs is empty"):
-        envs_of("atropos.launcher.envs=[]")
-
-
-def argv_flags(argv: list[str], skip: int) -> dict[str, str]:
-    return dict(zip(argv[skip::2], argv[skip + 1 :: 2], strict=True))
-
-
-def test_env_command_line_fills_in_endpoints_and_lets_env_flags_win() -> None:
-    env = EnvConfig(script="/x/gsm8k_server.py", group_size=8, weight=2.0, args={"env.use_wandb": True})
-    urls = {"api_url": "http://127.0.0.1:1", "inference_url": "http://127.0.0.1:2", "model": "/models/m"}
-    argv = env_argv("gsm8k", env, **urls, max_token_length=640, max_policy_lag=None)
-    assert argv[1:3] == ["/x/gsm8k_server.py", "serve"]
-    flags = argv_flags(argv, 3)
-    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:1"
-    assert flags["--openai.base_url"] == "http://127.0.0.1:2/v1"
-    assert flags["--openai.server_type"] == "vllm"
-    assert flags["--env.group_size"] == "8" and flags["--env.inference_weight"] == "2.0"
-    assert flags["--env.max_token_length"] == "640" and flags["--env.wandb_name"] == "gsm8k"
-    assert flags["--env.use_wandb"] == "true"  # the env's own flag overrides the launcher default (false)
-    assert "--env.max_batches_offpolicy" not in flags  # no lag cap: the env's own default
-
-
-def test_env_command_line_keeps_the_env_within_the_lag_cap() -> None:
-    env = EnvConfig(module="some.env")
-    urls = {"api_url": "http://a", "inference_url": "http://b", "model": "/m", "max_token_length": 64}
-    for lag, ahead in [(0, "1"), (2, "1"), (4, "3")]:
-        argv = env_argv("e", env, **urls, max_policy_lag=lag)
-        assert argv[1:4] == ["-m", "some.env", "serve"]
-        assert argv_flags(argv, 4)["--env.max_batches_offpolicy"] == ahead
-    capped = env_argv("e", EnvConfig(module="m", args={"env.max_batches_offpolicy": 7}), **urls, max_policy_lag=2)
-    assert argv_flags(capped, 4)["--env.max_batches_offpolicy"] == "7"  # the env's own flag wins here too
-
-
-def test_the_launcher_gives_each_env_this_runs_endpoints_and_lag_cap(tmp_path: Path) -> None:
-    from recipe.atropos.launcher.supervisor import Launcher
-
-    demo = CONFIGS / "atropos_grpo_cpu_demo.yaml"
-    launcher = Launcher(demo, [f"atropos.launcher.run_dir={tmp_path}", "atropos.launcher.api_port=1234"])
-    name = next(iter(launcher.envs))
-    flags = argv_flags(launcher.env_argv(name), 4)
-    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:1234" and flags["--env.wandb_name"] == name
-    assert flags["--openai.base_url"] == f"{launcher.inference_url}/v1"
-    assert flags["--env.max_batches_offpolicy"] == "1"  # the demo's max_policy_lag 2: one batch queued ahead
-    deeper = Launcher(demo, [f"atropos.launcher.run_dir={tmp_path}", "atropos.max_policy_lag=4"])
-    assert argv_flags(deeper.env_argv(name), 4)["--env.max_batches_offpolicy"] == "3"
-
-
-def test_env_ids_file_maps_id_to_name_as_json(tmp_path: Path) -> None:
-    write_env_ids(tmp_path / "env_ids.json", {0: "one_word", 1: "one_word_pairs"})
-    assert json.loads((tmp_path / "env_ids.json").read_text()) == {"0": "one_word", "1": "one_word_pairs"}
-    assert [p.name for p in tmp_path.iterdir()] == ["env_ids.json"]  # no temporary file left
-
-
-def test_summary_and_step_line_from_a_metrics_file(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    scores = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    path.write_text("".join(f'{{"step": {i + 1}, "atropos/mean_score": {s}}}\n' for i, s in enumerate(scores)) + "{")
-    rows = read_metrics(path)  # the half-written last line is skipped
-    assert len(rows) == 7
-    assert summarize(rows) == "mean score first 5 steps 0.200 -> last 5 steps 0.400 (7 steps)"
-    assert step_line(rows[0], 7).startswith("step 1/7 | mean score 0.000")
-
-
-def test_fault_line_counts_restarts_and_rejections(tmp_path: Path) -> None:
-    assert fault_line(tmp_path, 0, 0) == ""  # no faults, no guard stats: no line
-    stats = {"accepted_groups": 12, "rejected": {"tokens": 2, "scores": 1}}
-    (tmp_path / "api_guard_stats.json").write_text(json.dumps(stats))
-    assert fault_line(tmp_path, 1, 3) == (
-        f"faults: api restarts 1, env restarts 3, groups accepted 12, rejected 3 (scores 1, tokens 2; kept in "
-        f"{tmp_path / 'rejected_groups.jsonl'})"
-    )
-
-
-def test_run_report_writes_the_summary_and_the_plot(tmp_path: Path) -> None:
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": i, "atropos/mean_score": 0.5}) + "\n" for i in (1, 2)))
-    summary = write_run_report(tmp_path, metrics, "tiny", api_restarts=1, env_restarts=0)
-    assert summary.splitlines() == [
-        "mean score first 2 steps 0.500 -> last 2 steps 0.500 (2 steps)",
-        fault_line(tmp_path, 1, 0),
+@pytest.mark.parametrize("restart_envs", [False, True])
+def test_a_dying_env_stops_the_run_naming_it(
+    tiny_model: Path, tmp_path: Path, restart_envs: bool, no_leftovers
+) -> None:
+    """The supervision loop with the real guarded API and an env process that exits with code 3 at once; the trainer
+    is a stand-in process (supervision reads only whether it still runs), since a real one adds a minute and nothing
+    to what is checked. Without restarts the first exit stops the run; with them, the restarted env dies before it
+    registers, which stops the run too."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"actor_rollout_ref.model.path={tiny_model}",
+        f"atropos.launcher.run_dir={run_dir}",
+        f"atropos.launcher.restart_envs={str(restart_envs).lower()}",
+        "atropos.launcher.max_env_restarts=2",
     ]
-    assert (tmp_path / "summary.txt").read_text() == summary + "\n"
-    assert (tmp_path / "metrics.png").stat().st_size > 0
-    empty = tmp_path / "empty"
-    assert write_run_report(empty, empty / "metrics.jsonl", "tiny", 0, 0) == "no steps recorded"
-    assert not (empty / "metrics.png").exists()
-
-
-# ---- whole runs -------------------------------------------------------------------------------------------
-def launch(tmp_path: Path, model: Path, *overrides: str) -> subprocess.Popen:
-    argv = launcher_argv(model, tmp_path / "run", *overrides)
-    return subprocess.Popen(argv, stdout=open(tmp_path / "launcher.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(600)
-def test_a_dying_env_stops_the_run_naming_it(tmp_path: Path, tiny_model: Path, no_leftovers) -> None:
-    proc = launch(tmp_path, tiny_model, "trainer.total_training_steps=50", "atropos.launcher.restart_envs=false")
-    log = tmp_path / "launcher.log"
-    wait_for(lambda: "step 1/50" in log.read_text(), 480, "the first step", proc, log)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    env = next(p for p in children if "recipe.atropos.envs.one_word_env" in p.cmdline())
-    env.kill()
-    assert proc.wait(timeout=120) == 1
-    assert "one_word exited with code" in log.read_text()
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(600)
-def test_sigint_stops_everything_and_leaves_a_usable_checkpoint(tmp_path: Path, tiny_model: Path, no_leftovers) -> None:
-    proc = launch(tmp_path, tiny_model, "trainer.total_training_steps=50", "trainer.save_freq=1")
-    latest = tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt"
-    wait_for(latest.exists, 480, "the first checkpoint", proc, tmp_path / "launcher.log")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
-    step = int(latest.read_text())
-    actor = tmp_path / "run" / "checkpoints" / f"global_step_{step}" / "actor"
-    assert any(actor.glob("model_world_size_*_rank_0.pt"))
-    assert (actor / "huggingface" / "config.json").exists()
+    launcher = Launcher(TINY, overrides)
+    launcher.model = str(tiny_model)
+    dies = [sys.executable, "-c", "import sys; print('env failed to start'); sys.exit(3)"]
+    launcher.env_argv = lambda name: dies  # type: ignore[method-assign]
+    try:
+        launcher._start_api()
+        stand_in = ManagedProcess("trainer", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "t.log")
+        launcher.children["trainer"] = stand_in.start()
+        first = next(iter(launcher.envs))  # the tiny config's first env is the first one supervision looks at
+        for name in launcher.envs:
+            launcher._start(name, dies)
+        with pytest.raises(LaunchError, match=f"{first} exited with code 3") as error:
+            launcher.supervise()
+        assert "env failed to start" in str(error.value)  # the log tail names the cause
+        assert launcher.restarts == ({first: 1} if restart_envs else {})
+    finally:
+        launcher.stop_all()
 
 
 def test_trainer_without_total_steps_fails_fast_naming_the_key(tmp_path: Path) -> None:
