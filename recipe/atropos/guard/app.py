@@ -200,24 +200,10 @@ class ApiGuard:
             self.state.accept(len(good), sum(n for _, n in good))
 
 
-def build_app(
-    *,
-    vocab_size: int | None,
-    batch_size: int | None,
-    rejected_file: str | None = None,
-    stats_file: str | None = None,
-    queue_file: str | None = None,
-) -> ApiGuard:
+def build_app(state: GuardState) -> ApiGuard:
     """atroposlib's API app (the module-level FastAPI app ``run-api`` serves) behind an :class:`ApiGuard`."""
     from atroposlib.api import app
 
-    state = GuardState(
-        vocab_size=vocab_size,
-        batch_size=batch_size,
-        rejected_file=rejected_file,
-        stats_file=stats_file,
-        queue_file=queue_file,
-    )
     return ApiGuard(app, state)
 
 
@@ -261,13 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uvicorn
 
-    app = build_app(
+    state = GuardState(
         vocab_size=args.vocab_size,
         batch_size=args.batch_size,
         rejected_file=args.rejected_file,
         stats_file=args.stats_file,
         queue_file=args.queue_file,
     )
+    app = build_app(state)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the queue is written at shutdown
 
 
