@@ -48,6 +48,7 @@ CPU_SETTINGS: tuple[tuple[str, object], ...] = (
     ("actor_rollout_ref.ref.fsdp_config.dtype", "float32"),
     ("actor_rollout_ref.ref.fsdp_config.mixed_precision", FP32),
     ("actor_rollout_ref.ref.use_torch_compile", False),
+    ("actor_rollout_ref.ref.fsdp_config.use_torch_compile", False),
     ("actor_rollout_ref.rollout.name", "hf_cpu"),
     ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1),
     ("actor_rollout_ref.rollout.agent.num_workers", 1),
