@@ -11,6 +11,7 @@ checkpoint's adapter), and the final checkpoint's adapter, exported with verl's 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -139,3 +140,45 @@ def test_lora_pushes_reach_the_rollout_checkpoint_resume_and_plain_peft(
     merged_checksum = float(merged.get_submodule(module).weight.detach().to(torch.float64).sum())
     # the adapter peft loads is the one the rollout sampled with after the last push (fp32 merge vs float64)
     assert merged_checksum == pytest.approx(last["rollout/0/probe_module_weight_checksum"], abs=1e-4)
+
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def adapter_sums(state: dict[str, torch.Tensor]) -> tuple[float, float, int]:
+    """(Σ lora_A, Σ lora_B, tensors) over the actor checkpoint's adapter, float64."""
+    a = sum(float(v.to(torch.float64).sum()) for k, v in state.items() if ".lora_A." in k)
+    b = sum(float(v.to(torch.float64).sum()) for k, v in state.items() if ".lora_B." in k)
+    return a, b, sum(1 for k in state if ".lora_" in k)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM's CPU build (make vllm-env)")
+def test_lora_adapter_reaches_vllms_lora_layers_every_step(launch) -> None:
+    """verl's vLLM replica on vLLM's CPU build: the adapter goes through verl's ``add_lora`` path into vLLM's LoRA
+    layers (PunicaWrapperCPU) every step, and every generate carries it."""
+    run = launch(*COMMON, "trainer.total_training_steps=2", "atropos.cpu_rollout=vllm")
+    code = run.wait_exit(840)
+    trainer_log = run.run_dir / "logs" / "trainer.log"
+    assert code == 0, tail(run.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
+    rows = read_metrics(run.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    b_sums = []
+    for row in rows:
+        step = int(row["step"])
+        assert row["atropos/policy_version"] == row["rollout/0/policy_version"] == step
+        # load_format=auto: vLLM loaded the base from disk, so every sync (start-up + one per step) is an adapter
+        assert row["rollout/0/weight_syncs"] == row["rollout/0/probe_adapter_syncs"] == step + 1
+        assert row["rollout/0/probe_loaded_loras"] == 1
+        a_sum, b_sum, n_tensors = adapter_sums(checkpoint_state(run.run_dir, step))
+        assert row["rollout/0/probe_received_tensors"] == n_tensors == 2 * N_TARGETED
+        # what vLLM's LoRA layers hold is this step's checkpointed adapter (vLLM folds alpha/r into B)
+        assert row["rollout/0/probe_lora_a_checksum"] == pytest.approx(a_sum, rel=1e-6, abs=1e-6)
+        assert row["rollout/0/probe_lora_b_checksum"] == pytest.approx(ALPHA_OVER_R * b_sum, rel=1e-6, abs=1e-6)
+        assert b_sum != 0.0  # trained: lora_B starts at zero
+        b_sums.append(b_sum)
+        # every completion was generated with the adapter attached, none during an update
+        assert row["rollout/0/generates_with_lora"] == row["rollout/0/generates"] > 0
+        assert row["rollout/0/generates_in_update_windows"] == 0
+        assert row["atropos/rollout_logprob_diff_max"] < 0.05
+    assert len(set(b_sums)) == len(b_sums)  # the adapter changed every step
