@@ -85,7 +85,7 @@ $(STAMP_VLLM): pyproject.toml tools/repack_vllm_wheel.py
 
 test-vllm: vllm-env
 	$(PY_VLLM) -m pytest -m vllm tests/unit/test_vllm_cpu_setup.py tests/integration/test_inference_vllm_http.py \
-		tests/e2e/test_vllm_cpu.py $(PYTEST_ARGS)
+		tests/e2e/test_vllm_cpu.py tests/e2e/test_lora_e2e.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache
