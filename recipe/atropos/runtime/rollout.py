@@ -10,15 +10,8 @@ token-in/token-out ``generate(prompt_ids, sampling_params, request_id)`` like ve
 within ``batch_wait_s`` of each other run as one left-padded batched ``generate`` in a worker thread; a weight load
 takes the same lock, so no batch ever mixes two policies.
 
-LoRA (``actor_rollout_ref.model.lora_rank > 0``): verl's colocated ("naive") weight sync calls the rollout's
-``update_weights`` with ``peft_config`` set (``verl/workers/engine_workers.py``, ``update_weights``): once with the
-frozen base weights (``base_sync_done=False``; names of targeted layers end in ``.base_layer.weight``) when
-``rollout.load_format`` is ``dummy``, then on every push with the adapter tensors only (``base_sync_done=True``;
-``get_peft_model_state_dict`` names, fp32). :class:`HFGenerator` wraps its model with ``peft`` from that config on the
-first such call and loads the adapter into it, so the rollout computes exactly what the actor trains (base + B·A·α/r,
-unmerged, fp32). With ``actor_rollout_ref.model.lora.merge=true`` verl sends merged full weights instead (cast to
-bf16 by verl's FSDP engine), which load like a full fine-tune's. Every load records a weight probe (:meth:`HFGenerator.
-weight_probe`) that tests compare with the checkpoint.
+LoRA pushes load through peft (:mod:`recipe.atropos.runtime.lora`); every load records a weight probe
+(:meth:`HFGenerator.weight_probe`) that tests compare with the checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +27,8 @@ import torch
 from verl.workers.rollout import base as rollout_base
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+
+from recipe.atropos.runtime.lora import load_adapter, load_full, lora_shape, module_fingerprint, wrap_with_lora
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # verl's root config is WARNING; weight loads are news
@@ -73,37 +68,6 @@ def sampling_key(sampling_params: dict[str, Any]) -> SamplingKey:
         top_p=1.0 if top_p is None else float(top_p),
         top_k=-1 if top_k is None else int(top_k),
     )
-
-
-def _with_base_layer(name: str) -> str:
-    """``a.q_proj.weight`` → ``a.q_proj.base_layer.weight`` (peft's name of a wrapped layer's own parameter)."""
-    head, _, leaf = name.rpartition(".")
-    return f"{head}.base_layer.{leaf}" if head else name
-
-
-def _lora_shape(peft_config: dict[str, Any]) -> tuple:
-    targets = peft_config.get("target_modules")
-    targets = tuple(sorted(targets)) if isinstance(targets, list | set | tuple) else targets
-    return (peft_config.get("r"), peft_config.get("lora_alpha"), targets, peft_config.get("use_rslora"))
-
-
-def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """peft LoRA layers with the ``default`` adapter, by HF module name (the ``base_model.model.`` prefix cut)."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
-            layers[name.removeprefix("base_model.model.")] = module
-    return layers
-
-
-def lora_delta(layer: torch.nn.Module, adapter: str = "default") -> torch.Tensor:
-    """A linear LoRA layer's weight delta ``B·A·scaling`` [out, in] in float64 (what the forward adds to W·x)."""
-    a = layer.lora_A[adapter].weight.detach().to(torch.float64)
-    b = layer.lora_B[adapter].weight.detach().to(torch.float64)
-    delta = (b @ a) * float(layer.scaling[adapter])
-    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
 
 class HFGenerator:
@@ -148,14 +112,14 @@ class HFGenerator:
         ``base_sync_done=False`` loads base weights (``...base_layer.weight`` names accepted) and ``True`` the
         adapter tensors (``get_peft_model_state_dict`` names), all of which must arrive.
         """
-        if peft_config is None:
-            self._load_full(self.hf_model, state_dict)
+        if peft_config is not None and self.lora_config is None:
+            self.model, self.lora_config = wrap_with_lora(self.model, peft_config), dict(peft_config)
+        elif peft_config is not None and lora_shape(peft_config) != lora_shape(self.lora_config):
+            raise ValueError(f"hf_cpu rollout: LoRA config changed mid-run: {self.lora_config} -> {peft_config}")
+        if peft_config is not None and base_sync_done:
+            load_adapter(self.model, state_dict)
         else:
-            self._wrap_with_lora(peft_config)
-            if base_sync_done:
-                self._load_adapter(state_dict)
-            else:
-                self._load_full(self.hf_model, state_dict)
+            load_full(self.hf_model, state_dict)
         self.n_weight_updates += 1
         self.policy_version = self.policy_version + 1 if policy_version is None else int(policy_version)
         self._record_probe(state_dict, adapter=peft_config is not None and base_sync_done)
@@ -166,96 +130,25 @@ class HFGenerator:
             "LoRA adapter" if peft_config is not None and base_sync_done else "full/base weights",
         )
 
-    def _load_full(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-        """Full or base weights into ``model``; a name verl gave ``.base_layer`` (its LoRA wrapper naming) or not
-        is matched to the model's own."""
-        own = set(model.state_dict().keys())
-        renamed: dict[str, torch.Tensor] = {}
-        unexpected: list[str] = []
-        for name, tensor in state_dict.items():
-            for candidate in (name, name.replace(".base_layer.", "."), _with_base_layer(name)):
-                if candidate in own:
-                    renamed[candidate] = tensor
-                    break
-            else:
-                unexpected.append(name)
-        if unexpected:
-            raise KeyError(f"hf_cpu rollout received weights it does not have: {unexpected[:5]}")
-        missing, _ = model.load_state_dict(renamed, strict=False)
-        missing = [m for m in missing if "lora_" not in m]
-        if missing:
-            tied = {"lm_head.weight"} if self.hf_model.config.tie_word_embeddings else set()
-            if set(missing) - tied:
-                logger.warning("hf_cpu rollout: %d parameters not in the update, e.g. %s", len(missing), missing[:3])
-
-    def _wrap_with_lora(self, peft_config: dict[str, Any]) -> None:
-        """Wrap the model with verl's LoRA config (``LoraConfig.to_dict()``), once; a different config later fails."""
-        if self.lora_config is not None:
-            if _lora_shape(peft_config) != _lora_shape(self.lora_config):
-                raise ValueError(
-                    f"hf_cpu rollout: LoRA config changed mid-run: {_lora_shape(self.lora_config)} -> "
-                    f"{_lora_shape(peft_config)}"
-                )
-            return
-        from peft import get_peft_model
-        from peft.config import PeftConfig
-
-        config = PeftConfig.from_peft_type(**{**peft_config, "inference_mode": True})
-        self.model = get_peft_model(self.model, config)
-        self.model.eval()
-        self.lora_config = dict(peft_config)
-        logger.info(
-            "hf_cpu rollout: LoRA r=%s alpha=%s on %d modules",
-            config.r,
-            config.lora_alpha,
-            len(lora_layers(self.model)),
-        )
-
-    def _load_adapter(self, state_dict: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self.model, state_dict)
-        if result.unexpected_keys:
-            raise KeyError(f"hf_cpu rollout received adapter weights it does not have: {result.unexpected_keys[:5]}")
-        not_sent = [k for k in result.missing_keys if "lora_" in k]
-        if not_sent:  # a partial adapter would mix two policies
-            raise KeyError(f"hf_cpu rollout: the adapter update lacks {len(not_sent)} tensors, e.g. {not_sent[:3]}")
-
-    @torch.no_grad()
     def _record_probe(self, received: dict[str, torch.Tensor], adapter: bool = False) -> None:
-        """Fingerprints of the weights this rollout now samples with (float64): see :meth:`weight_probe`."""
-        layers = lora_layers(self.model) if self.lora_config is not None else {}
-        name = next(iter(layers), None) or next(
-            n for n, m in self.hf_model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"
-        )
-        module = self.hf_model.get_submodule(name)
-        base = (module.base_layer if name in layers else module).weight.detach().to(torch.float64)
-        deltas = {n: lora_delta(m) for n, m in layers.items()}
-        delta = deltas.get(name, torch.zeros_like(base))
-        checksum = float((base + delta).sum())
+        """Fingerprints of the weights this rollout now samples with: see :meth:`weight_probe`."""
+        self._probe_module, module = module_fingerprint(self.model, self.hf_model)
         start = self._probe.get("start_module_weight_checksum")
         if start is None and self.n_weight_updates > 0 and (adapter or self.lora_config is None):
-            start = checksum  # the first complete policy this server received (a resumed run's: the checkpoint's)
+            start = module["module_weight_checksum"]  # the first complete policy received (resumed: the checkpoint's)
         self._probe = {
             "weight_loads": float(self.n_weight_updates),
             "adapter_loads": self._probe.get("adapter_loads", 0.0) + (1.0 if adapter else 0.0),
             "received_tensors": float(len(received)),
-            "received_checksum": float(sum(t.detach().to(torch.float64).sum().item() for t in received.values())),
-            "lora_modules": float(len(layers)),
-            "lora_delta_norm": float(sum((d**2).sum().item() for d in deltas.values()) ** 0.5),
-            "module_delta_checksum": float(delta.sum()),
-            "module_weight_checksum": checksum,
+            **module,
             **({} if start is None else {"start_module_weight_checksum": start}),
         }
-        self._probe_module = name
 
     def weight_probe(self) -> dict[str, float]:
-        """After the last load: loads so far, adapter loads, the tensors received and their checksum, the LoRA
-        modules, ``lora_delta_norm`` (Frobenius norm of every module's B·A·scaling together: 0 while the adapter is
-        untrained), and for one probe module (the first LoRA-targeted linear layer, else the first decoder linear
-        layer; :attr:`probe_module`) the checksums of its delta and of its effective weight base + delta, and that
-        weight checksum after the first complete update (``start_module_weight_checksum``: the policy the run started
-        from; after a LoRA base sync, once the adapter has arrived too)."""
+        """After the last load: loads so far, adapter loads, tensors received, and the probe module's fingerprint
+        (:func:`~recipe.atropos.runtime.lora.module_fingerprint`); ``start_module_weight_checksum`` is that weight
+        checksum after the first complete update (the policy the run started from; after a LoRA base sync, once the
+        adapter has arrived too)."""
         return dict(self._probe)
 
     @property
@@ -366,17 +259,10 @@ class HFCPURolloutServer:
                 for r, (ids, lps) in zip(batch, results, strict=True):
                     r.future.set_result((ids, lps, version))
 
-    async def load_weights(
-        self,
-        state_dict: dict[str, torch.Tensor],
-        policy_version: int | None = None,
-        peft_config: dict[str, Any] | None = None,
-        base_sync_done: bool = True,
-    ) -> int:
+    async def load_weights(self, state_dict: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> int:
+        """:meth:`HFGenerator.load_weights` under the generation lock (no batch mixes two policies)."""
         async with self._lock:
-            await asyncio.to_thread(
-                self.generator.load_weights, state_dict, policy_version, peft_config, base_sync_done
-            )
+            await asyncio.to_thread(self.generator.load_weights, state_dict, *args, **kwargs)
             return self.generator.policy_version
 
     def stats(self) -> dict[str, float]:
