@@ -61,6 +61,14 @@ bench-loop: install
 bench-heldout: install
 	$(PY) bench/bench_heldout.py $(BENCH_HELDOUT_ARGS)
 
+# Full fine-tuning vs LoRA on the CPU demo (atropos_grpo_cpu_demo.yaml, then atropos_grpo_cpu_demo_lora.yaml), same
+# steps: peak RSS of the actor process, optimizer state, step time, held-out success; ends with `ratio lora/full: ...`.
+# BENCH_LORA_ARGS e.g. "--steps 4" (default 10 each; measured 257 + 237 s on 2 cores).
+.PHONY: bench-lora
+BENCH_LORA_ARGS ?=
+bench-lora: install
+	$(PY) bench/bench_lora.py $(BENCH_LORA_ARGS)
+
 vllm-env: $(STAMP_VLLM)
 
 $(STAMP_VLLM): pyproject.toml tools/repack_vllm_wheel.py
@@ -77,7 +85,7 @@ $(STAMP_VLLM): pyproject.toml tools/repack_vllm_wheel.py
 
 test-vllm: vllm-env
 	$(PY_VLLM) -m pytest -m vllm tests/unit/test_vllm_cpu_setup.py tests/integration/test_inference_vllm_http.py \
-		tests/e2e/test_vllm_cpu.py $(PYTEST_ARGS)
+		tests/e2e/test_vllm_cpu.py tests/e2e/test_lora_e2e.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache

@@ -1,10 +1,16 @@
 """The trainer alone end to end on CPU, every process real: run-api (the module's), the trainer (main_atropos, tiny
 model, Ray, verl workers) with its inference endpoint, and the bundled environment in `serve` mode, started here
 without the launcher: the trainer is killed after a checkpoint and resumed. The launcher's full online run is in
-test_e2e_online.py."""
+test_e2e_online.py.
+
+The run also trains against the reference model with both of verl's KL terms: ``actor_rollout_ref.actor.use_kl_loss``
+(``low_var_kl``) and ``algorithm.use_kl_in_reward`` (k1). verl builds the reference as a second engine in the actor's
+worker from the initial weights (again on resume); the trainer computes its log-probs every step (``timing_s/ref``).
+The KL values of a small batch are checked by hand in tests/unit/test_reference_kl.py."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -16,6 +22,13 @@ from recipe.atropos.metrics_file import read_metrics
 from tests.helpers import http_ok, trainer_argv, wait_exit, wait_until
 
 ENV_MODULE = "recipe.atropos.envs.one_word_env"
+KL = (
+    "actor_rollout_ref.actor.use_kl_loss=true",
+    "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
+    "actor_rollout_ref.actor.kl_loss_coef=0.001",
+    "algorithm.use_kl_in_reward=true",
+)
+KL_METRICS = ("actor/kl_loss", "actor/kl_coef", "actor/reward_kl_penalty", "actor/reward_kl_penalty_coeff")
 
 
 def trainer_process(run_dir: Path, model: Path, api_url: str, port: int, *overrides: str) -> ManagedProcess:
@@ -35,8 +48,10 @@ def env_process(run_dir: Path, model: Path, api_url: str, port: int, name: str =
         str(model),
         "--env.group_size",
         "4",
+        # only groups whose scores differ: every step has a learning signal, so step 1's update moves the policy away
+        # from the reference (the KL terms' own gradient is 0 there) and later steps' KL is measurably > 0
         "--env.ensure_scores_are_not_same",
-        "false",
+        "true",
         "--env.use_wandb",
         "false",
         "--openai.server_type",
@@ -62,6 +77,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(
         "trainer.resume_mode=auto",
         # the env's inference_logprobs feed verl's rollout correction (token-level importance weights)
         "algorithm.rollout_correction.rollout_is=token",
+        *KL,
     )
     first = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
     no_leftovers.append(first.start())
@@ -97,3 +113,19 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     rows_after = read_metrics(tmp_path / "metrics.jsonl")[n_before:]
     assert [r["step"] for r in rows_after] == list(range(saved + 1, 4))
     assert all("rollout_corr/rollout_is_mean" in r for r in rows_after), sorted(rows_after[0])
+
+    # The reference model and both KL terms, every step, before and after the resume.
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows][0] == 1
+    for row in rows:
+        assert row["timing_s/ref"] > 0  # reference log-probs every step
+        assert all(math.isfinite(row[k]) for k in KL_METRICS), row
+        assert row["actor/kl_coef"] == pytest.approx(0.001)
+        assert row["actor/reward_kl_penalty_coeff"] == pytest.approx(0.001)  # kl_ctrl: fixed, kl_coef 0.001
+    # Step 1: the reference is the initial policy (same weights, same fp32 forward): both KL terms are 0.
+    first = rows[0]
+    assert abs(first["actor/kl_loss"]) < 1e-6 and abs(first["actor/reward_kl_penalty"]) < 1e-6, first
+    # Then the actor has moved and the reference has not (the resumed run rebuilt it from the initial weights).
+    for row in rows[1:]:
+        assert row["actor/kl_loss"] > 1e-6, row
+        assert abs(row["actor/reward_kl_penalty"]) > 1e-6, row

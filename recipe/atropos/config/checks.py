@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipe.atropos.algos.losses import POLICY_LOSS_NAME as ADVANTAGE_WEIGHTED_CE
 from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
+from recipe.atropos.runtime import lora_as_adapter
 
 VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
 
@@ -46,6 +47,7 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
             "atropos.fallback_to_grpo choose the mix)"
         )
     check_staleness_config(config, atropos)
+    check_lora_config(config, atropos)
     # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
     if atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
         raise ValueError(
@@ -53,6 +55,34 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
             f"{config.actor_rollout_ref.rollout.name!r}): use atropos.inference.backend=ray"
         )
     return atropos
+
+
+def check_lora_config(config: DictConfig, atropos: AtroposConfig) -> None:
+    """With a LoRA adapter push (``lora_rank > 0``, ``lora.merge=false``), refuse the two ways the rollout would keep
+    sampling the base model while training goes on, silently:
+
+    - a checkpoint engine other than ``naive``: verl 0.9.1's ``update_weights`` (``verl/workers/engine_workers.py``)
+      then calls ``get_per_tensor_param()`` with ``base_sync_done=False`` and drops the ``peft_config``, so only the
+      frozen base weights are sent (verl issue 7495); ``lora.merge=true`` sends merged weights on every backend;
+    - ``atropos.inference.backend=vllm_http``: verl loads the adapter into vLLM's engine (``add_lora``) and applies it
+      only on its own ``generate`` path; vLLM's OpenAI server knows no such model name and serves the base model.
+    """
+    if not lora_as_adapter(config):
+        return
+    engine = config.actor_rollout_ref.rollout.get("checkpoint_engine") or {}
+    backend = engine.get("backend", "naive") or "naive"
+    if backend != "naive":
+        raise ValueError(
+            f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend} with a LoRA adapter push: verl sends only "
+            "the frozen base weights on that path (verl issue 7495), so the rollout would keep sampling the initial "
+            "policy. Set actor_rollout_ref.model.lora.merge=true (merged weights) or checkpoint_engine.backend=naive"
+        )
+    if atropos.inference.backend == "vllm_http":
+        raise ValueError(
+            "atropos.inference.backend=vllm_http with a LoRA adapter push: verl applies the adapter on its own "
+            "generate path only, and vLLM's OpenAI server would serve the base model (a request naming the base "
+            "model gets no LoRA). Use atropos.inference.backend=ray, or actor_rollout_ref.model.lora.merge=true"
+        )
 
 
 def updates_per_step(config: DictConfig) -> int:

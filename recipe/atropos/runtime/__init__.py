@@ -48,6 +48,7 @@ CPU_SETTINGS: tuple[tuple[str, object], ...] = (
     ("actor_rollout_ref.ref.fsdp_config.dtype", "float32"),
     ("actor_rollout_ref.ref.fsdp_config.mixed_precision", FP32),
     ("actor_rollout_ref.ref.use_torch_compile", False),
+    ("actor_rollout_ref.ref.fsdp_config.use_torch_compile", False),
     ("actor_rollout_ref.rollout.name", "hf_cpu"),
     ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1),
     ("actor_rollout_ref.rollout.agent.num_workers", 1),
@@ -81,6 +82,16 @@ def cpu_rollout_settings(cpu_rollout: str = "hf_cpu") -> tuple[tuple[str, object
             "`make vllm-env` and run with .venv-vllm/bin/python (or set atropos.cpu_rollout=hf_cpu)"
         )
     return CPU_SETTINGS + VLLM_CPU_SETTINGS
+
+
+def lora_as_adapter(config: DictConfig) -> bool:
+    """True when the actor trains LoRA (``actor_rollout_ref.model.lora_rank`` or ``lora.rank`` > 0) and verl pushes
+    the adapter tensors to the rollout (``lora.merge`` false, verl's default) rather than weights merged into the
+    base."""
+    model = config.actor_rollout_ref.model
+    lora = model.get("lora") or {}
+    rank = int(model.get("lora_rank", 0) or 0) or int(lora.get("rank", 0) or 0)
+    return rank > 0 and not bool(lora.get("merge", False))
 
 
 def cuda_available() -> bool:
@@ -128,13 +139,18 @@ def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> 
     Sets :data:`CPU_SETTINGS` in ``config``, exports :func:`cpu_runtime_env` (Ray workers started afterwards inherit
     it) and imports the platform and rollout modules here, since this process may have imported verl already.
     With ``atropos.cpu_rollout=vllm`` the rollout is verl's vLLM on vLLM's CPU build (:data:`VLLM_CPU_SETTINGS`;
-    :mod:`recipe.atropos.runtime.vllm_cpu` is then imported by every verl process, not by this one).
+    :mod:`recipe.atropos.runtime.vllm_cpu` is then imported by every verl process, not by this one); with a LoRA
+    adapter (:func:`lora_as_adapter`) it also sets ``rollout.load_format=auto``.
     """
     cpu_rollout = str(OmegaConf.select(config, "atropos.cpu_rollout", default="hf_cpu"))
     for key, value in cpu_rollout_settings(cpu_rollout):
         OmegaConf.update(config, key, value, force_add=True)
     if cpu_rollout == "vllm":
         extra_modules = [VLLM_CPU_MODULE, *extra_modules]
+        if lora_as_adapter(config):
+            # vLLM loads the base weights from disk at start (not dummy weights), so verl's first push is the adapter
+            # alone (base_sync_done from the start): vllm_cpu loads adapters through verl's add_lora path only.
+            OmegaConf.update(config, "actor_rollout_ref.rollout.load_format", "auto", force_add=True)
     env = cpu_runtime_env(extra_modules)
     current = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
     env["VERL_USE_EXTERNAL_MODULES"] = ",".join(dict.fromkeys([*env["VERL_USE_EXTERNAL_MODULES"].split(","), *current]))

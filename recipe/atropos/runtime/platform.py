@@ -3,6 +3,10 @@
 verl asks its platform for the device, the collective backend and memory statistics; on CPU the answers are
 "cpu", gloo, and zeros. Ray still needs a GPU resource name for verl's placement groups: the runtime starts Ray
 with logical GPUs (``ray_init.num_gpus``) that map to CPU worker processes.
+
+Importing this module (every verl process does, through ``VERL_USE_EXTERNAL_MODULES``) also adjusts two torch calls
+that assume an accelerator: ``init_process_group``'s duplicated ``cpu:gloo`` backend string, and FSDP2's pinned CPU
+offload, which verl's reference model asks for (:func:`install_unpinned_offload`).
 """
 
 from __future__ import annotations
@@ -189,5 +193,32 @@ def install_backend_fix() -> None:
         torch.distributed.init_process_group = _with_deduped_backend(current)
 
 
+def _unpinned(init: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.pin_memory = False
+
+    __init__.__atropos_cpu_runtime__ = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def install_unpinned_offload() -> None:
+    """FSDP2's ``CPUOffloadPolicy`` without pinned memory when no accelerator exists (torch, not verl).
+
+    verl builds every forward-only engine — the reference model — with ``CPUOffloadPolicy(pin_memory=True)``
+    (``verl/workers/engine/fsdp/transformer_impl.py``, ``_build_fsdp_module``), and ``Tensor.pin_memory()`` raises
+    "Cannot access accelerator device when none is available" on a CPU-only host. Page-locked memory only speeds up
+    copies to a device; with none, the parameters already live in ordinary host memory, so unpinned is the same
+    policy. With an accelerator nothing changes.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if torch.accelerator.is_available() or getattr(CPUOffloadPolicy.__init__, "__atropos_cpu_runtime__", False):
+        return
+    CPUOffloadPolicy.__init__ = _unpinned(CPUOffloadPolicy.__init__)  # type: ignore[method-assign]
+
+
 install_backend_fix()
+install_unpinned_offload()
 use_all_cores()

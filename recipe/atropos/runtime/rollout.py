@@ -9,6 +9,9 @@ The server actor (:class:`HFCPURolloutServer`, named ``hf_cpu_rollout_server_<re
 token-in/token-out ``generate(prompt_ids, sampling_params, request_id)`` like verl's vLLM server. Requests that arrive
 within ``batch_wait_s`` of each other run as one left-padded batched ``generate`` in a worker thread; a weight load
 takes the same lock, so no batch ever mixes two policies.
+
+LoRA pushes load through peft (:mod:`recipe.atropos.runtime.lora`); every load records a weight probe
+(:meth:`HFGenerator.weight_probe`) that tests compare with the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 from verl.workers.rollout import base as rollout_base
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+
+from recipe.atropos.runtime.lora import load_adapter, load_full, lora_shape, module_fingerprint, wrap_with_lora
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # verl's root config is WARNING; weight loads are news
@@ -84,19 +89,72 @@ class HFGenerator:
         self.response_length = response_length
         self.policy_version = 0
         self.n_weight_updates = 0
+        self.lora_config: dict[str, Any] | None = None  # the peft config the model is wrapped with (LoRA runs)
+        self._probe: dict[str, float] = {}
+        self._record_probe({})
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int | None = None) -> None:
-        """Load trained weights (HF parameter names); ``policy_version`` defaults to the previous one + 1."""
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        if unexpected:
-            raise KeyError(f"hf_cpu rollout received weights it does not have: {unexpected[:5]}")
-        if missing:
-            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-            if set(missing) - tied:
-                logger.warning("hf_cpu rollout: %d parameters not in the update, e.g. %s", len(missing), missing[:3])
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The transformers model inside the peft wrapper (the model itself without LoRA)."""
+        return self.model.get_base_model() if self.lora_config is not None else self.model
+
+    def load_weights(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        policy_version: int | None = None,
+        peft_config: dict[str, Any] | None = None,
+        base_sync_done: bool = True,
+    ) -> None:
+        """Load trained weights; ``policy_version`` defaults to the previous one + 1.
+
+        ``peft_config`` None: full weights (HF parameter names; a full fine-tune, or LoRA merged by verl).
+        ``peft_config`` set (verl's LoRA adapter sync): the model is wrapped with that LoRA config on first use; then
+        ``base_sync_done=False`` loads base weights (``...base_layer.weight`` names accepted) and ``True`` the
+        adapter tensors (``get_peft_model_state_dict`` names), all of which must arrive.
+        """
+        if peft_config is not None and self.lora_config is None:
+            self.model, self.lora_config = wrap_with_lora(self.model, peft_config), dict(peft_config)
+        elif peft_config is not None and lora_shape(peft_config) != lora_shape(self.lora_config):
+            raise ValueError(f"hf_cpu rollout: LoRA config changed mid-run: {self.lora_config} -> {peft_config}")
+        if peft_config is not None and base_sync_done:
+            load_adapter(self.model, state_dict)
+        else:
+            load_full(self.hf_model, state_dict)
         self.n_weight_updates += 1
         self.policy_version = self.policy_version + 1 if policy_version is None else int(policy_version)
-        logger.info("hf_cpu rollout: policy version %d (%d weight loads)", self.policy_version, self.n_weight_updates)
+        self._record_probe(state_dict, adapter=peft_config is not None and base_sync_done)
+        logger.info(
+            "hf_cpu rollout: policy version %d (%d weight loads; %s)",
+            self.policy_version,
+            self.n_weight_updates,
+            "LoRA adapter" if peft_config is not None and base_sync_done else "full/base weights",
+        )
+
+    def _record_probe(self, received: dict[str, torch.Tensor], adapter: bool = False) -> None:
+        """Fingerprints of the weights this rollout now samples with: see :meth:`weight_probe`."""
+        self._probe_module, module = module_fingerprint(self.model, self.hf_model)
+        start = self._probe.get("start_module_weight_checksum")
+        if start is None and self.n_weight_updates > 0 and (adapter or self.lora_config is None):
+            start = module["module_weight_checksum"]  # the first complete policy received (resumed: the checkpoint's)
+        self._probe = {
+            "weight_loads": float(self.n_weight_updates),
+            "adapter_loads": self._probe.get("adapter_loads", 0.0) + (1.0 if adapter else 0.0),
+            "received_tensors": float(len(received)),
+            **module,
+            **({} if start is None else {"start_module_weight_checksum": start}),
+        }
+
+    def weight_probe(self) -> dict[str, float]:
+        """After the last load: loads so far, adapter loads, tensors received, and the probe module's fingerprint
+        (:func:`~recipe.atropos.runtime.lora.module_fingerprint`); ``start_module_weight_checksum`` is that weight
+        checksum after the first complete update (the policy the run started from; after a LoRA base sync, once the
+        adapter has arrived too)."""
+        return dict(self._probe)
+
+    @property
+    def probe_module(self) -> str:
+        """The HF module name (``model.layers.0.self_attn.q_proj``) the probe's module checksums are of."""
+        return self._probe_module
 
     @torch.no_grad()
     def generate_batch(
@@ -201,17 +259,25 @@ class HFCPURolloutServer:
                 for r, (ids, lps) in zip(batch, results, strict=True):
                     r.future.set_result((ids, lps, version))
 
-    async def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int | None = None) -> int:
+    async def load_weights(self, state_dict: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> int:
+        """:meth:`HFGenerator.load_weights` under the generation lock (no batch mixes two policies)."""
         async with self._lock:
-            self.generator.load_weights(state_dict, policy_version)
+            await asyncio.to_thread(self.generator.load_weights, state_dict, *args, **kwargs)
             return self.generator.policy_version
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
+        """Counters, the policy version and the weight probe (``probe_*``), all numbers (step metrics
+        ``rollout/<replica>/<key>``)."""
         return {
             **self._stats,
             "n_weight_updates": self.generator.n_weight_updates,
             "policy_version": self.generator.policy_version,
+            **{f"probe_{key}": value for key, value in self.generator.weight_probe().items()},
         }
+
+    def weight_probe(self) -> dict[str, Any]:
+        """The generator's probe with the probe module's name."""
+        return {**self.generator.weight_probe(), "module": self.generator.probe_module}
 
     # verl's lifecycle calls: vLLM frees/restores GPU memory here; on CPU there is nothing to do.
     async def wake_up(self) -> None: ...
@@ -242,7 +308,8 @@ class HFCPUReplica(RolloutReplica):
 
 
 class HFCPUWeightReceiver(BaseRollout):
-    """Lives in verl's hybrid ActorRolloutRefWorker: sends the full state dict to this replica's server."""
+    """Lives in verl's hybrid ActorRolloutRefWorker: sends each update (full weights, LoRA base weights or LoRA
+    adapter, with verl's ``peft_config`` and ``base_sync_done``) to this replica's server."""
 
     def __init__(self, config: Any, model_config: Any, device_mesh: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, model_config, device_mesh)
@@ -270,7 +337,9 @@ class HFCPUWeightReceiver(BaseRollout):
             state[name] = tensor.detach().to("cpu").clone()
         if self.is_leader:
             server = ray.get_actor(server_actor_name(self.replica_rank))
-            await server.load_weights.remote(state, kwargs.get("global_steps"))
+            await server.load_weights.remote(
+                state, kwargs.get("global_steps"), kwargs.get("peft_config"), bool(kwargs.get("base_sync_done", True))
+            )
 
 
 rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFCPUWeightReceiver"

@@ -12,8 +12,12 @@ module imports vLLM, so only that choice imports it (``VERL_USE_EXTERNAL_MODULES
   in-place reload (``vllm.model_executor.model_loader.reload``: ``initialize_layerwise_reload`` restores each
   layer's parameters from the metadata vLLM recorded at model creation, each layer is re-processed — the oneDNN
   handle rebuilt — once all its weights arrived, ``finalize_layerwise_reload`` does the rest), then rebuilds the
-  tied LM head's handle (:func:`refresh_tied_cpu_gemms`). It also keeps a weight probe (a checksum of the received
-  tensors and of the loaded embedding) for tests.
+  tied LM head's handle (:func:`refresh_tied_cpu_gemms`). A LoRA adapter sync (``lora_rank > 0``, verl's default
+  ``lora.merge=false``) goes through verl's own adapter path (``add_lora`` of a ``TensorLoRARequest``; vLLM's CPU
+  build runs LoRA with its ``PunicaWrapperCPU``), the base weights untouched: the CPU runtime sets
+  ``rollout.load_format=auto`` then, so vLLM loads the base from disk and verl never sends it. It also keeps a
+  weight probe (a checksum of the received tensors and of the loaded embedding, or of the adapter vLLM's LoRA layers
+  hold) for tests.
 - :class:`VLLMCPUHttpServer`: names that extension, sets vLLM's CPU environment (KV cache size, thread binding),
   refuses sleep mode (vLLM's CPU platform has none) and counts, for tests and metrics
   (:meth:`VLLMCPUHttpServer.stats`), the requests still unfinished in the engine whenever a weight sync starts or
@@ -79,6 +83,27 @@ def refresh_tied_cpu_gemms(model: torch.nn.Module) -> int:
     return refreshed
 
 
+def lora_slot_checksums(model: torch.nn.Module) -> tuple[float, float, int]:
+    """(sum of every LoRA layer's A slots, sum of its B slots, LoRA layers) of a vLLM model, float64.
+
+    vLLM copies an active adapter into each LoRA layer's ``lora_a_stacked`` / ``lora_b_stacked`` (zeroed slots
+    otherwise; packed layers such as ``qkv_proj`` keep one tensor per slice) with the scaling ``alpha/r`` folded into B
+    (``LoRALayerWeights.optimize``): with one adapter loaded the sums are ``Σ A`` and ``alpha/r · Σ B`` over the
+    adapter's tensors, which tests compare with the trainer's checkpoint.
+    """
+    a_sum = b_sum = 0.0
+    modules = 0
+    for module in model.modules():
+        a_stacked = getattr(module, "lora_a_stacked", None)
+        b_stacked = getattr(module, "lora_b_stacked", None)
+        if a_stacked is None or b_stacked is None:
+            continue
+        modules += 1
+        a_sum += sum(float(t.detach().to(torch.float64).sum()) for t in a_stacked)
+        b_sum += sum(float(t.detach().to(torch.float64).sum()) for t in b_stacked)
+    return a_sum, b_sum, modules
+
+
 class CPUWorkerExtension(vLLMColocateWorkerExtension):
     """verl's colocate worker extension whose full-weight sync reloads in place on vLLM's CPU backend."""
 
@@ -90,10 +115,15 @@ class CPUWorkerExtension(vLLMColocateWorkerExtension):
         from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightReceiver
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+        if peft_config and base_sync_done:
+            self._update_adapter_from_ipc(peft_config, use_shm)
+            return
         if peft_config:
             raise NotImplementedError(
-                "rollout vllm_cpu syncs full weights only: LoRA adapters (actor_rollout_ref.model.lora_rank > 0) are "
-                "not supported on vLLM's CPU backend; set atropos.cpu_rollout=hf_cpu or use a GPU"
+                "rollout vllm_cpu: LoRA base-weight syncs (rollout.load_format=dummy) are not supported (the in-place "
+                "reload on vLLM's CPU backend is untested with LoRA-wrapped layers); set "
+                "actor_rollout_ref.rollout.load_format=auto (the CPU runtime does this for LoRA with "
+                "atropos.cpu_rollout=vllm) so vLLM loads the base from disk and verl sends adapters only"
             )
         if is_quantized_model(self.model_runner.vllm_config):
             raise NotImplementedError(
@@ -129,8 +159,39 @@ class CPUWorkerExtension(vLLMColocateWorkerExtension):
         }
         logger.info("vllm_cpu worker: weight sync %s", self._probe)
 
+    def _update_adapter_from_ipc(self, peft_config: dict, use_shm: bool) -> None:
+        """A LoRA adapter sync: verl's own path (remove the old adapter, receive the new tensors, ``add_lora`` a
+        ``TensorLoRARequest``); vLLM's base weights are not touched. Then probe what vLLM's LoRA layers hold."""
+        received = {"tensors": 0, "checksum": 0.0}
+        self._adapter_received = received
+        super().update_weights_from_ipc(peft_config=peft_config, base_sync_done=True, use_shm=use_shm)
+        a_sum, b_sum, modules = lora_slot_checksums(self.model_runner.model)
+        previous = getattr(self, "_probe", {})
+        self._probe = {
+            "weight_syncs": previous.get("weight_syncs", 0) + 1,
+            "adapter_syncs": previous.get("adapter_syncs", 0) + 1,
+            "received_tensors": received["tensors"],
+            "received_checksum": received["checksum"],
+            "loaded_loras": len(self.list_loras()),
+            "lora_modules": modules,
+            "lora_a_checksum": a_sum,
+            "lora_b_checksum": b_sum,
+        }
+        logger.info("vllm_cpu worker: adapter sync %s", self._probe)
+
+    def _update_weights(self, weights: Any, peft_config: dict, base_sync_done: bool) -> None:
+        received = getattr(self, "_adapter_received", None)
+        if peft_config and base_sync_done and received is not None:
+            tensors = list(weights)
+            received["tensors"] += len(tensors)
+            received["checksum"] += weight_checksum(tensors)
+            weights = tensors
+        super()._update_weights(weights, peft_config=peft_config, base_sync_done=base_sync_done)
+
     def weight_probe(self) -> dict[str, float]:
-        """The last sync's probe: count, received tensors and their checksum, checksum of the loaded embedding."""
+        """The last sync's probe: count, received tensors and their checksum, and either the checksum of the loaded
+        embedding (full weights) or, for a LoRA adapter, the loaded adapters and the checksums of what vLLM's LoRA
+        layers hold (:func:`lora_slot_checksums`)."""
         return dict(getattr(self, "_probe", {"weight_syncs": 0}))
 
 
@@ -146,6 +207,7 @@ class VLLMCPUHttpServer(vLLMHttpServer):
             "unfinished_at_sync_end": 0,
             "generates": 0,  # engine.generate calls (the ray backend's and vLLM's HTTP API's alike)
             "generates_in_update_windows": 0,  # of those, started between the trainer's sleep and the sync's end
+            "generates_with_lora": 0,  # of those, with a LoRA adapter attached
         }
         self._generates_at_sleep: int | None = None
         super().__init__(*args, **kwargs)
@@ -175,6 +237,8 @@ class VLLMCPUHttpServer(vLLMHttpServer):
 
         def counted_generate(*args: Any, **kwargs: Any) -> Any:
             self._sync_stats["generates"] += 1
+            if kwargs.get("lora_request") is not None:  # verl's generate attaches the adapter once one is loaded
+                self._sync_stats["generates_with_lora"] += 1
             return generate(*args, **kwargs)
 
         self.engine.generate = counted_generate
