@@ -93,7 +93,7 @@ def test_verl_grpo_loop_runs_on_cpu(tmp_path: Path, no_leftovers: list) -> None:
     diffs = numbers(log, "training/rollout_probs_diff_max")
     assert len(diffs) == 2 and max(diffs) < 1e-3, diffs
     # weights were pushed to the rollout server before step 1 and after each step: 3 loads, versions 0, 1, 2
-    assert "hf_cpu rollout: policy version 2 (3 weight loads)" in log
+    assert "hf_cpu rollout: policy version 2 (3 weight loads; full/base weights)" in log
     # the actor's weights changed
     saved = torch.load(ckpt / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt", weights_only=False)
     initial = AutoModelForCausalLM.from_pretrained(model).state_dict()
