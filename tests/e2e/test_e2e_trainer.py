@@ -86,7 +86,12 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     no_leftovers.append(env)
 
     latest = tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt"
-    wait_until(lambda: latest.exists() and int(latest.read_text() or 0) >= 1, 400, "checkpoint of step 1", proc=first)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def step_1_done() -> bool:  # its checkpoint, and its metrics row (written after the checkpoint and the push)
+        return latest.exists() and int(latest.read_text() or 0) >= 1 and bool(read_metrics(metrics))
+
+    wait_until(step_1_done, 400, "step 1's checkpoint and metrics row", proc=first)
     stop_process_tree(first.pid)
     env.stop()
     saved = int(latest.read_text())
