@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from recipe.atropos.algos.losses import POLICY_LOSS_NAME as ADVANTAGE_WEIGHTED_CE
 from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
 from recipe.atropos.runtime import lora_as_adapter
+from recipe.atropos.runtime.placement import check_split_config
 
 VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
 
@@ -48,6 +49,7 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
         )
     check_staleness_config(config, atropos)
     check_lora_config(config, atropos)
+    check_split_config(config, atropos.max_policy_lag, lora_as_adapter(config))
     # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
     if atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
         raise ValueError(

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ class GenerateRequest(BaseModel):
 
 
 class PolicyGate:
-    """Lets requests through while open; ``close`` waits for in-flight ones. Lives on the endpoint's event loop."""
+    """Lets requests through while open; ``close`` waits for in-flight ones. Lives on the endpoint's event loop.
+    ``closed_s``: seconds it has held new requests back, summed over closures (the current one included)."""
 
     def __init__(self, version: int = 0) -> None:
         self.version = version
@@ -63,6 +65,13 @@ class PolicyGate:
         self._idle.set()
         self._inflight = 0
         self._open.set()
+        self._closed_total = 0.0
+        self._closed_at: float | None = None
+
+    @property
+    def closed_s(self) -> float:
+        current = time.monotonic() - self._closed_at if self._closed_at is not None else 0.0
+        return self._closed_total + current
 
     async def enter(self) -> int:
         await self._open.wait()
@@ -76,11 +85,16 @@ class PolicyGate:
             self._idle.set()
 
     async def close(self) -> None:
+        if self._closed_at is None:
+            self._closed_at = time.monotonic()
         self._open.clear()
         await self._idle.wait()
 
     async def open(self, version: int) -> None:
         self.version = version
+        if self._closed_at is not None:
+            self._closed_total += time.monotonic() - self._closed_at
+            self._closed_at = None
         self._open.set()
 
     @property
@@ -136,6 +150,10 @@ class InferenceEndpoint:
     def policy_version(self) -> int:
         return self._gate.version if self._gate else self._initial_version
 
+    def counters(self) -> dict[str, float]:
+        """:attr:`stats` and ``paused_s`` (seconds the gate held requests, cumulative): per-step metrics."""
+        return {**self.stats, "paused_s": self._gate.closed_s if self._gate else 0.0}
+
     def build_app(self) -> FastAPI:
         app = FastAPI(title="atropos-verl inference endpoint")
 
@@ -161,8 +179,11 @@ class InferenceEndpoint:
                 return JSONResponse({"error": "client disconnected before generation"}, status_code=499)
             try:
                 outs = await asyncio.gather(*[self.backend.generate(prompt_ids, params) for _ in range(req.n)])
-                for out in outs:  # recorded before the gate lets a weight update start
-                    self.ledger.record(prompt_ids, out.token_ids, version)
+                # The version that produced each completion: the rollout's tag where it gives one (split placement
+                # swaps weights under running requests), else the gate's (no swap happens while the gate is open).
+                versions = [version if out.policy_version is None else int(out.policy_version) for out in outs]
+                for out, produced_by in zip(outs, versions, strict=True):  # recorded before the gate reopens
+                    self.ledger.record(prompt_ids, out.token_ids, produced_by)
             except Exception as exc:
                 self.stats["failed_requests"] += 1
                 logger.exception("generation failed for a /generate request (n=%d)", req.n)
@@ -170,7 +191,7 @@ class InferenceEndpoint:
             finally:
                 self._gate.exit()
             self.stats["completions"] += len(outs)
-            return JSONResponse(self._response(prompt_ids, outs, version))
+            return JSONResponse(self._response(prompt_ids, outs, versions))
 
         return app
 
@@ -189,7 +210,7 @@ class InferenceEndpoint:
             max_tokens = self.max_tokens_cap
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
 
-    def _response(self, prompt_ids: list[int], outs: Sequence[Completion], version: int) -> dict[str, Any]:
+    def _response(self, prompt_ids: list[int], outs: Sequence[Completion], versions: list[int]) -> dict[str, Any]:
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **_: "")
         return {
             "text": [decode(o.token_ids, skip_special_tokens=True) for o in outs],
@@ -198,7 +219,8 @@ class InferenceEndpoint:
             "token_ids": [o.token_ids for o in outs],
             "logprobs": [[[{str(t): lp}] for t, lp in zip(o.token_ids, o.log_probs, strict=True)] for o in outs],
             "finish_reasons": [o.finish_reason for o in outs],
-            "policy_version": version,
+            "policy_version": min(versions),  # the oldest policy in this answer
+            "policy_versions": versions,
         }
 
     # ---- lifecycle (called from the trainer's thread) ----

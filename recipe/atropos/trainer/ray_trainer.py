@@ -1,10 +1,13 @@
 """RayAtroposTrainer: verl's RayPPOTrainer whose rollouts come from Atropos environments.
 
-Each step: the group source hands one batch of scored groups → convert to a DataProto → (pause the inference
-endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) → reference log-probs when KL is on →
-advantages (env token-level where given, verl GRPO elsewhere) → actor update → checkpoint → push weights → resume the
-endpoint on the new policy version. Every stage is a method so other recipes can override one without copying the loop;
-where groups come from is a :class:`~recipe.atropos.sources.GroupSource` (``_make_group_source``).
+Each step: the group source hands one batch of scored groups → convert to a DataProto → (colocated: pause the
+inference endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) → reference log-probs when KL
+is on → advantages (env token-level where given, verl GRPO elsewhere) → actor update → checkpoint → push weights →
+resume the endpoint on the new policy version. With split placement (``actor_rollout_ref.hybrid_engine=false``,
+:mod:`recipe.atropos.trainer.placement`) the replicas run on their own resources and keep serving environments through
+the whole step; only the weight swap at its end touches them. Every stage is a method so other recipes can override one
+without copying the loop; where groups come from is a :class:`~recipe.atropos.sources.GroupSource`
+(``_make_group_source``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ from recipe.atropos.sources import GroupSource, make_group_source
 from recipe.atropos.sources.jsonl import offline_training_steps
 from recipe.atropos.trainer.checkpoints import resume_step
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
-from recipe.atropos.trainer.step_metrics import promote_actor_is_metrics, rollout_logprob_diff, rollout_server_metrics
+from recipe.atropos.trainer.placement import HybridEngineFlag, init_split_workers, swap_holds_requests
+from recipe.atropos.trainer.step_metrics import (
+    OverlapMeter,
+    promote_actor_is_metrics,
+    rollout_logprob_diff,
+    rollout_server_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +60,11 @@ class RayAtroposTrainer(RayPPOTrainer):
         share_rollout_correction_with_actor(config)  # before the workers copy the config
         self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions)
         self.endpoint: InferenceEndpoint | None = None
-        super().__init__(config, *args, **kwargs)
+        self.swap_holds_requests = swap_holds_requests(config)
+        self.overlap = OverlapMeter(count_replica_holds=not self.swap_holds_requests)
+        with HybridEngineFlag(config) as split:
+            super().__init__(config, *args, **kwargs)
+        self.split, self.hybrid_engine = split, not split
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
     def init_workers(self) -> None:
@@ -60,7 +73,10 @@ class RayAtroposTrainer(RayPPOTrainer):
         is the one ``_load_checkpoint`` will resume at (the source checks the two agree in ``resume``)."""
         self.global_steps = resume_step(self.config.trainer)  # fit() sets it again (0, then the checkpoint's)
         self.source.start(self.global_steps)
-        super().init_workers()
+        if self.split:
+            init_split_workers(self)
+        else:
+            super().init_workers()
 
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
         """verl's dataloader slot holds the group source (so checkpoints keep its state); no validation set."""
@@ -227,9 +243,13 @@ class RayAtroposTrainer(RayPPOTrainer):
             batch = batch.select_idxs(combined.keep.numpy())
         return batch
 
-    def _push_weights(self) -> None:
-        """Weights of the just-trained actor to every replica; the endpoint then serves the new policy version."""
-        self.checkpoint_manager.update_weights(self.global_steps)
+    def _push_weights(self, metrics: dict[str, float]) -> None:
+        """Weights of the just-trained actor to every replica; the endpoint then serves the new policy version. Split
+        with a rollout that cannot tag completions with their version, the endpoint is drained and held for the
+        transfer; colocated, it has been held since the step's update began."""
+        if self.split and self.swap_holds_requests:
+            self.endpoint.pause(self.atropos.inference.drain_timeout_s)
+        metrics.update(self.checkpoint_manager.update_weights(self.global_steps) or {})
         self.endpoint.resume(self.global_steps)
 
     def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
@@ -284,17 +304,20 @@ class RayAtroposTrainer(RayPPOTrainer):
                 with marked_timer("poll", timing):
                     groups = self._poll_groups(metrics)
                 batch = self._to_dataproto(groups, metrics)
-                # Envs wait while the actor trains: replicas share the device with it (hybrid engine) and the
-                # next completions must come from the updated weights.
-                if self.endpoint is not None:  # None offline
+                # Colocated, envs wait while the actor trains: replicas share the device with it (hybrid engine)
+                # and the next completions must come from the updated weights. Split, they keep generating.
+                if self.endpoint is not None and not self.split:  # None offline
                     with marked_timer("pause_endpoint", timing):
                         self.endpoint.pause(self.atropos.inference.drain_timeout_s)
                     self.checkpoint_manager.sleep_replicas()
                 batch = self._compute_log_probs(batch, metrics, timing)
                 with marked_timer("adv", timing):
                     batch = self._compute_advantages(batch, metrics)
+                served = (lambda: self.endpoint.stats["completions"]) if self.endpoint else (lambda: 0)
+                self.overlap.update_started(served())
                 with marked_timer("update_actor", timing):
                     actor_output = self._update_actor(batch)
+                self.overlap.update_ended(served())
                 metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
                 promote_actor_is_metrics(metrics)
                 self.source.trained(groups, self.global_steps)
@@ -306,13 +329,16 @@ class RayAtroposTrainer(RayPPOTrainer):
                         self._save_checkpoint()
                 if self.endpoint is not None:
                     with marked_timer("update_weights", timing):
-                        self._push_weights()
+                        self._push_weights(metrics)
                 self.source.prefetch(self.global_steps)
             metrics.update(self.source.metrics())
-            metrics.update(rollout_server_metrics(self.llm_server_manager.server_handles))
+            server_metrics = rollout_server_metrics(self.llm_server_manager.server_handles)
+            metrics.update(server_metrics)
             if self.endpoint is not None:
+                counters = self.endpoint.counters()
                 metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
-                metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in self.endpoint.stats.items()})
+                metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in counters.items()})
+                metrics.update(self.overlap.step_metrics(timing, counters, server_metrics))
             metrics["training/global_step"] = self.global_steps
             metrics.update(compute_data_metrics(batch=batch, use_critic=False))
             metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
