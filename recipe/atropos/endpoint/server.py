@@ -118,8 +118,12 @@ class InferenceEndpoint:
         policy_version: int = 0,
         ledger: CompletionLedger | None = None,
         ready_file: str | None = None,
+        versions_from_rollout: bool = False,
     ) -> None:
         self.backend = backend
+        # True when weights are swapped under running requests (split placement, a rollout that tags completions):
+        # each completion is then attributed to the version the rollout says produced it, not the gate's.
+        self.versions_from_rollout = versions_from_rollout
         self.host = host
         self.port = port
         self.max_tokens_cap = max_tokens_cap
@@ -179,9 +183,9 @@ class InferenceEndpoint:
                 return JSONResponse({"error": "client disconnected before generation"}, status_code=499)
             try:
                 outs = await asyncio.gather(*[self.backend.generate(prompt_ids, params) for _ in range(req.n)])
-                # The version that produced each completion: the rollout's tag where it gives one (split placement
-                # swaps weights under running requests), else the gate's (no swap happens while the gate is open).
-                versions = [version if out.policy_version is None else int(out.policy_version) for out in outs]
+                # The version that produced each completion: the gate's (no swap happens while it is open), or with
+                # swaps under running requests the rollout's tag.
+                versions = [self._produced_by(out, version) for out in outs]
                 for out, produced_by in zip(outs, versions, strict=True):  # recorded before the gate reopens
                     self.ledger.record(prompt_ids, out.token_ids, produced_by)
             except Exception as exc:
@@ -194,6 +198,13 @@ class InferenceEndpoint:
             return JSONResponse(self._response(prompt_ids, outs, versions))
 
         return app
+
+    def _produced_by(self, out: Completion, gate_version: int) -> int:
+        if not self.versions_from_rollout:
+            return gate_version
+        if out.policy_version is None:
+            raise RuntimeError("the rollout did not tag a completion with its policy version (versions_from_rollout)")
+        return int(out.policy_version)
 
     def _prompt_ids(self, req: GenerateRequest) -> list[int]:
         if isinstance(req.prompt, PromptTokens):

@@ -144,6 +144,7 @@ class RayAtroposTrainer(RayPPOTrainer):
             policy_version=self.global_steps,
             ledger=self.ledger,
             ready_file=icfg.ready_file,
+            versions_from_rollout=not self.swap_holds_requests,
         )
         return endpoint.start()
 
