@@ -89,3 +89,10 @@ test-vllm: vllm-env
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache
+
+# Colocated vs split rollout placement (actor_rollout_ref.hybrid_engine=false) on the same work and compute (one core
+# per device); ends with `ratio split/colocated: ...`. BENCH_PLACEMENT_ARGS e.g. "--model tiny --steps 4".
+.PHONY: bench-placement
+BENCH_PLACEMENT_ARGS ?=
+bench-placement: install
+	$(PY) bench/bench_placement.py $(BENCH_PLACEMENT_ARGS)
