@@ -44,12 +44,22 @@ def prepare_runtime(config: DictConfig, runtime: str = "auto") -> bool:
     return use_cpu
 
 
+def show_recipe_logs() -> None:
+    """The recipe's INFO lines (worker layout, endpoint address, waits) in this process's output: a Ray worker starts
+    with no logging handler, so without one only warnings would reach the trainer's log (``ATROPOS_LOG_LEVEL``)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("recipe.atropos").setLevel(os.environ.get("ATROPOS_LOG_LEVEL", "INFO"))
+
+
 @ray.remote(num_cpus=1)
 class AtroposTaskRunner:
     """Runs in Ray: creates the worker groups and the trainer, then trains."""
 
     def run(self, config: DictConfig, trainer_cls: type | None = None) -> None:
         from verl.trainer.main_ppo_v0 import BaseTaskRunner
+
+        show_recipe_logs()
         from verl.trainer.ppo.utils import need_reference_policy
         from verl.utils.config import omega_conf_to_dataclass, validate_config
 
