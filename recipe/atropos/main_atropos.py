@@ -45,11 +45,15 @@ def prepare_runtime(config: DictConfig, runtime: str = "auto") -> bool:
 
 
 def show_recipe_logs() -> None:
-    """The recipe's INFO lines (worker layout, endpoint address, waits) in this process's output: a Ray worker starts
-    with no logging handler, so without one only warnings would reach the trainer's log (``ATROPOS_LOG_LEVEL``)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("recipe.atropos").setLevel(os.environ.get("ATROPOS_LOG_LEVEL", "INFO"))
+    """The recipe's INFO lines (worker layout, endpoint address, waits) in this process's output, at
+    ``ATROPOS_LOG_LEVEL``: a Ray worker starts with no logging handler, so only warnings would reach the log."""
+    recipe = logging.getLogger("recipe.atropos")
+    if not recipe.handlers:  # its own handler: whatever the root logger's (vLLM's stack installs one) may filter
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        recipe.addHandler(handler)
+        recipe.propagate = False
+    recipe.setLevel(os.environ.get("ATROPOS_LOG_LEVEL", "INFO"))
 
 
 @ray.remote(num_cpus=1)
