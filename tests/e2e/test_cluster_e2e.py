@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -79,8 +80,16 @@ def cluster_view(address: str, env: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture()
+def ray_dir() -> Iterator[str]:
+    """Ray's temp dir, short: its socket paths must stay under 107 bytes (removed afterwards, failed or not)."""
+    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def test_two_node_cluster_trainer_and_services_launchers(
-    tmp_path: Path, tiny_model: Path, no_leftovers: list[ManagedProcess]
+    tmp_path: Path, tiny_model: Path, ray_dir: str, no_leftovers: list[ManagedProcess]
 ) -> None:
     outside = host_address()
     # Ray's own token auth (on by default since Ray 2.5x): every node, driver and client of this cluster presents
@@ -88,7 +97,6 @@ def test_two_node_cluster_trainer_and_services_launchers(
     ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env = {"PYTHONPATH": str(REPO), API_KEY_ENV: TOKEN, "RAY_USAGE_STATS_ENABLED": "0", **ray_auth}
     gcs_port = free_port()
-    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     address = f"127.0.0.1:{gcs_port}"
     head_args = [
         "--head",
@@ -173,7 +181,6 @@ def test_two_node_cluster_trainer_and_services_launchers(
     assert "Started a local Ray instance" not in trainer_log  # it joined the cluster
     for proc in (worker, head):
         proc.stop(timeout=30)
-    shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def _port_open(port: int) -> bool:
