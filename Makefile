@@ -96,3 +96,9 @@ clean:
 BENCH_PLACEMENT_ARGS ?=
 bench-placement: install
 	$(PY) bench/bench_placement.py $(BENCH_PLACEMENT_ARGS)
+
+# The 2-node Ray cluster on this machine (tests/e2e/test_cluster_e2e.py, marker `cluster`, left out of `make test`):
+# a head and a worker `ray start`, the trainer attached with trainer.nnodes=2, API and envs in a second launcher.
+.PHONY: test-cluster
+test-cluster: install
+	$(PY) -m pytest -m cluster tests/e2e/test_cluster_e2e.py $(PYTEST_ARGS)

@@ -146,8 +146,10 @@ def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> 
     (``actor_rollout_ref.hybrid_engine=false``) gets its pool, the ``gloo`` weight engine and thread counts
     (:func:`~recipe.atropos.runtime.placement.apply_split_cpu_settings`).
     """
+    from recipe.atropos.runtime.cluster import cluster_settings  # attached to a cluster: its nodes decide
+
     cpu_rollout = str(OmegaConf.select(config, "atropos.cpu_rollout", default="hf_cpu"))
-    for key, value in cpu_rollout_settings(cpu_rollout):
+    for key, value in cluster_settings(config, cpu_rollout_settings(cpu_rollout)):
         OmegaConf.update(config, key, value, force_add=True)
     if is_split(config):
         apply_split_cpu_settings(config)
