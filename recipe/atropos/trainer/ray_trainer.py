@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
@@ -37,11 +36,11 @@ from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.metrics_file import append_metrics_row, held_out_points, read_metrics, wait_for_evaluation
 from recipe.atropos.runtime.assets import model_vocab_size
-from recipe.atropos.schema import ScoredGroup, group_scores
+from recipe.atropos.schema import ScoredGroup
 from recipe.atropos.sources import GroupSource, make_group_source
 from recipe.atropos.sources.jsonl import offline_training_steps
 from recipe.atropos.trainer.checkpoints import resume_step
-from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
+from recipe.atropos.trainer.dataproto import group_score_metrics, scored_data_to_dataproto
 from recipe.atropos.trainer.placement import HybridEngineFlag, init_split_workers, swap_holds_requests
 from recipe.atropos.trainer.step_metrics import (
     OverlapMeter,
@@ -164,16 +163,7 @@ class RayAtroposTrainer(RayPPOTrainer):
             pad_token_id=int(pad),
         )
         metrics.update(batch.meta_info.pop("atropos_metrics", {}))
-        scores = [s for g in groups for s in group_scores(g)]
-        identical = [len(set(group_scores(g))) == 1 for g in groups]
-        metrics.update(
-            {
-                "atropos/groups": float(len(groups)),
-                "atropos/sequences": float(len(scores)),
-                "atropos/mean_score": float(np.mean(scores)),
-                "atropos/identical_score_rate": float(np.mean(identical)),
-            }
-        )
+        metrics.update(group_score_metrics(groups))
         batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
         batch.meta_info["images_seqlens"] = []
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
@@ -255,6 +245,26 @@ class RayAtroposTrainer(RayPPOTrainer):
         metrics.update(self.checkpoint_manager.update_weights(self.global_steps) or {})
         self.endpoint.resume(self.global_steps)
 
+    def _completions_served(self) -> float:
+        return float(self.endpoint.stats["completions"]) if self.endpoint is not None else 0.0
+
+    def _collect_step_metrics(self, batch: DataProto, timing: dict[str, float], metrics: dict[str, Any]) -> None:
+        """The source's, the rollout servers', the endpoint's and the overlap metrics, then verl's data, timing and
+        throughput metrics (in place)."""
+        metrics.update(self.source.metrics())
+        server_metrics = rollout_server_metrics(self.llm_server_manager.server_handles)
+        metrics.update(server_metrics)
+        if self.endpoint is not None:
+            counters = self.endpoint.counters()
+            metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
+            metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in counters.items()})
+            metrics.update(self.overlap.step_metrics(timing, counters, server_metrics))
+        metrics["training/global_step"] = self.global_steps
+        metrics.update(compute_data_metrics(batch=batch, use_critic=False))
+        metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
+        n_gpus = self.resource_pool_manager.get_n_gpus()
+        metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing, n_gpus=n_gpus))
+
     def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
         if self.atropos.metrics_file:
             append_metrics_row(Path(self.atropos.metrics_file), {"step": self.global_steps, **metrics})
@@ -316,11 +326,10 @@ class RayAtroposTrainer(RayPPOTrainer):
                 batch = self._compute_log_probs(batch, metrics, timing)
                 with marked_timer("adv", timing):
                     batch = self._compute_advantages(batch, metrics)
-                served = (lambda: self.endpoint.stats["completions"]) if self.endpoint else (lambda: 0)
-                self.overlap.update_started(served())
+                self.overlap.update_started(self._completions_served())
                 with marked_timer("update_actor", timing):
                     actor_output = self._update_actor(batch)
-                self.overlap.update_ended(served())
+                self.overlap.update_ended(self._completions_served())
                 metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
                 promote_actor_is_metrics(metrics)
                 self.source.trained(groups, self.global_steps)
@@ -334,19 +343,7 @@ class RayAtroposTrainer(RayPPOTrainer):
                     with marked_timer("update_weights", timing):
                         self._push_weights(metrics)
                 self.source.prefetch(self.global_steps)
-            metrics.update(self.source.metrics())
-            server_metrics = rollout_server_metrics(self.llm_server_manager.server_handles)
-            metrics.update(server_metrics)
-            if self.endpoint is not None:
-                counters = self.endpoint.counters()
-                metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
-                metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in counters.items()})
-                metrics.update(self.overlap.step_metrics(timing, counters, server_metrics))
-            metrics["training/global_step"] = self.global_steps
-            metrics.update(compute_data_metrics(batch=batch, use_critic=False))
-            metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
-            n_gpus = self.resource_pool_manager.get_n_gpus()
-            metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing, n_gpus=n_gpus))
+            self._collect_step_metrics(batch, timing, metrics)
             tracking.log(data=metrics, step=self.global_steps)
             self._write_metrics_line(metrics)
             progress.update(1)
