@@ -28,12 +28,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import yaml
-from bench_loop import ROOT, run_logged
+from bench_loop import ROOT, launcher_argv, run_logged
 
 CONFIGS = ROOT / "recipe" / "atropos" / "config"
 SPLIT = ["actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.nnodes=1"]
@@ -71,18 +70,8 @@ def bench_config(model: str, out: Path) -> Path:
 def run_one(name: str, config: Path, threads: int, overrides: list[str], args: argparse.Namespace) -> dict:
     run_dir = args.out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(config),
-        f"atropos.launcher.run_dir={run_dir}",
-        f"trainer.total_training_steps={args.steps}",
-        "trainer.save_freq=-1",
-        *([f"actor_rollout_ref.model.path={args.model_path}"] if args.model_path else []),
-        *overrides,
-    ]
+    model = [f"actor_rollout_ref.model.path={args.model_path}"] if args.model_path else []
+    argv = launcher_argv(config, run_dir, args.steps, "trainer.save_freq=-1", *model, *overrides)
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "ATROPOS_CPU_THREADS": str(threads)}
     code, wall, _ = run_logged(argv, env, run_dir / "launcher.log", args.timeout)
     if code != 0:
