@@ -116,11 +116,14 @@ class LauncherConfig(BaseConfig):
     guard_api: bool = True
     restart_api: bool = True
     max_api_restarts: int = 3
+    wait_report_s: float = 30.0
     envs: list[EnvConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.max_api_restarts < 0 or self.max_env_restarts < 0:
             raise ValueError("atropos.launcher.max_api_restarts / max_env_restarts must be >= 0")
+        if self.wait_report_s <= 0:
+            raise ValueError(f"atropos.launcher.wait_report_s={self.wait_report_s}: use seconds > 0, e.g. 30")
 
     def env_names(self) -> list[str]:
         return [env.name or f"env{i}" for i, env in enumerate(self.envs)]
@@ -151,6 +154,7 @@ class AtroposConfig(BaseConfig):
     runtime: str = "auto"
     cpu_rollout: str = "hf_cpu"
     metrics_file: str | None = None
+    wait_file: str | None = None
     rejected_groups_file: str | None = None
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     wandb_group: str | None = None  # None = trainer.experiment_name

@@ -172,7 +172,7 @@ class ApiGuard:
             await self.inner({**scope, "headers": plain}, _replay(forwarded), capture)
             status = next((m["status"] for m in captured if m["type"] == "http.response.start"), 500)
             if status < 400:
-                self.state.accept(len(good), sum(n for _, n in good))
+                self.state.accept(len(good), sum(n for _, n in good), [raw.get("env_id") for raw, _ in good])
         first = rejected[0]
         await _send_json(
             send,
@@ -197,7 +197,7 @@ class ApiGuard:
 
         await self.inner(scope, _replay(body), watch)
         if status < 400:
-            self.state.accept(len(good), sum(n for _, n in good))
+            self.state.accept(len(good), sum(n for _, n in good), [raw.get("env_id") for raw, _ in good])
 
 
 def build_app(state: GuardState) -> ApiGuard:
