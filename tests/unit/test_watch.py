@@ -120,3 +120,19 @@ def test_wait_watch_prints_every_interval_while_the_wait_file_names_a_step(tmp_p
     wait_file.unlink()  # the step got its data
     now[0] = 1200.0
     assert watch.line() is None
+
+
+def test_groups_an_env_drops_itself_are_named_once_with_their_cause(tmp_path: Path) -> None:
+    log = tmp_path / "equal.log"
+    log.write_text("")
+    watch = EnvLogWatch({"equal": log})
+    with open(log, "a") as fh:  # atroposlib's BaseEnv warnings, as its logger prints them
+        fh.write("Scores are the same in a group, skipping...\n" * 3)
+        fh.write("Token length is too long in a group, skipping...\n")
+    lines = watch.scan()
+    assert len(lines) == 2
+    assert lines[0].startswith("env equal: the env drops every group whose scores are all equal")
+    assert "env.ensure_scores_are_not_same" in lines[0] and "data.max_prompt_length" in lines[1]
+    with open(log, "a") as fh:
+        fh.write("Scores are the same in a group, skipping...\n")
+    assert watch.scan() == []

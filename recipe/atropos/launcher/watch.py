@@ -6,7 +6,8 @@
 - :class:`EnvLogWatch`: reads each environment's log as it grows; every Python exception it shows (the last line of a
   traceback, the last of a chain only) and every exception atroposlib's ``BaseEnv`` logs without a traceback (it
   swallows those of ``collect_trajectories``, scoring and sending, then carries on) becomes one console line
-  ``env <name>: <exception>`` — once per distinct text and env, at most :data:`MAX_PER_ENV` per env.
+  ``env <name>: <exception>`` — once per distinct text and env, at most :data:`MAX_PER_ENV` per env; so is each
+  kind of group BaseEnv drops itself (:data:`DROPS`: equal scores, wrong size, too long) or the API refused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ _SWALLOWED = re.compile(
     r"(Error in collect_trajectories: .*|Scoring exception: .*|Error in handle_send_to_api: .*"
     r"|Failed to send .* after retries: .*|Error registering env: .*)$"
 )
+
+# atroposlib.envs.base.BaseEnv drops a group itself, before the API sees it, with one of these warnings (or the API
+# refused it): what each means, printed once per env with the first such line.
+DROPS = {
+    "Scores are the same in a group, skipping": "the env drops every group whose scores are all equal "
+    "(env.ensure_scores_are_not_same, atroposlib's default true)",
+    "Group structure invalid, or token count mismatch": "the env drops groups whose size is not its env.group_size",
+    "Token length is too long in a group, skipping": "the env drops groups with a sequence of max_token_length tokens "
+    "or more (data.max_prompt_length + data.max_response_length)",
+    "Client error: 422": "the API refused the env's groups (422): the reasons are in <run_dir>/rejected_groups.jsonl",
+}
+
+
+def drop_lines(lines: list[str]) -> list[str]:
+    """What the env dropped itself (or had refused), one text per :data:`DROPS` kind seen in ``lines``."""
+    return [f'{hint}: "{key}..."' for key, hint in DROPS.items() if any(key in line for line in lines)]
 
 
 def exception_lines(lines: list[str], final: bool = False) -> tuple[list[str], int]:
@@ -91,7 +108,9 @@ class EnvLogWatch:
                 continue
             raw_lines = data.split(b"\n")[:-1]  # complete lines only
             final = len(data) == self.unread[name]  # nothing new since the last scan: a pending traceback is whole
-            found, done = exception_lines([line.decode(errors="replace") for line in raw_lines], final)
+            lines = [line.decode(errors="replace") for line in raw_lines]
+            found, done = exception_lines(lines, final)
+            found += drop_lines(lines[:done])
             self.offsets[name] += sum(len(line) + 1 for line in raw_lines[:done])
             self.unread[name] = len(data) - sum(len(line) + 1 for line in raw_lines[:done])
             for exc in found:
