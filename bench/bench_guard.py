@@ -9,7 +9,11 @@ memory (psutil) is sampled every second.
 Prints a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS), then one line:
 
     guard load: K=8 accepted 12000 groups in 60.0 s = 200.0 groups/s | post latency p50 8.1 ms p99 40.2 ms |
-    guard peak RSS 900 MB (start 120 MB) | drained 960 groups | errors 0
+    guard peak RSS 900 MB (start 120 MB) | guard CPU 50.0 s = 4.2 ms per accepted group | drained 960 groups | ...
+
+The guard's CPU time (user + system) per accepted group is printed too: on a machine shared with other work the
+rate measures the share of the CPU the guard got, the CPU per group what it costs (1000 / that = groups/s on one free
+core, the clients and the trainer elsewhere).
 
 Bounds: at most ``--max-groups`` posts in all, and posting stops early (said in the summary) when the guard's RSS
 passes ``--max-rss-mb`` (the API queue grows while the trainer is slow unless the guard bounds its memory).
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import gzip
 import json
+import os
 import random
 import statistics
 import sys
@@ -192,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         register(url, args)
         bench = Bench(args, url, guard.pid)
         start_mb = bench.guard.memory_info().rss / 2**20
+        cpu0 = sum(bench.guard.cpu_times()[:2])
         elapsed = asyncio.run(bench.run())
+        guard_cpu = sum(bench.guard.cpu_times()[:2]) - cpu0
     finally:
         guard.popen.kill()  # no clean stop: it would write the whole queue to the queue file
         guard.popen.wait(timeout=30)
@@ -201,12 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t:6.0f}  {n:9d}  {rate:9.1f}  {queue:9d}  {mb:12.0f}")
     ms = [x * 1000 for x in bench.latencies]
     peak = max((mb for _, mb in bench.rss), default=start_mb)
+    per_group = 1000 * guard_cpu / max(bench.accepted, 1)
     print(
         f"guard load: K={args.envs} accepted {bench.accepted} groups ({args.group_size}x{args.tokens} tokens) in "
         f"{elapsed:.1f} s = {bench.accepted / elapsed:.1f} groups/s | post latency p50 {percentile(ms, 0.5):.1f} ms "
         f"p99 {percentile(ms, 0.99):.1f} ms (mean {statistics.fmean(ms) if ms else float('nan'):.1f}) | guard peak "
-        f"RSS {peak:.0f} MB (start {start_mb:.0f} MB) | drained {bench.drained} groups | errors {bench.errors} | "
-        f"stopped: {bench.stop_reason}",
+        f"RSS {peak:.0f} MB (start {start_mb:.0f} MB) | guard CPU {guard_cpu:.1f} s = {per_group:.1f} ms per "
+        f"accepted group | drained {bench.drained} groups | errors {bench.errors} | stopped: {bench.stop_reason} | "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         flush=True,
     )
     return 0 if bench.accepted and not bench.errors else 1
