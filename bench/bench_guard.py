@@ -6,7 +6,8 @@ of ``--group-size`` sequences x ``--tokens`` tokens (gzip, as atroposlib's BaseE
 ``GET /batch``. The guard runs as the launcher starts it (stats file, rejected-groups file, queue file). Its resident
 memory (psutil) is sampled every second.
 
-Prints a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS), then one line:
+Prints a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS, the guard's CPU time per
+accepted group and its share of one core over the interval), then one line:
 
     guard load: K=8 accepted 12000 groups in 60.0 s = 200.0 groups/s | post latency p50 8.1 ms p99 40.2 ms |
     guard peak RSS 900 MB (start 120 MB) | guard CPU 50.0 s = 4.2 ms per accepted group | drained 960 groups | ...
@@ -88,7 +89,7 @@ class Bench:
         self.deadline = 0.0
         self.stopping = False
         self.rss: list[tuple[float, float]] = []  # (seconds since start, MB)
-        self.table: list[tuple[float, int, float, int, float]] = []
+        self.table: list[tuple[float, int, float, int, float, float, float]] = []
 
     async def poster(self, session: aiohttp.ClientSession, env_id: int) -> None:
         body = json.dumps(make_group(self.args.group_size, self.args.tokens, env_id, seed=env_id)).encode()
@@ -121,6 +122,7 @@ class Bench:
 
     async def sampler(self, session: aiohttp.ClientSession, t0: float) -> None:
         last_t, last_n, next_row = 0.0, 0, 10.0
+        last_cpu = sum(self.guard.cpu_times()[:2])
         while not self.stopping:
             await asyncio.sleep(1.0)
             now = time.monotonic() - t0
@@ -133,8 +135,11 @@ class Bench:
                 async with session.get(f"{self.url}/status") as resp:
                     queue = int((await resp.json()).get("queue_size", -1))
                 rate = (self.accepted - last_n) / max(now - last_t, 1e-9)
-                self.table.append((now, self.accepted, rate, queue, mb))
-                last_t, last_n, next_row = now, self.accepted, next_row + 10.0
+                cpu = sum(self.guard.cpu_times()[:2])
+                per_group = 1000 * (cpu - last_cpu) / max(self.accepted - last_n, 1)
+                busy = (cpu - last_cpu) / max(now - last_t, 1e-9)
+                self.table.append((now, self.accepted, rate, queue, mb, per_group, busy))
+                last_t, last_n, last_cpu, next_row = now, self.accepted, cpu, next_row + 10.0
             if time.monotonic() >= self.deadline:
                 break
 
@@ -203,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         guard.popen.kill()  # no clean stop: it would write the whole queue to the queue file
         guard.popen.wait(timeout=30)
-    print(f"{'t (s)':>6}  {'accepted':>9}  {'groups/s':>9}  {'API queue':>9}  {'guard RSS MB':>12}")
-    for t, n, rate, queue, mb in bench.table:
-        print(f"{t:6.0f}  {n:9d}  {rate:9.1f}  {queue:9d}  {mb:12.0f}")
+    heads = ("t (s)", "accepted", "groups/s", "API queue", "guard RSS MB", "CPU ms/group", "guard CPU")
+    print("  ".join(f"{h:>{w}}" for h, w in zip(heads, (6, 9, 9, 9, 12, 12, 9), strict=True)))
+    for t, n, rate, queue, mb, per_group, busy in bench.table:
+        print(f"{t:6.0f}  {n:9d}  {rate:9.1f}  {queue:9d}  {mb:12.0f}  {per_group:12.1f}  {busy:9.0%}")
     ms = [x * 1000 for x in bench.latencies]
     peak = max((mb for _, mb in bench.rss), default=start_mb)
     per_group = 1000 * guard_cpu / max(bench.accepted, 1)
