@@ -90,6 +90,12 @@ test-vllm: vllm-env
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache
 
+# The 2-node Ray cluster on this machine (tests/e2e/test_cluster_e2e.py, marker `cluster`, left out of `make test`):
+# a head and a worker `ray start`, the trainer attached with trainer.nnodes=2, API and envs in a second launcher.
+.PHONY: test-cluster
+test-cluster: install
+	$(PY) -m pytest -m cluster tests/e2e/test_cluster_e2e.py $(PYTEST_ARGS)
+
 # Load test of the guarded API on loopback: K envs post groups of 8 x 512 tokens for 60 s while a slow trainer drains;
 # prints a table (every 10 s: accepted, groups/s, API queue, guard RSS) and ends with `guard load: ...` (groups/s,
 # p50/p99 post latency, peak RSS). BENCH_GUARD_ARGS e.g. "--envs 4 --seconds 20" (see bench/bench_guard.py --help).

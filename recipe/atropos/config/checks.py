@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from recipe.atropos.access import API_KEY_ENV, check_exposure, inference_token
 from recipe.atropos.algos.losses import POLICY_LOSS_NAME as ADVANTAGE_WEIGHTED_CE
 from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
 from recipe.atropos.runtime import lora_as_adapter
@@ -48,6 +49,10 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
         )
     check_staleness_config(config, atropos)
     check_lora_config(config, atropos)
+    inference = atropos.inference
+    guarded = bool(inference_token(inference.api_key))
+    key = f"atropos.inference.api_key (or ${API_KEY_ENV})"
+    check_exposure(inference.host, guarded=guarded, what="the inference endpoint", key=key)
     # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
     if atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
         raise ValueError(

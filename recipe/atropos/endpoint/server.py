@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recipe.atropos.access import API_KEY_ENV, BearerTokenMiddleware, Refusals, check_exposure, count_into
 from recipe.atropos.endpoint.backends import Completion, GenerationBackend, SamplingParams
 from recipe.atropos.endpoint.ledger import CompletionLedger
 
@@ -105,6 +106,7 @@ class InferenceEndpoint:
         policy_version: int = 0,
         ledger: CompletionLedger | None = None,
         ready_file: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
@@ -120,7 +122,11 @@ class InferenceEndpoint:
             "failed_requests": 0,
             "capped_max_tokens": 0,
             "abandoned_requests": 0,  # their client disconnected while waiting: nothing generated for them
+            "unauthorized_requests": 0,  # 401: no or a wrong bearer token (recipe.atropos.access)
         }
+        self.api_key = api_key  # None: no token asked (loopback only)
+        hint = f"environments send it with --openai.api_key; set atropos.inference.api_key or ${API_KEY_ENV}"
+        self.refusals = Refusals("inference endpoint", hint, count_into(self.stats, "unauthorized_requests"))
         # True once training is over and the final policy is served only for evaluations (``/health`` says so).
         self.final = False
         self._initial_version = policy_version
@@ -139,6 +145,7 @@ class InferenceEndpoint:
 
     def build_app(self) -> FastAPI:
         app = FastAPI(title="atropos-verl inference endpoint")
+        app.add_middleware(BearerTokenMiddleware, token=self.api_key, refusals=self.refusals)
 
         @app.get("/health")
         async def health() -> dict[str, Any]:
@@ -206,6 +213,8 @@ class InferenceEndpoint:
 
     # ---- lifecycle (called from the trainer's thread) ----
     def start(self, timeout: float = 60.0) -> InferenceEndpoint:
+        key = f"atropos.inference.api_key (or ${API_KEY_ENV})"
+        check_exposure(self.host, guarded=bool(self.api_key), what="the inference endpoint", key=key)
         config = uvicorn.Config(self.build_app(), host=self.host, port=self.port, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         started = threading.Event()

@@ -27,9 +27,11 @@ import argparse
 import gzip
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from recipe.atropos.access import NetworkAllowListMiddleware, Refusals, check_exposure, parse_networks
 from recipe.atropos.guard.state import GuardState, current_batch_size, queue_report
 from recipe.atropos.schema import GroupValidationError, validate_group
 
@@ -226,6 +228,7 @@ def guard_argv(
     stats_file: Path | None = None,
     queue_file: Path | None = None,
     host: str = "127.0.0.1",
+    allow: Sequence[str] = (),
 ) -> list[str]:
     """The command line that serves the guarded API (same interpreter)."""
     import sys
@@ -241,6 +244,8 @@ def guard_argv(
         argv += ["--stats-file", str(stats_file)]
     if queue_file:
         argv += ["--queue-file", str(queue_file)]
+    if allow:
+        argv += ["--allow", ",".join(allow)]
     return argv
 
 
@@ -253,7 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rejected-file", default=None, help="append rejected groups (JSONL) here")
     parser.add_argument("--stats-file", default=None, help="counters, kept across restarts")
     parser.add_argument("--queue-file", default=None, help="groups held at a clean stop; restored on the next start")
+    parser.add_argument("--allow", default="", help="client networks let in besides loopback (CIDRs, comma-separated)")
     args = parser.parse_args(argv)
+    allow = [c for c in args.allow.split(",") if c.strip()]
+    try:
+        check_exposure(args.host, guarded=bool(allow), what="the Atropos API", key="atropos.launcher.api_allow")
+        networks = parse_networks(allow) if allow else None
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uvicorn
 
@@ -264,8 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         stats_file=args.stats_file,
         queue_file=args.queue_file,
     )
-    app = build_app(state)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the queue is written at shutdown
+    refusals = Refusals("the Atropos API", "set atropos.launcher.api_allow", state.count_refused)
+    app = NetworkAllowListMiddleware(build_app(state), networks, refusals)
+    # The queue is written at shutdown. proxy_headers off: the allow-list judges the socket's peer, never a
+    # client-supplied X-Forwarded-For.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=False)
 
 
 if __name__ == "__main__":

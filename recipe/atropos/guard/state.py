@@ -45,6 +45,7 @@ class GuardState:
         self.accepted_sequences = 0
         self.starts = 1
         self.unpackable_envs: list[dict[str, Any]] = []
+        self.refused_requests = 0  # clients outside atropos.launcher.api_allow (403, recipe.atropos.access)
         # Per env id (as posted in ScoredData.env_id), this API process only: groups received (accepted + rejected),
         # rejected, the Unix time of its last post and the reason of its last rejection.
         self.envs: dict[str, dict[str, Any]] = {}
@@ -56,6 +57,7 @@ class GuardState:
             self.starts = int(old.get("starts", 0)) + 1
             self.restored_groups = int(old.get("restored_groups", 0))
             self.dumped_groups = int(old.get("dumped_groups", 0))
+            self.refused_requests = int(old.get("refused_requests", 0))
         self.to_restore: list[dict[str, Any]] = []
         if self.queue_file is not None:
             self.to_restore = read_jsonl(self.queue_file)
@@ -76,8 +78,13 @@ class GuardState:
             "restored_groups": self.restored_groups,
             "dumped_groups": self.dumped_groups,
             "unpackable_envs": self.unpackable_envs,
+            "refused_requests": self.refused_requests,
             "envs": self.envs,
         }
+
+    def count_refused(self) -> None:
+        self.refused_requests += 1
+        self.save()
 
     def save(self) -> None:
         if self.stats_file is not None:

@@ -142,8 +142,10 @@ def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> 
     :mod:`recipe.atropos.runtime.vllm_cpu` is then imported by every verl process, not by this one); with a LoRA
     adapter (:func:`lora_as_adapter`) it also sets ``rollout.load_format=auto``.
     """
+    from recipe.atropos.runtime.cluster import cluster_settings  # attached to a cluster: its nodes decide
+
     cpu_rollout = str(OmegaConf.select(config, "atropos.cpu_rollout", default="hf_cpu"))
-    for key, value in cpu_rollout_settings(cpu_rollout):
+    for key, value in cluster_settings(config, cpu_rollout_settings(cpu_rollout)):
         OmegaConf.update(config, key, value, force_add=True)
     if cpu_rollout == "vllm":
         extra_modules = [VLLM_CPU_MODULE, *extra_modules]

@@ -25,6 +25,7 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
+from recipe.atropos.access import inference_token
 from recipe.atropos.algos.advantages import combine_advantages
 from recipe.atropos.algos.losses import is_weight_metrics
 from recipe.atropos.config.checks import check_atropos_config, share_rollout_correction_with_actor
@@ -128,6 +129,7 @@ class RayAtroposTrainer(RayPPOTrainer):
             policy_version=self.global_steps,
             ledger=self.ledger,
             ready_file=icfg.ready_file,
+            api_key=inference_token(icfg.api_key),
         )
         return endpoint.start()
 
