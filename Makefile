@@ -102,3 +102,11 @@ bench-placement: install
 .PHONY: test-cluster
 test-cluster: install
 	$(PY) -m pytest -m cluster tests/e2e/test_cluster_e2e.py $(PYTEST_ARGS)
+
+# Load test of the guarded API on loopback: K envs post groups of 8 x 512 tokens for 60 s while a slow trainer drains;
+# prints a table (every 10 s: accepted, groups/s, API queue, guard RSS) and ends with `guard load: ...` (groups/s,
+# p50/p99 post latency, peak RSS). BENCH_GUARD_ARGS e.g. "--envs 4 --seconds 20" (see bench/bench_guard.py --help).
+.PHONY: bench-guard
+BENCH_GUARD_ARGS ?=
+bench-guard: install
+	$(PY) bench/bench_guard.py $(BENCH_GUARD_ARGS)

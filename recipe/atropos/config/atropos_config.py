@@ -119,6 +119,7 @@ class LauncherConfig(BaseConfig):
     guard_api: bool = True
     restart_api: bool = True
     max_api_restarts: int = 3
+    wait_report_s: float = 30.0
     envs: list[EnvConfig] = field(default_factory=list)
     role: str = "all"
     api_host: str = "127.0.0.1"
@@ -148,6 +149,8 @@ class LauncherConfig(BaseConfig):
                 "atropos.launcher.role=trainer needs atropos.launcher.inference_port: the services' "
                 "atropos.launcher.endpoint_url names it"
             )
+        if self.wait_report_s <= 0:
+            raise ValueError(f"atropos.launcher.wait_report_s={self.wait_report_s}: use seconds > 0, e.g. 30")
 
     def env_names(self) -> list[str]:
         return [env.name or f"env{i}" for i, env in enumerate(self.envs)]
@@ -178,6 +181,7 @@ class AtroposConfig(BaseConfig):
     runtime: str = "auto"
     cpu_rollout: str = "hf_cpu"
     metrics_file: str | None = None
+    wait_file: str | None = None
     rejected_groups_file: str | None = None
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     wandb_group: str | None = None  # None = trainer.experiment_name

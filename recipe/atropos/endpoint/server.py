@@ -2,7 +2,8 @@
 
 It speaks the contract of atroposlib's ``vllm`` server type (``--openai.server_type vllm --openai.base_url
 http://HOST:PORT/v1``): ``GET /health`` (answering the policy version served, ``paused`` while a weight update holds
-requests back, ``final`` once training is over and the final policy is served for evaluations) and ``POST /generate``
+requests back, ``final`` once training is over and the final policy is served for evaluations, ``stats``: requests and
+completions served so far) and ``POST /generate``
 with ``{"prompt": {"prompt_token_ids": [...]}, "n", "max_tokens", "temperature", "top_p", "top_k", "logprobs"}``,
 answered with per-sample ``logprobs`` as ``[[{"<token id>": logprob}], ...]`` and ``finish_reasons``.
 
@@ -171,7 +172,9 @@ class InferenceEndpoint:
         @app.get("/health")
         async def health() -> dict[str, Any]:
             paused = self._gate is not None and not self._gate.is_open
-            return {"status": "ok", "policy_version": self.policy_version, "paused": paused, "final": self.final}
+            # stats: requests/completions served so far (the launcher's waiting line reports the completions)
+            state = {"status": "ok", "policy_version": self.policy_version, "paused": paused, "final": self.final}
+            return {**state, "stats": dict(self.stats)}
 
         @app.post("/generate")
         async def generate(request: Request) -> JSONResponse:

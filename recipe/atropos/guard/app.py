@@ -87,6 +87,8 @@ class ApiGuard:
         if method == "GET" and path == "/guard/stats":
             report = {**self.state.counters(), **queue_report(current_batch_size(self.state))}
             await _send_json(send, 200, report)
+        elif method == "GET" and path == "/batch":
+            await self._batch(send)
         elif method == "POST" and path in GUARDED_PATHS:
             await self._scored(scope, receive, send, as_list=path == "/scored_data_list")
         elif method == "POST" and path == "/register":
@@ -98,6 +100,14 @@ class ApiGuard:
             await self.inner(scope, _replay(body), send)
         else:
             await self.inner(scope, receive, send)
+
+    async def _batch(self, send: Any) -> None:
+        """atroposlib's ``GET /batch`` route, its answer sent with ``json.dumps`` and uncompressed: through FastAPI
+        (``jsonable_encoder`` walks every token, the GZip middleware compresses at level 9) one batch cost the API
+        process more CPU than posting its groups, and blocked every post meanwhile (``make bench-guard``)."""
+        from atroposlib.api.server import get_batch
+
+        await _send_json(send, 200, await get_batch())
 
     def _on_shutdown(self, receive: Any) -> Any:
         """``receive`` that writes the held groups when the server announces its shutdown (SIGTERM / SIGINT)."""
@@ -174,7 +184,7 @@ class ApiGuard:
             await self.inner({**scope, "headers": plain}, _replay(forwarded), capture)
             status = next((m["status"] for m in captured if m["type"] == "http.response.start"), 500)
             if status < 400:
-                self.state.accept(len(good), sum(n for _, n in good))
+                self.state.accept(len(good), sum(n for _, n in good), [raw.get("env_id") for raw, _ in good])
         first = rejected[0]
         await _send_json(
             send,
@@ -199,7 +209,7 @@ class ApiGuard:
 
         await self.inner(scope, _replay(body), watch)
         if status < 400:
-            self.state.accept(len(good), sum(n for _, n in good))
+            self.state.accept(len(good), sum(n for _, n in good), [raw.get("env_id") for raw, _ in good])
 
 
 def build_app(state: GuardState) -> ApiGuard:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ class GuardState:
         self.starts = 1
         self.unpackable_envs: list[dict[str, Any]] = []
         self.refused_requests = 0  # clients outside atropos.launcher.api_allow (403, recipe.atropos.access)
+        # Per env id (as posted in ScoredData.env_id), this API process only: groups received (accepted + rejected),
+        # rejected, the Unix time of its last post and the reason of its last rejection.
+        self.envs: dict[str, dict[str, Any]] = {}
         if self.stats_file is not None and self.stats_file.exists():
             old = json.loads(self.stats_file.read_text())
             self.accepted_groups = int(old.get("accepted_groups", 0))
@@ -75,6 +79,7 @@ class GuardState:
             "dumped_groups": self.dumped_groups,
             "unpackable_envs": self.unpackable_envs,
             "refused_requests": self.refused_requests,
+            "envs": self.envs,
         }
 
     def count_refused(self) -> None:
@@ -88,7 +93,17 @@ class GuardState:
     def reject(self, raw: Any, error: GroupValidationError) -> None:
         """Count ``raw`` by field, keep it with the reason in the rejected-groups file, persist the counters."""
         self.rejected_log.reject(raw, error)
+        env = self._env(raw.get("env_id") if isinstance(raw, dict) else None)
+        env["rejected"] += 1
+        env["last_rejection"] = str(error)[:300]
         self.save()
+
+    def _env(self, env_id: Any) -> dict[str, Any]:
+        """The counters of ``env_id`` (``"none"`` when the group named none), its last post now."""
+        env = self.envs.setdefault(str(env_id) if env_id is not None else "none", {"received": 0, "rejected": 0})
+        env["received"] += 1
+        env["last_post"] = time.time()
+        return env
 
     def restore_into_queue(self) -> None:
         """Put the groups of an earlier API (``queue_file``) at the front of the queue; once, after /register."""
@@ -117,9 +132,12 @@ class GuardState:
         logger.info("wrote the %d groups the API still held to %s", len(groups), self.queue_file)
         return len(groups)
 
-    def accept(self, n_groups: int, n_sequences: int) -> None:
+    def accept(self, n_groups: int, n_sequences: int, env_ids: list[Any] = ()) -> None:
+        """Count accepted groups; ``env_ids``: the ``env_id`` of each (per-env counters)."""
         self.accepted_groups += n_groups
         self.accepted_sequences += n_sequences
+        for env_id in env_ids:
+            self._env(env_id)
         self.save()
 
 

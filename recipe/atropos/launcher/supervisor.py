@@ -38,6 +38,7 @@ from recipe.atropos.launcher.preflight import PreflightError, finished_step, run
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, tail
 from recipe.atropos.launcher.report import GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
 from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
+from recipe.atropos.launcher.watch import WAIT_FILE, ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.records import write_json_atomic
 from recipe.atropos.runtime.assets import model_vocab_size, resolve_model_path
@@ -77,6 +78,13 @@ class Launcher:
         self.api_restarts = 0
         self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
         self.remote_trainer: RemoteTrainer | None = None  # role=services: the trainer elsewhere
+        self.console = ConsoleWatch(  # why a step waits, which env raised what (recipe.atropos.launcher.watch)
+            self.run_dir,
+            {name: self._log(name) for name in self.envs},
+            api_url=self.api_url,
+            inference_url=self.inference_url,
+            interval_s=lcfg.wait_report_s,
+        )
 
     def preflight(self) -> None:
         """Raise :class:`PreflightError` (one line) before anything starts."""
@@ -114,6 +122,7 @@ class Launcher:
             f"atropos.inference.port={self.inference_port}",
             f"atropos.metrics_file={self.metrics_file}",
             *([f"atropos.env_ids_file={self.env_ids_file}"] if self.plan.runs_envs else []),
+            f"atropos.wait_file={self.run_dir / WAIT_FILE}",
             f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
             *(
                 [f"atropos.rejected_groups_file={self.run_dir / 'rejected_groups_trainer.jsonl'}"]
@@ -246,6 +255,8 @@ class Launcher:
             for row in rows[printed:]:
                 print(step_line(row, total), flush=True)
             printed = len(rows)
+            for line in self.console.lines():
+                print(line, flush=True)
             trainer = self.children.get("trainer")
             if trainer is None and self.remote_trainer.gone():
                 logger.info("the trainer's endpoint %s is gone: stopping the API and the envs", self.inference_url)
