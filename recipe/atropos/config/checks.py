@@ -48,6 +48,12 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
         )
     check_staleness_config(config, atropos)
     check_lora_config(config, atropos)
+    batch = int(config.data.train_batch_size)
+    if atropos.max_queued_sequences(batch) < batch:
+        raise ValueError(
+            f"atropos.guard.max_queued_sequences={atropos.guard.max_queued_sequences} is below data.train_batch_size="
+            f"{batch}: no batch could form in the API's memory; use null (derived) or at least {batch}"
+        )
     # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
     if atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
         raise ValueError(

@@ -10,10 +10,17 @@ batch size stalls batch formation forever, an empty group sits in the queue. Thi
 with the vocabulary size and the batch size); a bad group gets **422** with the field and the reason, is counted, is
 appended to the rejected-groups file, and never enters the queue. Valid groups of a list are still queued.
 
-With ``--queue-file``, whatever the API still holds when it stops cleanly (SIGTERM/SIGINT: queued groups, formed
-but unfetched batches, atroposlib's per-env buffers) is written there, and a later guarded API started with the same
-file puts those groups back at the front of its queue right after the trainer registers: an interrupted run loses
-no posted group (a SIGKILL still loses the in-memory queue; the trainer's spool keeps what was already fetched).
+Delivery (``--journal-dir``, :mod:`recipe.atropos.guard.journal`): every valid group is appended to the journal and
+fsynced before the API answers 200, with an id carried in its ``group_overrides``
+(:data:`recipe.atropos.schema.GROUP_ID_KEY`). It leaves the journal only when the trainer acknowledges it
+(``POST /ack {"ids": [...]}`` → ``{"acked", "unknown"}``) after writing it to its own spool. A restarted API (after a
+SIGKILL too) serves every unacknowledged group again; groups answered in a ``GET /batch`` and never acknowledged go
+back to the queue when a trainer registers. So a group is delivered at least once; the trainer de-duplicates by id.
+
+Bounded memory (``--max-queued-sequences``): atroposlib's in-memory queue holds at most that many sequences; further
+groups stay on disk (the journal's backlog) and move into the queue as ``GET /batch`` drains it. A valid group is never
+refused for capacity: ``GET /status-env`` reports the backlog in ``queue_size`` / ``self_queue_size`` too, so the
+environments' own throttle (``max_batches_offpolicy``) holds them back.
 
 It also warns when an environment registers a group size that cannot pack into the batch, and serves
 ``GET /guard/stats``: accepted/rejected counts (persisted in the stats file, so they survive an API restart) and the
@@ -30,8 +37,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipe.atropos.guard.state import GuardState, current_batch_size, queue_report
-from recipe.atropos.schema import GroupValidationError, validate_group
+from recipe.atropos.guard.state import GuardState, _api_state, current_batch_size, queue_report
+from recipe.atropos.schema import GroupValidationError, group_id, validate_group
 
 logger = logging.getLogger("atropos_api_guard")
 
@@ -60,6 +67,14 @@ def _replay(body: bytes) -> Any:
     return receive
 
 
+async def _send_raw(send: Any, status: int, headers: dict, body: bytes) -> None:
+    """``body`` (already decompressed) with atroposlib's headers minus its encoding and length."""
+    keep = [(k, v) for k, v in headers.items() if k not in (b"content-encoding", b"content-length")]
+    keep.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": keep})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _send_json(send: Any, status: int, payload: Any) -> None:
     body = json.dumps(payload, default=str).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -75,9 +90,6 @@ class ApiGuard:
         self.state = state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await self.inner(scope, self._on_shutdown(receive), send)
-            return
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
@@ -87,29 +99,22 @@ class ApiGuard:
             await _send_json(send, 200, report)
         elif method == "POST" and path in GUARDED_PATHS:
             await self._scored(scope, receive, send, as_list=path == "/scored_data_list")
+        elif method == "POST" and path == "/ack":
+            await self._ack(receive, send)
         elif method == "POST" and path == "/register":
             await self.inner(scope, receive, send)
-            self.state.restore_into_queue()
+            self.state.requeue_out()
+            await self._admit(scope)
+        elif method == "GET" and path == "/batch":
+            await self._batch(scope, receive, send)
+        elif method == "GET" and path == "/status-env":
+            await self._status_env(scope, receive, send)
         elif method == "POST" and path == "/register-env":
             body = await _read_body(receive)
             self._check_env_group_size(body)
             await self.inner(scope, _replay(body), send)
         else:
             await self.inner(scope, receive, send)
-
-    def _on_shutdown(self, receive: Any) -> Any:
-        """``receive`` that writes the held groups when the server announces its shutdown (SIGTERM / SIGINT)."""
-
-        async def wrapped() -> dict[str, Any]:
-            message = await receive()
-            if message.get("type") == "lifespan.shutdown":
-                try:
-                    self.state.dump_queue()
-                except Exception:  # a failed dump must not hide why: log it with the traceback
-                    logger.exception("could not write the API's queue to %s", self.state.queue_file)
-            return message
-
-        return wrapped
 
     def _check_env_group_size(self, body: bytes) -> None:
         try:
@@ -151,28 +156,19 @@ class ApiGuard:
         good, rejected = [], []
         for index, raw in enumerate(raws):
             try:
-                group = validate_group(raw, vocab_size=self.state.vocab_size, batch_size=batch_size)
+                validate_group(raw, vocab_size=self.state.vocab_size, batch_size=batch_size)
+                _check_atroposlib_fields(raw)
             except GroupValidationError as error:
                 self.state.reject(raw, error)
                 rejected.append({"index": index, "field": error.field, "reason": str(error)})
                 continue
-            good.append((raw, group.size))
+            good.append(raw)
+        ids = self.state.accept(good) if good else []  # on disk (fsynced) before any answer
+        await self._admit(scope)
         if not rejected:
-            await self._forward(scope, body, headers, send, good)
+            answer = {"status": "received", "groups_processed": len(ids), "ids": ids}
+            await _send_json(send, 200, answer if as_list else {"status": "received", "id": ids[0]})
             return
-        if good:  # the valid groups of a list are queued; only the bad ones are refused
-            forwarded = json.dumps([raw for raw, _ in good]).encode()
-            plain = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
-            plain.append((b"content-length", str(len(forwarded)).encode()))
-            captured: list[dict[str, Any]] = []
-
-            async def capture(message: dict[str, Any]) -> None:
-                captured.append(message)
-
-            await self.inner({**scope, "headers": plain}, _replay(forwarded), capture)
-            status = next((m["status"] for m in captured if m["type"] == "http.response.start"), 500)
-            if status < 400:
-                self.state.accept(len(good), sum(n for _, n in good))
         first = rejected[0]
         await _send_json(
             send,
@@ -182,22 +178,108 @@ class ApiGuard:
                 "field": first["field"],
                 "reason": first["reason"],
                 "accepted": len(good),
+                "ids": ids,
                 "rejected": rejected,
             },
         )
 
-    async def _forward(self, scope: dict[str, Any], body: bytes, headers: dict, send: Any, good: list) -> None:
-        status = 500
+    async def _call_inner(self, scope: dict[str, Any], body: bytes, **changes: Any) -> tuple[int, dict, bytes]:
+        """Call atroposlib's app in-process; (status, response headers, plain body)."""
+        captured: list[dict[str, Any]] = []
 
-        async def watch(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+        async def capture(message: dict[str, Any]) -> None:
+            captured.append(message)
 
-        await self.inner(scope, _replay(body), watch)
+        await self.inner({**scope, **changes}, _replay(body), capture)
+        start = next((m for m in captured if m["type"] == "http.response.start"), {"status": 500, "headers": []})
+        headers = {k.lower(): v for k, v in start.get("headers", [])}
+        payload = b"".join(m.get("body", b"") for m in captured if m["type"] == "http.response.body")
+        if b"gzip" in headers.get(b"content-encoding", b""):
+            payload = gzip.decompress(payload)
+        return int(start["status"]), headers, payload
+
+    async def _admit(self, scope: dict[str, Any]) -> None:
+        """Move groups from the journal's backlog into atroposlib's queue, up to the memory bound (only once the
+        trainer registered: atroposlib's queue does not exist before)."""
+        if not hasattr(_api_state(), "started"):
+            return
+        journal = self.state.journal
+        bound = self.state.bound(current_batch_size(self.state))
+        if bound is None:
+            return
+        groups = journal.take(bound - journal.memory_sequences, at_least_one=journal.memory_sequences == 0)
+        if not groups:
+            return
+        body = json.dumps(groups).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        status, _, answer = await self._call_inner(
+            scope,
+            body,
+            method="POST",
+            path="/scored_data_list",
+            raw_path=b"/scored_data_list",
+            query_string=b"",
+            headers=headers,
+        )
+        if status >= 400:  # cannot happen for groups that passed atroposlib's own model above; say so loudly
+            logger.error(
+                "atroposlib refused %d journaled groups (%d): %s; they are served again after an API restart",
+                len(groups),
+                status,
+                answer[:300],
+            )
+
+    async def _batch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """atroposlib's ``GET /batch``; its groups are now out (awaiting the trainer's ack), the queue is refilled."""
+        status, headers, body = await self._call_inner(scope, await _read_body(receive))
         if status < 400:
-            self.state.accept(len(good), sum(n for _, n in good))
+            try:
+                batch = json.loads(body).get("batch") or []
+            except (ValueError, AttributeError):
+                batch = []
+            self.state.journal.handed_out(gid for g in batch if isinstance(g, dict) and (gid := group_id(g)))
+        await _send_raw(send, status, headers, body)
+        await self._admit(scope)
+
+    async def _status_env(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """atroposlib's ``GET /status-env`` with the groups waiting on disk counted in the queue sizes."""
+        request = await _read_body(receive)
+        status, headers, body = await self._call_inner(scope, request)
+        try:
+            answer, env_id = json.loads(body), int(json.loads(request)["env_id"])
+            group_size = max(1, int(_api_state().envs[env_id]["group_size"]))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            await _send_raw(send, status, headers, body)
+            return
+        by_env = self.state.journal.depth()["backlog_sequences_by_env"]
+        if status < 400 and isinstance(answer, dict) and "queue_size" in answer:
+            answer["queue_size"] += sum(by_env.values()) // group_size
+            answer["self_queue_size"] = answer.get("self_queue_size", 0) + by_env.get(env_id, 0) // group_size
+        await _send_json(send, status, answer)
+
+    async def _ack(self, receive: Any, send: Any) -> None:
+        try:
+            ids = json.loads(await _read_body(receive))["ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            reason = 'ids: POST /ack expects {"ids": ["<group id>", ...]} (the ids of the groups the trainer spooled)'
+            await _send_json(send, 422, {"status": "rejected", "field": "ids", "reason": reason})
+            return
+        acked, unknown = self.state.ack(ids)
+        await _send_json(send, 200, {"status": "ok", "acked": acked, "unknown": unknown})
+
+
+def _check_atroposlib_fields(raw: dict[str, Any]) -> None:
+    """atroposlib's own ScoredData model must take the group too (a journaled group must always enter its queue)."""
+    from atroposlib.api.server import ScoredData
+    from pydantic import ValidationError
+
+    try:
+        ScoredData.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise GroupValidationError(str(err["loc"][0]) if err.get("loc") else "group", err["msg"]) from None
 
 
 def build_app(state: GuardState) -> ApiGuard:
@@ -214,7 +296,8 @@ def guard_argv(
     batch_size: int | None,
     rejected_file: Path | None = None,
     stats_file: Path | None = None,
-    queue_file: Path | None = None,
+    journal_dir: Path | None = None,
+    max_queued_sequences: int | None = None,
     host: str = "127.0.0.1",
 ) -> list[str]:
     """The command line that serves the guarded API (same interpreter)."""
@@ -229,8 +312,10 @@ def guard_argv(
         argv += ["--rejected-file", str(rejected_file)]
     if stats_file:
         argv += ["--stats-file", str(stats_file)]
-    if queue_file:
-        argv += ["--queue-file", str(queue_file)]
+    if journal_dir:
+        argv += ["--journal-dir", str(journal_dir)]
+    if max_queued_sequences:
+        argv += ["--max-queued-sequences", str(max_queued_sequences)]
     return argv
 
 
@@ -242,7 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="until the trainer registers its own")
     parser.add_argument("--rejected-file", default=None, help="append rejected groups (JSONL) here")
     parser.add_argument("--stats-file", default=None, help="counters, kept across restarts")
-    parser.add_argument("--queue-file", default=None, help="groups held at a clean stop; restored on the next start")
+    parser.add_argument("--journal-dir", default=None, help="accepted groups until acknowledged (default: a temp dir)")
+    parser.add_argument(
+        "--max-queued-sequences", type=int, default=None, help="most sequences in memory (default: 4 batches)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uvicorn
@@ -252,10 +340,11 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         rejected_file=args.rejected_file,
         stats_file=args.stats_file,
-        queue_file=args.queue_file,
+        journal_dir=args.journal_dir,
+        max_queued_sequences=args.max_queued_sequences,
     )
     app = build_app(state)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the queue is written at shutdown
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

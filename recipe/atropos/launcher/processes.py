@@ -2,13 +2,17 @@
 
 Used by the launcher and by the tests. Every child gets its own session (process group) so a stop reaches its
 grandchildren (Ray workers, uvicorn), and the stop walks the psutil process tree of *our* PID — never a
-name-based kill.
+name-based kill. A child started with ``die_with_parent`` gets SIGKILL from the kernel when the thread that started it
+dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``): the launcher's services never outlive it. Ray's own processes
+share the fate of the trainer that started them (Ray sets the same flag on them).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -55,6 +59,22 @@ def stop_process_tree(pid: int, timeout: float = 10.0) -> list[int]:
     return [p.pid for p in procs]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn``: SIGKILL this child when its parent dies; if the parent is gone already, now."""
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # the parent died before the flag was set
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def tail(path: Path, n_lines: int = 40) -> str:
     """The last ``n_lines`` of a text file ('' when it does not exist)."""
     try:
@@ -73,6 +93,7 @@ class ManagedProcess:
     log_path: Path
     env: Mapping[str, str] | None = None
     cwd: str | None = None
+    die_with_parent: bool = False  # Linux: SIGKILL from the kernel when the starting thread dies (module docstring)
     popen: subprocess.Popen | None = field(default=None, init=False)
 
     def start(self) -> ManagedProcess:
@@ -87,6 +108,7 @@ class ManagedProcess:
             env=env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None,  # noqa: PLW1509
         )
         log.close()
         logger.info("started %s (pid %d), log: %s", self.name, self.popen.pid, self.log_path)

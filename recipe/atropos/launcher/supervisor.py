@@ -35,7 +35,7 @@ from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
 from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, tail
-from recipe.atropos.launcher.report import GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
+from recipe.atropos.launcher.report import API_JOURNAL, GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.records import write_json_atomic
 from recipe.atropos.runtime.assets import model_vocab_size, resolve_model_path
@@ -92,7 +92,7 @@ class Launcher:
         return self.run_dir / "logs" / f"{name}.log"
 
     def _start(self, name: str, argv: list[str]) -> ManagedProcess:
-        proc = ManagedProcess(name, argv, self._log(name)).start()
+        proc = ManagedProcess(name, argv, self._log(name), die_with_parent=True).start()  # none outlives a SIGKILL
         self.children[name] = proc
         return proc
 
@@ -142,7 +142,8 @@ class Launcher:
             batch_size=int(self.config.data.train_batch_size),
             rejected_file=self.run_dir / REJECTED_GROUPS,
             stats_file=self.run_dir / GUARD_STATS,
-            queue_file=self.run_dir / "api_queue.jsonl",
+            journal_dir=self.run_dir / API_JOURNAL,
+            max_queued_sequences=self.atropos.max_queued_sequences(int(self.config.data.train_batch_size)),
         )
 
     def _start_api(self) -> None:
@@ -263,7 +264,9 @@ class Launcher:
     def finish(self) -> str:
         """The closing summary (:func:`recipe.atropos.launcher.report.write_run_report`)."""
         title = str(self.config.trainer.experiment_name)
-        return write_run_report(self.run_dir, self.metrics_file, title, self.api_restarts, sum(self.restarts.values()))
+        restarts = sum(self.restarts.values())
+        spool = self.atropos.spool.dir
+        return write_run_report(self.run_dir, self.metrics_file, title, self.api_restarts, restarts, spool_dir=spool)
 
     def run(self) -> int:
         try:

@@ -39,6 +39,7 @@ from recipe.atropos.sources.jsonl import offline_training_steps
 from recipe.atropos.trainer.checkpoints import resume_step
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
 from recipe.atropos.trainer.step_metrics import promote_actor_is_metrics, rollout_logprob_diff, rollout_server_metrics
+from recipe.atropos.transport.spool import ledger_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class RayAtroposTrainer(RayPPOTrainer):
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
         self.atropos = check_atropos_config(config)  # typed and checked once; verl's __init__ builds the source
         share_rollout_correction_with_actor(config)  # before the workers copy the config
-        self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions)
+        ledger_path = ledger_file(self.atropos, config.trainer)  # kept beside the spool: resumed lags are exact
+        self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions, ledger_path)
         self.endpoint: InferenceEndpoint | None = None
         super().__init__(config, *args, **kwargs)
 
