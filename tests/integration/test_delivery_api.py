@@ -165,3 +165,17 @@ def test_memory_is_bounded_the_backlog_waits_on_disk_and_counts_in_status_env(ma
     served += client.get_batch()
     assert sorted(group_id(g) for g in served) == sorted(ids)  # each served once, in full
     assert firsts(served) == [10, 20, 30, 40, 50, 60]
+
+
+def test_the_bound_never_stalls_groups_that_do_not_pack(make_run_api, tmp_path: Path) -> None:
+    """4 + 2 sequences in memory cannot make a batch of 8: the next group is admitted past the bound."""
+    api = guard(make_run_api, tmp_path, max_queued_sequences=BATCH)
+    client = AtroposClient(api.url)
+    client.register(starting_step=0, **REGISTRATION)
+    for first, n in ((10, 4), (20, 2), (30, 4), (40, 2)):
+        assert requests.post(f"{api.url}/scored_data", json=group(n=n, first=first), timeout=5).status_code == 200
+    assert stats(api.url)["memory_sequences"] == 10  # 4 + 2, then 4 past the bound of 8: [4, 4] packs
+    served = client.get_batch()
+    assert sum(g.size for g in served) == BATCH
+    rest = client.get_batch()  # 2 left in memory, then the last 2 admitted: 2 + 2 < 8, no batch yet
+    assert rest is None and stats(api.url)["backlog_groups"] == 0

@@ -200,14 +200,22 @@ class ApiGuard:
 
     async def _admit(self, scope: dict[str, Any]) -> None:
         """Move groups from the journal's backlog into atroposlib's queue, up to the memory bound (only once the
-        trainer registered: atroposlib's queue does not exist before)."""
+        trainer registered: atroposlib's queue does not exist before). Past the bound only while no batch can form
+        from what memory holds (group sizes that do not pack, e.g. 4 + 2 of 8): the bound never stalls a run."""
         if not hasattr(_api_state(), "started"):
             return
         journal = self.state.journal
-        bound = self.state.bound(current_batch_size(self.state))
+        batch_size = current_batch_size(self.state)
+        bound = self.state.bound(batch_size)
         if bound is None:
             return
         groups = journal.take(bound - journal.memory_sequences, at_least_one=journal.memory_sequences == 0)
+        await self._enqueue(scope, groups)
+        while journal.backlog and not _api_state().curr_batch and not queue_report(batch_size)["can_form_batch"]:
+            await self._enqueue(scope, journal.take(0, at_least_one=True))
+
+    async def _enqueue(self, scope: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+        """Hand ``groups`` to atroposlib's ``POST /scored_data_list`` in-process (its queueing and buffering rules)."""
         if not groups:
             return
         body = json.dumps(groups).encode()
