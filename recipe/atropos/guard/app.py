@@ -37,7 +37,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipe.atropos.guard.state import GuardState, _api_state, current_batch_size, queue_report
+from recipe.atropos.guard.state import GuardState, api_state, check_atroposlib_fields, current_batch_size, queue_report
 from recipe.atropos.schema import GroupValidationError, group_id, validate_group
 
 logger = logging.getLogger("atropos_api_guard")
@@ -157,7 +157,7 @@ class ApiGuard:
         for index, raw in enumerate(raws):
             try:
                 validate_group(raw, vocab_size=self.state.vocab_size, batch_size=batch_size)
-                _check_atroposlib_fields(raw)
+                check_atroposlib_fields(raw)
             except GroupValidationError as error:
                 self.state.reject(raw, error)
                 rejected.append({"index": index, "field": error.field, "reason": str(error)})
@@ -202,7 +202,7 @@ class ApiGuard:
         """Move groups from the journal's backlog into atroposlib's queue, up to the memory bound (only once the
         trainer registered: atroposlib's queue does not exist before). Past the bound only while no batch can form
         from what memory holds (group sizes that do not pack, e.g. 4 + 2 of 8): the bound never stalls a run."""
-        if not hasattr(_api_state(), "started"):
+        if not hasattr(api_state(), "started"):
             return
         journal = self.state.journal
         batch_size = current_batch_size(self.state)
@@ -211,7 +211,7 @@ class ApiGuard:
             return
         groups = journal.take(bound - journal.memory_sequences, at_least_one=journal.memory_sequences == 0)
         await self._enqueue(scope, groups)
-        while journal.backlog and not _api_state().curr_batch and not queue_report(batch_size)["can_form_batch"]:
+        while journal.backlog and not api_state().curr_batch and not queue_report(batch_size)["can_form_batch"]:
             await self._enqueue(scope, journal.take(0, at_least_one=True))
 
     async def _enqueue(self, scope: dict[str, Any], groups: list[dict[str, Any]]) -> None:
@@ -255,7 +255,7 @@ class ApiGuard:
         status, headers, body = await self._call_inner(scope, request)
         try:
             answer, env_id = json.loads(body), int(json.loads(request)["env_id"])
-            group_size = max(1, int(_api_state().envs[env_id]["group_size"]))
+            group_size = max(1, int(api_state().envs[env_id]["group_size"]))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             await _send_raw(send, status, headers, body)
             return
@@ -276,18 +276,6 @@ class ApiGuard:
             return
         acked, unknown = self.state.ack(ids)
         await _send_json(send, 200, {"status": "ok", "acked": acked, "unknown": unknown})
-
-
-def _check_atroposlib_fields(raw: dict[str, Any]) -> None:
-    """atroposlib's own ScoredData model must take the group too (a journaled group must always enter its queue)."""
-    from atroposlib.api.server import ScoredData
-    from pydantic import ValidationError
-
-    try:
-        ScoredData.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise GroupValidationError(str(err["loc"][0]) if err.get("loc") else "group", err["msg"]) from None
 
 
 def build_app(state: GuardState) -> ApiGuard:

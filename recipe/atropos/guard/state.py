@@ -117,7 +117,7 @@ class GuardState:
         return n
 
 
-def _api_state() -> Any:
+def api_state() -> Any:
     from atroposlib.api import server
 
     return server.app.state
@@ -125,7 +125,7 @@ def _api_state() -> Any:
 
 def current_batch_size(state: GuardState) -> int | None:
     """The batch size registered by the trainer, else the one given on the command line."""
-    registered = getattr(_api_state(), "batchsize", None)
+    registered = getattr(api_state(), "batchsize", None)
     if isinstance(registered, int) and registered > 0:
         return registered
     return state.batch_size
@@ -135,7 +135,7 @@ def queue_report(batch_size: int | None) -> dict[str, Any]:
     """Group sizes waiting in the API's queue and whether atroposlib can form a batch from them."""
     from atroposlib.api.utils import grab_exact_from_heterogeneous_queue
 
-    api = _api_state()
+    api = api_state()
     queue = list(getattr(api, "queue", []))
     sizes = Counter(len(item.get("tokens", [])) for item in queue)
     can_form = None  # unknown, or too few sequences to tell
@@ -150,3 +150,15 @@ def queue_report(batch_size: int | None) -> dict[str, Any]:
         "batch_size": batch_size,
         "can_form_batch": can_form,
     }
+
+
+def check_atroposlib_fields(raw: dict[str, Any]) -> None:
+    """atroposlib's own ScoredData model must take the group too (a journaled group must always enter its queue)."""
+    from atroposlib.api.server import ScoredData
+    from pydantic import ValidationError
+
+    try:
+        ScoredData.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise GroupValidationError(str(err["loc"][0]) if err.get("loc") else "group", err["msg"]) from None
