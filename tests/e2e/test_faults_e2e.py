@@ -94,8 +94,17 @@ def test_api_killed_mid_run_is_restarted_and_the_run_finishes_losing_nothing(lau
         "atropos.guard.max_queued_sequences=8",
     )
     run.wait_for(lambda: "step 1/" in run.log_text(), 600, "step 1")
-    kill(run.child("recipe.atropos.guard.app"))
-    at_kill = read_json(run.run_dir / "api_guard_stats.json")
+    api = run.child("recipe.atropos.guard.app")
+    url = f"http://127.0.0.1:{api.cmdline()[api.cmdline().index('--port') + 1]}"
+
+    def holds_unfetched() -> bool:  # posted, not yet fetched: what a plain run-api loses to a SIGKILL
+        stats = requests.get(f"{url}/guard/stats", timeout=5).json()
+        return stats["memory_groups"] + stats["backlog_groups"] > 0
+
+    run.wait_for(holds_unfetched, 300, "groups waiting in the API")
+    kill(api)
+    at_kill = read_json(run.run_dir / "api_guard_stats.json")  # saved at every change: the state at the kill
+    assert at_kill["journal_groups"] >= 1, at_kill
     killed_at = time.monotonic()
     assert run.wait_exit(800) == 0, run.log_text()[-4000:]
     rows = read_metrics(run.run_dir / "metrics.jsonl")

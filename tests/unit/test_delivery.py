@@ -84,6 +84,11 @@ def test_the_ledger_on_disk_gives_a_resumed_run_exact_lags(tmp_path: Path) -> No
     assert len(path.read_text().splitlines()) == 2
     last = CompletionLedger(max_entries=2, path=path)
     assert (last.version_of([1, 2, 4]), last.version_of([1, 2, 5]), last.version_of([1, 2, 6])) == (None, 2, 3)
+    with open(path, "a") as fh:
+        fh.write('{"k": "00')  # a record a kill cut short
+    cut = CompletionLedger(max_entries=2, path=path)
+    cut.record([1, 2], [7], 4)
+    assert CompletionLedger(max_entries=2, path=path).version_of([1, 2, 7]) == 4
 
 
 def test_spool_resume_uses_the_exact_lag_and_drops_redelivered_groups(tmp_path: Path) -> None:

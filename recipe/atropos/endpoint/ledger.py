@@ -40,6 +40,8 @@ class CompletionLedger:
                 self._lines += 1
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - line-buffered: one write per record
+            if self._file.tell() and not self.path.read_bytes().endswith(b"\n"):
+                self._file.write("\n")  # a record cut short by a kill: the next one starts on its own line
 
     def _put(self, key: bytes, version: int) -> None:
         self._versions[key] = version
