@@ -230,20 +230,29 @@ def test_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_lose_nothing(la
     third = launch(*args)
     third.wait_for(lambda: checkpoint() > trained_to, 600, "a step after the second resume")
     children = descendants_of(third.proc.pid)
-    assert any("main_atropos" in " ".join(c.cmdline()) for c in children)
+    names = {c.pid: " ".join(c.cmdline())[:120] for c in children}
+    assert any("main_atropos" in name for name in names.values())
     third.proc.popen.send_signal(signal.SIGKILL)
     third.proc.popen.wait(30)
-    wait_until(lambda: all(gone(c) for c in children), 60, "the launcher's processes to die with it")
+    killed = time.monotonic()
+    last_death = {}
+
+    def all_gone() -> bool:
+        for child in children:
+            if child.pid not in last_death and gone(child):
+                last_death[child.pid] = time.monotonic() - killed
+        return len(last_death) == len(children)
+
+    try:  # the services die at once (PR_SET_PDEATHSIG); Ray's workers exit when their raylet is gone
+        wait_until(all_gone, 180, "the launcher's processes to die with it", interval=0.1)
+    except AssertionError as error:
+        left = [names[c.pid] for c in children if c.pid not in last_death]
+        raise AssertionError(f"{len(left)} processes outlived the launcher: {left}") from error
+    slowest = max(last_death, key=last_death.get)
     killed_at = checkpoint()
     mid = account(run.run_dir, finished=False)
-    table_row(
-        f"launcher SIGKILLed after checkpoint {killed_at}",
-        killed_at,
-        total,
-        mid,
-        0.0,
-        f"{len(children)} processes died with it",
-    )
+    died = f"{len(children)} processes died with it, the last after {last_death[slowest]:.1f} s ({names[slowest]})"
+    table_row(f"launcher SIGKILLed after checkpoint {killed_at}", killed_at, total, mid, 0.0, died)
 
     last = launch(*args)
     assert last.wait_exit(800) == 0, last.log_text()[-4000:]

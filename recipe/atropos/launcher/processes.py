@@ -3,8 +3,11 @@
 Used by the launcher and by the tests. Every child gets its own session (process group) so a stop reaches its
 grandchildren (Ray workers, uvicorn), and the stop walks the psutil process tree of *our* PID — never a
 name-based kill. A child started with ``die_with_parent`` gets SIGKILL from the kernel when the thread that started it
-dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``): the launcher's services never outlive it. Ray's own processes
-share the fate of the trainer that started them (Ray sets the same flag on them).
+dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``). Ray's own processes follow the trainer that started them only
+slowly (its agents notice a dead raylet after up to a minute), so the launcher also starts a watchdog
+(:func:`start_watchdog`, ``python -m recipe.atropos.launcher.processes --watch PID``): it records the launcher's
+descendants every second and, once the launcher is gone, SIGKILLs every one of them still alive (same PID *and* start
+time, so a reused PID is never hit).
 """
 
 from __future__ import annotations
@@ -163,6 +166,47 @@ class ManagedProcess:
             logger.error("%s (pid %d) did not exit after SIGKILL", self.name, self.popen.pid)
 
 
+def watch(parent_pid: int, interval_s: float = 1.0) -> list[int]:
+    """Until ``parent_pid`` exits: record its descendants; then SIGKILL those still alive. Returns their PIDs."""
+    me, known = os.getpid(), {}
+    while True:
+        try:
+            parent = psutil.Process(parent_pid)
+            if parent.status() == psutil.STATUS_ZOMBIE:
+                break
+            before = len(known)
+            for child in parent.children(recursive=True):
+                if child.pid != me:
+                    known[child.pid] = child.create_time()
+            if len(known) != before:
+                print(f"watchdog: {len(known)} descendants of {parent_pid} seen", flush=True)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(interval_s)
+    left: dict[int, psutil.Process] = {}
+    for pid, created in known.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created:
+                left.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            continue
+    for proc in left.values():
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(left)
+
+
+def start_watchdog(log_path: Path) -> ManagedProcess:
+    """The watchdog of this process (see the module docstring); it exits by itself after this process does."""
+    import sys
+
+    argv = [sys.executable, "-m", "recipe.atropos.launcher.processes", "--watch", str(os.getpid())]
+    return ManagedProcess("watchdog", argv, log_path).start()
+
+
 def run_api_argv(port: int, host: str = "127.0.0.1") -> list[str]:
     """The command line of Atropos' trajectory API server (console script of atroposlib)."""
     exe = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "run-api"
@@ -171,3 +215,13 @@ def run_api_argv(port: int, host: str = "127.0.0.1") -> list[str]:
 
         exe = Path(sys.executable).parent / "run-api"
     return [str(exe), "--host", host, "--port", str(port)]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SIGKILL what PID leaves behind when it exits")
+    parser.add_argument("--watch", type=int, required=True, help="the PID to watch (the launcher)")
+    killed = watch(parser.parse_args().watch)
+    if killed:
+        print(f"watchdog: SIGKILLed {len(killed)} processes the watched process left: {killed}", flush=True)

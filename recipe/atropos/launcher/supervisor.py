@@ -34,7 +34,7 @@ from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
 from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
-from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, tail
+from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, start_watchdog, tail
 from recipe.atropos.launcher.report import API_JOURNAL, GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.records import write_json_atomic
@@ -284,6 +284,7 @@ class Launcher:
             )
             return 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_watchdog(self._log("watchdog"))  # SIGKILLs what a SIGKILLed launcher leaves behind
         print(f"run directory: {self.run_dir} (logs in {self.run_dir / 'logs'})", flush=True)
         try:
             self.start_all()
