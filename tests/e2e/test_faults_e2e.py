@@ -243,8 +243,8 @@ def test_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_lose_nothing(la
                 last_death[child.pid] = time.monotonic() - killed
         return len(last_death) == len(children)
 
-    try:  # the services die at once (PR_SET_PDEATHSIG); Ray's workers exit when their raylet is gone
-        wait_until(all_gone, 180, "the launcher's processes to die with it", interval=0.1)
+    try:  # the services die at once (PR_SET_PDEATHSIG), the rest by the watchdog within a second or two
+        wait_until(all_gone, 30, "the launcher's processes to die with it", interval=0.1)
     except AssertionError as error:
         left = [names[c.pid] for c in children if c.pid not in last_death]
         raise AssertionError(f"{len(left)} processes outlived the launcher: {left}") from error
