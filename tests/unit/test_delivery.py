@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from recipe.atropos.config.atropos_config import AtroposConfig, GuardConfig
+from recipe.atropos.config.checks import check_atropos_config
 from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.guard.journal import GroupJournal, journal_ids
 from recipe.atropos.launcher.accounting import account_groups
+from recipe.atropos.launcher.config import load_config
 from recipe.atropos.schema import group_id, validate_group
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.spool import GroupSpool
+from tests.helpers import TINY_CONFIG
 from tests.integration.test_client import group
 
 
@@ -128,3 +134,15 @@ def test_the_account_finds_a_group_that_is_nowhere(tmp_path: Path) -> None:
     assert account.line() == "groups: posted 6, trained 1, set aside 3, pending 1, lost 1"
     assert account.lost_ids == [ids[2]]
     assert dict(account.set_aside) == {"over the policy-lag cap": 1, "rejected by the API (scores)": 2}
+
+
+def test_the_memory_bound_is_derived_from_the_batch_and_the_lag_cap_and_checked() -> None:
+    assert AtroposConfig().max_queued_sequences(8) == 32  # 8 x lag cap 2 x 2
+    assert AtroposConfig(max_policy_lag=0).max_queued_sequences(8) == 16
+    assert AtroposConfig(max_policy_lag=None).max_queued_sequences(8) == 32
+    assert AtroposConfig(guard=GuardConfig(max_queued_sequences=12)).max_queued_sequences(8) == 12
+    with pytest.raises(ValueError, match="atropos.guard.max_queued_sequences=0"):
+        GuardConfig(max_queued_sequences=0)
+    config = load_config(TINY_CONFIG, ["actor_rollout_ref.model.path=/m", "atropos.guard.max_queued_sequences=4"])
+    with pytest.raises(ValueError, match="max_queued_sequences=4 is below data.train_batch_size=8"):
+        check_atropos_config(config)
