@@ -89,3 +89,24 @@ test-vllm: vllm-env
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache
+
+# Colocated vs split rollout placement (actor_rollout_ref.hybrid_engine=false) on the same work and compute (one core
+# per device); ends with `ratio split/colocated: ...`. BENCH_PLACEMENT_ARGS e.g. "--model tiny --steps 4".
+.PHONY: bench-placement
+BENCH_PLACEMENT_ARGS ?=
+bench-placement: install
+	$(PY) bench/bench_placement.py $(BENCH_PLACEMENT_ARGS)
+
+# The 2-node Ray cluster on this machine (tests/e2e/test_cluster_e2e.py, marker `cluster`, left out of `make test`):
+# a head and a worker `ray start`, the trainer attached with trainer.nnodes=2, API and envs in a second launcher.
+.PHONY: test-cluster
+test-cluster: install
+	$(PY) -m pytest -m cluster tests/e2e/test_cluster_e2e.py $(PYTEST_ARGS)
+
+# Load test of the guarded API on loopback: K envs post groups of 8 x 512 tokens for 60 s while a slow trainer drains;
+# prints a table (every 10 s: accepted, groups/s, API queue, guard RSS) and ends with `guard load: ...` (groups/s,
+# p50/p99 post latency, peak RSS). BENCH_GUARD_ARGS e.g. "--envs 4 --seconds 20" (see bench/bench_guard.py --help).
+.PHONY: bench-guard
+BENCH_GUARD_ARGS ?=
+bench-guard: install
+	$(PY) bench/bench_guard.py $(BENCH_GUARD_ARGS)

@@ -128,6 +128,20 @@ def run_logged(argv: list[str], env: dict[str, str], log_path: Path, timeout: fl
     return code, time.monotonic() - start, stamped
 
 
+def launcher_argv(config: Path, run_dir: Path, steps: int, *overrides: str) -> list[str]:
+    """Our launcher on ``config`` for ``steps`` steps in ``run_dir``, with Hydra ``overrides``."""
+    return [
+        sys.executable,
+        "-m",
+        "recipe.atropos.launch_atropos_verl_services",
+        "--config",
+        str(config),
+        f"atropos.launcher.run_dir={run_dir}",
+        f"trainer.total_training_steps={steps}",
+        *overrides,
+    ]
+
+
 def native_argv(args: argparse.Namespace, model: str, out: Path) -> list[str]:
     """verl's own GRPO (``verl.trainer.main_ppo``) through the CPU runtime on the env's questions and score."""
     out.mkdir(parents=True, exist_ok=True)
@@ -220,18 +234,14 @@ def run_ours(
         f"data.max_response_length={args.max_response_length}",
         f"actor_rollout_ref.actor.optim.lr={args.lr}",
     ]
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(config or bench_config(args, out / "config")),
+    argv = launcher_argv(
+        config or bench_config(args, out / "config"),
+        out,
+        args.steps,
         f"actor_rollout_ref.model.path={model}",
-        f"atropos.launcher.run_dir={out}",
-        f"trainer.total_training_steps={args.steps}",
         *([] if config else shape),
         *args.ours_overrides,
-    ]
+    )
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     out.mkdir(parents=True, exist_ok=True)
     code, wall, _ = run_logged(argv, env, out / "launcher.log", args.timeout)

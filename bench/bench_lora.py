@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
-from bench_loop import ROOT, run_logged
+from bench_loop import ROOT, launcher_argv, run_logged
 
 CONFIGS = ROOT / "recipe" / "atropos" / "config"
 RUNS = {"full": CONFIGS / "atropos_grpo_cpu_demo.yaml", "lora": CONFIGS / "atropos_grpo_cpu_demo_lora.yaml"}
@@ -141,16 +140,7 @@ def last_optimizer_file(run_dir: Path) -> Path | None:
 def run_one(name: str, config: Path, model: str, out: Path, args: argparse.Namespace) -> dict[str, float | str]:
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "recipe.atropos.launch_atropos_verl_services",
-        "--config",
-        str(config),
-        f"atropos.launcher.run_dir={run_dir}",
-        f"trainer.total_training_steps={args.steps}",
-        *args.overrides,
-    ]
+    argv = launcher_argv(config, run_dir, args.steps, *args.overrides)
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     # run_logged starts the launcher in its own session: its process group id is the launcher's pid.
     launcher_pid: list[int] = []

@@ -278,3 +278,12 @@ def no_processes_left(grace_s: float = 30.0) -> Iterator[list[ManagedProcess]]:
             proc.stop()
         left = left_behind(before | FIXTURE_PIDS, grace_s, tag=tag, kill=True)
     assert not left, f"processes left behind: {left}"
+
+
+def checkpoint_state(run_dir: Path, step: int) -> dict:
+    """The actor's weights in a run's checkpoint of ``step`` (rank 0 of one), FSDP DTensors made whole."""
+    import torch
+
+    path = run_dir / "checkpoints" / f"global_step_{step}" / "actor" / "model_world_size_1_rank_0.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from recipe.atropos.access import API_KEY_ENV, inference_token
 from recipe.atropos.algos import extensions
 from recipe.atropos.config import check_atropos_config
 from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.runtime.assets import resolve_model_path
+from recipe.atropos.runtime.cluster import pinned_here, ray_init_kwargs
 from recipe.atropos.runtime.gpu import check_gpu_runtime
 
 logger = logging.getLogger(__name__)
@@ -44,18 +45,34 @@ def prepare_runtime(config: DictConfig, runtime: str = "auto") -> bool:
     return use_cpu
 
 
+def show_recipe_logs() -> None:
+    """The recipe's INFO lines (worker layout, endpoint address, waits) in this process's output, at
+    ``ATROPOS_LOG_LEVEL``: a Ray worker starts with no logging handler, so only warnings would reach the log."""
+    recipe = logging.getLogger("recipe.atropos")
+    if not recipe.handlers:  # its own handler: whatever the root logger's (vLLM's stack installs one) may filter
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        recipe.addHandler(handler)
+        recipe.propagate = False
+    recipe.setLevel(os.environ.get("ATROPOS_LOG_LEVEL", "INFO"))
+
+
 @ray.remote(num_cpus=1)
 class AtroposTaskRunner:
     """Runs in Ray: creates the worker groups and the trainer, then trains."""
 
-    def run(self, config: DictConfig, trainer_cls: type | None = None) -> None:
+    def run(self, config: DictConfig, trainer_cls: type | None = None, api_key: str | None = None) -> None:
         from verl.trainer.main_ppo_v0 import BaseTaskRunner
+
+        show_recipe_logs()
         from verl.trainer.ppo.utils import need_reference_policy
         from verl.utils.config import omega_conf_to_dataclass, validate_config
 
         from recipe.atropos.trainer import RayAtroposTrainer
 
         OmegaConf.resolve(config)
+        if api_key:  # the driver's $ATROPOS_INFERENCE_API_KEY: this actor may run in another node's environment
+            os.environ[API_KEY_ENV] = api_key
         roles = BaseTaskRunner()
         _, worker_group_cls = roles.add_actor_rollout_worker(config)
         roles.add_reward_model_resource_pool(config)
@@ -81,16 +98,15 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     atropos = check_atropos_config(config)
     prepare_runtime(config, atropos.runtime)
     started_ray = False
-    if not ray.is_initialized():
-        ray_init: dict[str, Any] = OmegaConf.to_container(config.ray_kwargs.get("ray_init", {}), resolve=True)
-        runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(config), ray_init.get("runtime_env") or {})
-        ray_init["runtime_env"] = OmegaConf.to_container(runtime_env)
-        ray.init(**ray_init)
+    if not ray.is_initialized():  # with ray_kwargs.ray_init.address set: joins that cluster (runtime/cluster.py)
+        ray.init(**ray_init_kwargs(config, get_ppo_ray_runtime_env(config)))
         started_ray = True
     try:
-        ray.get(AtroposTaskRunner.remote().run.remote(config, trainer_cls))
+        # On the driver's node: the endpoint it serves listens where the launcher and the envs were told.
+        runner = AtroposTaskRunner.options(**pinned_here()).remote()
+        ray.get(runner.run.remote(config, trainer_cls, inference_token(atropos.inference.api_key)))
     finally:
-        if started_ray:
+        if started_ray:  # disconnects from an attached cluster, which keeps running
             ray.shutdown()
 
 

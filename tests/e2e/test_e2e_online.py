@@ -54,6 +54,11 @@ def test_every_step_trains_a_full_batch_of_the_current_policys_groups(online_run
         assert row["atropos/policy_version"] == row["step"]  # weights pushed to the endpoint every step
         assert row["atropos/policy_lag_unknown"] == 0 and row["atropos/policy_lag_max"] <= 2
         assert row["training/rollout_probs_diff_max"] < 1e-2  # the env's inference_logprobs match the trainer's
+        # colocated (the default): the endpoint holds requests from before the log-probs until after the weight push,
+        # so nothing is served during the update and the held time covers the update and the swap
+        assert row["atropos/endpoint/completions_during_update"] == 0
+        held = row["atropos/endpoint/held_s"]
+        assert row["timing_s/update_actor"] + row["timing_s/update_weights"] < held < row["timing_s/step"]
 
 
 def test_both_advantage_paths_ran(online_run: tuple[Launch, list[dict]]) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from recipe.atropos.launcher.processes import tail
 from recipe.atropos.metrics_file import read_metrics
+from tests.helpers import checkpoint_state
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -43,12 +44,6 @@ COMMON = (
 )
 N_TARGETED = 14  # the tiny model's 2 layers x (q, k, v, o, gate, up, down)
 ALPHA_OVER_R = 16 / 8
-
-
-def checkpoint_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    path = run_dir / "checkpoints" / f"global_step_{step}" / "actor" / "model_world_size_1_rank_0.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
 
 
 def probe_module(state: dict[str, torch.Tensor]) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from recipe.atropos.launcher.processes import tail
 from recipe.atropos.metrics_file import read_metrics
+from tests.helpers import checkpoint_state
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM's CPU build (make vllm-env)")
@@ -32,18 +33,33 @@ MAX_LOGPROB_DIFF = 0.05
 
 def checkpoint_embedding_checksum(run_dir: Path, step: int) -> float:
     """Sum of the actor's ``embed_tokens`` weight in the step's checkpoint (float64), computed here by hand."""
-    path = run_dir / "checkpoints" / f"global_step_{step}" / "actor" / "model_world_size_1_rank_0.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint_state(run_dir, step)
     (name,) = [n for n in state if n.endswith("embed_tokens.weight")]
-    tensor = state[name]
-    tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-    return float(tensor.to(torch.float64).sum())
+    return float(state[name].to(torch.float64).sum())
 
 
 def n_model_tensors(model_dir: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     return len(AutoModelForCausalLM.from_pretrained(model_dir).state_dict())
+
+
+def check_every_sync_reached_vllm(rows: list[dict], run_dir: Path, model_dir: Path) -> None:
+    """Per step: one weight sync at start-up and one per step reached verl's vLLM server, whose worker loaded every
+    tensor; the embedding it holds equals the step's checkpoint; it serves this step's policy."""
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    n_tensors = n_model_tensors(model_dir)
+    probes = []
+    for row in rows:
+        step = row["step"]
+        assert row["atropos/sequences"] == 8
+        assert row["rollout/0/weight_syncs"] == row["rollout/0/probe_weight_syncs"] == step + 1
+        assert row["rollout/0/policy_version"] == step == row["atropos/policy_version"]
+        assert row["rollout/0/probe_received_tensors"] == n_tensors
+        expected = checkpoint_embedding_checksum(run_dir, step)
+        assert row["rollout/0/probe_embedding_checksum"] == pytest.approx(expected, abs=1e-6)
+        probes.append(row["rollout/0/probe_embedding_checksum"])
+    assert len(set(probes)) == STEPS  # the weights in vLLM changed every step
 
 
 @pytest.mark.vllm
@@ -66,31 +82,48 @@ def test_verl_vllm_rollout_runs_the_loop_on_cpu(backend: str, tiny_model: Path, 
     assert code == 0, tail(run.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
 
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    n_tensors = n_model_tensors(tiny_model)
-    probes = []
+    check_every_sync_reached_vllm(rows, run_dir, tiny_model)
     for row in rows:
-        step = row["step"]
-        assert row["atropos/sequences"] == 8
         assert row["atropos/policy_lag_unknown"] == 0 and row["atropos/policy_lag_max"] == 0
-        # verl's vLLM server saw one weight sync at start-up and one per step, and now serves this step's policy
-        assert row["rollout/0/weight_syncs"] == step + 1
-        assert row["rollout/0/policy_version"] == step == row["atropos/policy_version"]
-        # ... and vLLM's worker process received and loaded every tensor of the model each time
-        assert row["rollout/0/probe_weight_syncs"] == step + 1
-        assert row["rollout/0/probe_received_tensors"] == n_tensors
-        # the embedding vLLM holds after the sync is the one the trainer checkpointed at this step
-        expected = checkpoint_embedding_checksum(run_dir, step)
-        assert row["rollout/0/probe_embedding_checksum"] == pytest.approx(expected, abs=1e-6)
-        probes.append(row["rollout/0/probe_embedding_checksum"])
         # nothing reached vLLM's engine while the trainer computed log-probs, updated and synced weights
         assert row["rollout/0/generates_in_update_windows"] == 0
         assert row["rollout/0/unfinished_at_sync_start"] == 0 and row["rollout/0/unfinished_at_sync_end"] == 0
         # the completions' log-probs (vLLM, fp32) match the trainer's recomputation on the same tokens
         assert row["atropos/rollout_logprob_diff_max"] < MAX_LOGPROB_DIFF, row
     assert rows[-1]["rollout/0/generates"] >= STEPS * 8  # every trained completion came from this vLLM
-    assert len(set(probes)) == STEPS  # the weights in vLLM changed every step
     startup = rows[0]["rollout/0/startup_s"]
     assert 0 < startup < 600
     timings = {k: round(v, 2) for k, v in rows[-1].items() if k.startswith("timing_s/")}
     print(f"[{backend}] vLLM start-up {startup:.1f} s; last step timings {timings}")
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.timeout(900)
+def test_verl_vllm_rollout_split_from_the_actor(tiny_model: Path, launch) -> None:
+    """Split placement on verl's vLLM replica: a standalone replica on a device of its own (verl's
+    ``RolloutReplica.init_standalone``), each update streamed by the gloo checkpoint engine to verl's
+    ``CheckpointEngineWorker`` and on through verl's ``ServerAdapter`` into vLLM's worker; vLLM cannot tag completions
+    with their policy, so the endpoint holds requests for each swap only (not for the actor's computation)."""
+    run = launch(
+        "atropos.cpu_rollout=vllm",
+        f"trainer.total_training_steps={STEPS}",
+        "trainer.save_freq=1",
+        "actor_rollout_ref.hybrid_engine=false",
+        "actor_rollout_ref.rollout.nnodes=1",
+    )
+    run_dir = run.run_dir
+    code = run.wait_exit(840)
+    trainer_log = run_dir / "logs" / "trainer.log"
+    assert code == 0, tail(run.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
+    assert "1 rollout replica(s) on 1 x 1, weights via gloo" in trainer_log.read_text()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    check_every_sync_reached_vllm(rows, run_dir, tiny_model)
+    for row in rows:
+        assert "timing_s/pause_endpoint" not in row  # nothing held while the actor computed
+        # the gate closed only around the swap: held time ≈ the swap's (within the drain and the gate's hops)
+        assert 0.0 < row["atropos/endpoint/held_s"] <= row["timing_s/update_weights"] + 0.05
+        assert row["atropos/policy_lag_unknown"] == 0 and row["atropos/policy_lag_max"] <= 2
+        assert row["rollout/0/unfinished_at_sync_start"] == 0  # drained before verl's manager aborts anything
+        assert row["atropos/weight_sync/megabytes"] > 0
+    print("split vLLM: held s per step", [round(r["atropos/endpoint/held_s"], 3) for r in rows])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -231,5 +232,57 @@ def test_a_request_abandoned_during_a_weight_update_is_never_generated(
         assert endpoint.stats["abandoned_requests"] == 1
         assert ray.get(rollout_server.stats.remote())["n_requests"] == seen  # nothing reached the rollout server
         assert endpoint.stats["completions"] == 0
+    finally:
+        endpoint.stop()
+
+
+def test_split_swap_under_running_requests_tags_each_completion_with_its_policy(
+    rollout_server: ray.actor.ActorHandle, tiny_model: Path
+) -> None:
+    """Split placement swaps weights without closing the endpoint: requests arriving before, during and after a load
+    are all served, the gate never closes, and each completion is attributed to the policy that produced it — its
+    log-probs equal a forward pass of that policy's weights and not of the other's."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    old = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    torch.manual_seed(11)
+    new = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    new.load_state_dict({k: v + 0.3 * torch.randn_like(v) for k, v in old.state_dict().items()})
+    assert ray.get(rollout_server.load_weights.remote(old.state_dict(), 20)) == 20
+    backend = RayReplicaBackend([rollout_server], [tok.eos_token_id])
+    endpoint = InferenceEndpoint(
+        backend, port=0, max_tokens_cap=8, eos_token_ids=[tok.eos_token_id], policy_version=20,
+        versions_from_rollout=True,
+    ).start()  # fmt: skip
+    load_s = ray.get(rollout_server.stats.remote())["weight_load_s"]
+    try:
+        body = {"prompt": {"prompt_token_ids": [257, 84, 82]}, "n": 2, "max_tokens": 8, "temperature": 1.0}
+        url = f"{endpoint.url}/generate"
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(requests.post, url, json=body, timeout=120) for _ in range(8)]
+            time.sleep(0.2)  # some requests are generating now
+            assert ray.get(rollout_server.load_weights.remote(new.state_dict(), 21)) == 21  # endpoint left open
+            answers += [pool.submit(requests.post, url, json=body, timeout=120) for _ in range(4)]
+            answers = [a.result(timeout=120).json() for a in answers]
+        assert endpoint.counters()["paused_s"] == 0.0  # the gate never held a request
+        assert endpoint.stats["completions"] == 24
+        assert ray.get(rollout_server.stats.remote())["weight_load_s"] > load_s  # the swap held the replica instead
+        versions = [v for a in answers for v in a["policy_versions"]]
+        assert set(versions) == {20, 21} and versions[-8:] == [21] * 8  # requests sent after the load: new policy
+        models, produced_by = {20: old, 21: new}, defaultdict(set)
+        for answer in answers:
+            for tokens, logprobs, version in zip(
+                answer["token_ids"], answer["logprobs"], answer["policy_versions"], strict=True
+            ):
+                produced_by[tuple(tokens)].add(version)
+                if not tokens:
+                    continue
+                served = [next(iter(lp[0].values())) for lp in logprobs]
+                claimed = forward_logprobs(models[version], [257, 84, 82], tokens, 1.0)
+                other = forward_logprobs(models[41 - version], [257, 84, 82], tokens, 1.0)
+                assert served == pytest.approx(claimed, abs=1e-4)
+                assert served != pytest.approx(other, abs=1e-4)
+        for tokens, by in produced_by.items():  # the ledger keys sequences: one sampled under both keeps the last
+            if len(by) == 1:
+                assert endpoint.ledger.version_of([257, 84, 82, *tokens]) == next(iter(by))
     finally:
         endpoint.stop()

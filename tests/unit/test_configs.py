@@ -13,10 +13,11 @@ from omegaconf import OmegaConf
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import validate_config
 
-from recipe.atropos.config import AtroposConfig, atropos_config
+from recipe.atropos.config import AtroposConfig, atropos_config, check_atropos_config
 from recipe.atropos.launcher.config import load_config
 from recipe.atropos.runtime import CPU_SETTINGS
 from recipe.atropos.runtime.gpu import FLASH_ATTN_INSTALL, check_gpu_runtime, flash_attn_importable, needs_flash_attn
+from recipe.atropos.runtime.placement import is_split, rollout_devices, trainer_devices
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 # Primary configs (the base sets no Hydra search path and is only extended).
@@ -59,6 +60,35 @@ def test_gpu_config_fits_one_gpu_and_keeps_bounded_checkpoints() -> None:
     # One optimizer step per batch (the advantage-weighted CE is an on-policy loss; IS corrects the lag).
     assert config.actor_rollout_ref.actor.ppo_mini_batch_size == config.data.train_batch_size
     assert config.algorithm.rollout_correction.rollout_is == "token"
+
+
+# docs/atropos.rst, "Split placement on one 8-GPU node": the GPU config with these overrides.
+GPU_SPLIT = [
+    "actor_rollout_ref.hybrid_engine=false",
+    "actor_rollout_ref.rollout.nnodes=1",
+    "actor_rollout_ref.rollout.n_gpus_per_node=2",
+    "actor_rollout_ref.rollout.gpu_memory_utilization=0.85",
+    "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl",
+    "trainer.n_gpus_per_node=6",
+    "data.train_batch_size=288",
+]
+
+
+def test_gpu_split_overrides_add_up_on_one_8_gpu_node() -> None:
+    """The documented split of one 8-GPU node: 6 + 2 GPUs, a batch split evenly over the training ranks, two vLLM
+    replicas, verl's nccl engine, a lag cap that admits the update split adds; verl's validate_config passes."""
+    config = load_config(CONFIGS / "atropos_grpo_gpu.yaml", GPU_SPLIT)
+    OmegaConf.resolve(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=False)
+    trainer, rollout = config.trainer, config.actor_rollout_ref.rollout
+    assert is_split(config) and trainer_devices(config) + rollout_devices(config) == 8
+    assert trainer.n_gpus_per_node == 6 and rollout.n_gpus_per_node == 2
+    assert config.data.train_batch_size % trainer.n_gpus_per_node == 0
+    per_rank = config.data.train_batch_size // trainer.n_gpus_per_node
+    assert per_rank % config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == 0
+    assert rollout_devices(config) // rollout.tensor_model_parallel_size == 2  # replicas
+    assert rollout.checkpoint_engine.backend == "nccl" and config.atropos.max_policy_lag >= 1
+    check_atropos_config(config)  # the split checks pass
 
 
 def test_gpu_config_needs_flash_attn_and_says_how_to_install_it() -> None:

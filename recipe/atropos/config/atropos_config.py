@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from verl.base_config import BaseConfig
 
+from recipe.atropos.access import check_exposure, parse_networks
 from recipe.atropos.runtime import CPU_ROLLOUTS, RUNTIMES
 
 SOURCES = ("api", "jsonl")
 BACKENDS = ("ray", "vllm_http")
 NORMALIZATIONS = ("none", "batch")
+ROLES = ("all", "services", "trainer")  # atropos.launcher.role
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...], hint: str = "") -> None:
@@ -100,6 +102,7 @@ class InferenceConfig(BaseConfig):
     ready_file: str | None = None
     drain_timeout_s: float = 600.0
     max_tracked_completions: int = 200000
+    api_key: str | None = None  # None = $ATROPOS_INFERENCE_API_KEY, else no token (loopback only)
 
     def __post_init__(self) -> None:
         _one_of("inference.backend", self.backend, BACKENDS)
@@ -130,11 +133,38 @@ class LauncherConfig(BaseConfig):
     guard_api: bool = True
     restart_api: bool = True
     max_api_restarts: int = 3
+    wait_report_s: float = 30.0
     envs: list[EnvConfig] = field(default_factory=list)
+    role: str = "all"
+    api_host: str = "127.0.0.1"
+    api_allow: list[str] = field(default_factory=list)
+    endpoint_url: str | None = None  # role=services: the trainer's endpoint, e.g. http://trainer-host:8001
+    trainer_gone_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_api_restarts < 0 or self.max_env_restarts < 0:
             raise ValueError("atropos.launcher.max_api_restarts / max_env_restarts must be >= 0")
+        _one_of("launcher.role", self.role, ROLES, " (all: API, envs and trainer; services: API and envs; trainer)")
+        parse_networks(self.api_allow)
+        check_exposure(
+            self.api_host, guarded=bool(self.api_allow), what="the Atropos API", key="atropos.launcher.api_allow"
+        )
+        if self.api_allow and not self.guard_api:
+            raise ValueError(
+                "atropos.launcher.api_allow needs atropos.launcher.guard_api=true: plain run-api has no allow-list"
+            )
+        if self.role == "services" and not (self.endpoint_url and self.api_port):
+            raise ValueError(
+                "atropos.launcher.role=services needs atropos.launcher.endpoint_url (the trainer's endpoint, e.g. "
+                "http://TRAINER_HOST:8001) and atropos.launcher.api_port (the port the trainer's atropos.api_url names)"
+            )
+        if self.role == "trainer" and not self.inference_port:
+            raise ValueError(
+                "atropos.launcher.role=trainer needs atropos.launcher.inference_port: the services' "
+                "atropos.launcher.endpoint_url names it"
+            )
+        if self.wait_report_s <= 0:
+            raise ValueError(f"atropos.launcher.wait_report_s={self.wait_report_s}: use seconds > 0, e.g. 30")
 
     def env_names(self) -> list[str]:
         return [env.name or f"env{i}" for i, env in enumerate(self.envs)]
@@ -165,6 +195,7 @@ class AtroposConfig(BaseConfig):
     runtime: str = "auto"
     cpu_rollout: str = "hf_cpu"
     metrics_file: str | None = None
+    wait_file: str | None = None
     rejected_groups_file: str | None = None
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from recipe.atropos.access import API_KEY_ENV, check_exposure, inference_token
 from recipe.atropos.algos.losses import POLICY_LOSS_NAME as ADVANTAGE_WEIGHTED_CE
 from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
 from recipe.atropos.runtime import lora_as_adapter
+from recipe.atropos.runtime.placement import check_split_config
 
 VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
 
@@ -48,6 +50,11 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
         )
     check_staleness_config(config, atropos)
     check_lora_config(config, atropos)
+    check_split_config(config, atropos.max_policy_lag, lora_as_adapter(config))
+    inference = atropos.inference
+    guarded = bool(inference_token(inference.api_key))
+    key = f"atropos.inference.api_key (or ${API_KEY_ENV})"
+    check_exposure(inference.host, guarded=guarded, what="the inference endpoint", key=key)
     batch = int(config.data.train_batch_size)
     if atropos.max_queued_sequences(batch) < batch:
         raise ValueError(

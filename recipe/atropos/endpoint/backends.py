@@ -29,11 +29,13 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Completion:
-    """One sampled continuation: ``token_ids`` [L], ``log_probs`` [L] (sampled tokens), why it stopped."""
+    """One sampled continuation: ``token_ids`` [L], ``log_probs`` [L] (sampled tokens), why it stopped, and the policy
+    version that produced it when the rollout tags completions (``None``: the endpoint's current version)."""
 
     token_ids: list[int]
     log_probs: list[float]
     finish_reason: str
+    policy_version: int | None = None
 
 
 class GenerationBackend(Protocol):
@@ -73,8 +75,12 @@ class RayReplicaBackend:
                 f"{None if out.log_probs is None else len(out.log_probs)} log-probs; "
                 "set actor_rollout_ref.rollout.calculate_log_probs=true"
             )
+        version = (out.extra_fields or {}).get("policy_version")
         return Completion(
-            list(out.token_ids), list(out.log_probs), finish_reason(out.token_ids, params.max_tokens, self._eos)
+            list(out.token_ids),
+            list(out.log_probs),
+            finish_reason(out.token_ids, params.max_tokens, self._eos),
+            None if version is None else int(version),
         )
 
 

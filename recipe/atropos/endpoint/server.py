@@ -2,7 +2,8 @@
 
 It speaks the contract of atroposlib's ``vllm`` server type (``--openai.server_type vllm --openai.base_url
 http://HOST:PORT/v1``): ``GET /health`` (answering the policy version served, ``paused`` while a weight update holds
-requests back, ``final`` once training is over and the final policy is served for evaluations) and ``POST /generate``
+requests back, ``final`` once training is over and the final policy is served for evaluations, ``stats``: requests and
+completions served so far) and ``POST /generate``
 with ``{"prompt": {"prompt_token_ids": [...]}, "n", "max_tokens", "temperature", "top_p", "top_k", "logprobs"}``,
 answered with per-sample ``logprobs`` as ``[[{"<token id>": logprob}], ...]`` and ``finish_reasons``.
 
@@ -20,6 +21,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recipe.atropos.access import API_KEY_ENV, BearerTokenMiddleware, Refusals, check_exposure, count_into
 from recipe.atropos.endpoint.backends import Completion, GenerationBackend, SamplingParams
 from recipe.atropos.endpoint.ledger import CompletionLedger
 
@@ -54,7 +57,8 @@ class GenerateRequest(BaseModel):
 
 
 class PolicyGate:
-    """Lets requests through while open; ``close`` waits for in-flight ones. Lives on the endpoint's event loop."""
+    """Lets requests through while open; ``close`` waits for in-flight ones. Lives on the endpoint's event loop.
+    ``closed_s``: seconds it has held new requests back, summed over closures (the current one included)."""
 
     def __init__(self, version: int = 0) -> None:
         self.version = version
@@ -63,6 +67,13 @@ class PolicyGate:
         self._idle.set()
         self._inflight = 0
         self._open.set()
+        self._closed_total = 0.0
+        self._closed_at: float | None = None
+
+    @property
+    def closed_s(self) -> float:
+        current = time.monotonic() - self._closed_at if self._closed_at is not None else 0.0
+        return self._closed_total + current
 
     async def enter(self) -> int:
         await self._open.wait()
@@ -76,11 +87,16 @@ class PolicyGate:
             self._idle.set()
 
     async def close(self) -> None:
+        if self._closed_at is None:
+            self._closed_at = time.monotonic()
         self._open.clear()
         await self._idle.wait()
 
     async def open(self, version: int) -> None:
         self.version = version
+        if self._closed_at is not None:
+            self._closed_total += time.monotonic() - self._closed_at
+            self._closed_at = None
         self._open.set()
 
     @property
@@ -104,8 +120,13 @@ class InferenceEndpoint:
         policy_version: int = 0,
         ledger: CompletionLedger | None = None,
         ready_file: str | None = None,
+        versions_from_rollout: bool = False,
+        api_key: str | None = None,
     ) -> None:
         self.backend = backend
+        # True when weights are swapped under running requests (split placement, a rollout that tags completions):
+        # each completion is then attributed to the version the rollout says produced it, not the gate's.
+        self.versions_from_rollout = versions_from_rollout
         self.host = host
         self.port = port
         self.max_tokens_cap = max_tokens_cap
@@ -119,7 +140,11 @@ class InferenceEndpoint:
             "failed_requests": 0,
             "capped_max_tokens": 0,
             "abandoned_requests": 0,  # their client disconnected while waiting: nothing generated for them
+            "unauthorized_requests": 0,  # 401: no or a wrong bearer token (recipe.atropos.access)
         }
+        self.api_key = api_key  # None: no token asked (loopback only)
+        hint = f"environments send it with --openai.api_key; set atropos.inference.api_key or ${API_KEY_ENV}"
+        self.refusals = Refusals("inference endpoint", hint, count_into(self.stats, "unauthorized_requests"))
         # True once training is over and the final policy is served only for evaluations (``/health`` says so).
         self.final = False
         self._initial_version = policy_version
@@ -136,13 +161,20 @@ class InferenceEndpoint:
     def policy_version(self) -> int:
         return self._gate.version if self._gate else self._initial_version
 
+    def counters(self) -> dict[str, float]:
+        """:attr:`stats` and ``paused_s`` (seconds the gate held requests, cumulative): per-step metrics."""
+        return {**self.stats, "paused_s": self._gate.closed_s if self._gate else 0.0}
+
     def build_app(self) -> FastAPI:
         app = FastAPI(title="atropos-verl inference endpoint")
+        app.add_middleware(BearerTokenMiddleware, token=self.api_key, refusals=self.refusals)
 
         @app.get("/health")
         async def health() -> dict[str, Any]:
             paused = self._gate is not None and not self._gate.is_open
-            return {"status": "ok", "policy_version": self.policy_version, "paused": paused, "final": self.final}
+            # stats: requests/completions served so far (the launcher's waiting line reports the completions)
+            state = {"status": "ok", "policy_version": self.policy_version, "paused": paused, "final": self.final}
+            return {**state, "stats": dict(self.stats)}
 
         @app.post("/generate")
         async def generate(request: Request) -> JSONResponse:
@@ -161,8 +193,11 @@ class InferenceEndpoint:
                 return JSONResponse({"error": "client disconnected before generation"}, status_code=499)
             try:
                 outs = await asyncio.gather(*[self.backend.generate(prompt_ids, params) for _ in range(req.n)])
-                for out in outs:  # recorded before the gate lets a weight update start
-                    self.ledger.record(prompt_ids, out.token_ids, version)
+                # The version that produced each completion: the gate's (no swap happens while it is open), or with
+                # swaps under running requests the rollout's tag.
+                versions = [self._produced_by(out, version) for out in outs]
+                for out, produced_by in zip(outs, versions, strict=True):  # recorded before the gate reopens
+                    self.ledger.record(prompt_ids, out.token_ids, produced_by)
             except Exception as exc:
                 self.stats["failed_requests"] += 1
                 logger.exception("generation failed for a /generate request (n=%d)", req.n)
@@ -170,9 +205,16 @@ class InferenceEndpoint:
             finally:
                 self._gate.exit()
             self.stats["completions"] += len(outs)
-            return JSONResponse(self._response(prompt_ids, outs, version))
+            return JSONResponse(self._response(prompt_ids, outs, versions))
 
         return app
+
+    def _produced_by(self, out: Completion, gate_version: int) -> int:
+        if not self.versions_from_rollout:
+            return gate_version
+        if out.policy_version is None:
+            raise RuntimeError("the rollout did not tag a completion with its policy version (versions_from_rollout)")
+        return int(out.policy_version)
 
     def _prompt_ids(self, req: GenerateRequest) -> list[int]:
         if isinstance(req.prompt, PromptTokens):
@@ -189,7 +231,7 @@ class InferenceEndpoint:
             max_tokens = self.max_tokens_cap
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
 
-    def _response(self, prompt_ids: list[int], outs: Sequence[Completion], version: int) -> dict[str, Any]:
+    def _response(self, prompt_ids: list[int], outs: Sequence[Completion], versions: list[int]) -> dict[str, Any]:
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **_: "")
         return {
             "text": [decode(o.token_ids, skip_special_tokens=True) for o in outs],
@@ -198,11 +240,14 @@ class InferenceEndpoint:
             "token_ids": [o.token_ids for o in outs],
             "logprobs": [[[{str(t): lp}] for t, lp in zip(o.token_ids, o.log_probs, strict=True)] for o in outs],
             "finish_reasons": [o.finish_reason for o in outs],
-            "policy_version": version,
+            "policy_version": min(versions),  # the oldest policy in this answer
+            "policy_versions": versions,
         }
 
     # ---- lifecycle (called from the trainer's thread) ----
     def start(self, timeout: float = 60.0) -> InferenceEndpoint:
+        key = f"atropos.inference.api_key (or ${API_KEY_ENV})"
+        check_exposure(self.host, guarded=bool(self.api_key), what="the inference endpoint", key=key)
         config = uvicorn.Config(self.build_app(), host=self.host, port=self.port, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         started = threading.Event()

@@ -34,52 +34,18 @@ import argparse
 import gzip
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from recipe.atropos.access import NetworkAllowListMiddleware, Refusals, check_exposure, parse_networks
+from recipe.atropos.guard.asgi import read_body, replay, send_json, send_raw
 from recipe.atropos.guard.state import GuardState, api_state, check_atroposlib_fields, current_batch_size, queue_report
 from recipe.atropos.schema import GroupValidationError, group_id, validate_group
 
 logger = logging.getLogger("atropos_api_guard")
 
 GUARDED_PATHS = ("/scored_data", "/scored_data_list")
-
-
-async def _read_body(receive: Any) -> bytes:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(body: bytes) -> Any:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
-async def _send_raw(send: Any, status: int, headers: dict, body: bytes) -> None:
-    """``body`` (already decompressed) with atroposlib's headers minus its encoding and length."""
-    keep = [(k, v) for k, v in headers.items() if k not in (b"content-encoding", b"content-length")]
-    keep.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": keep})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_json(send: Any, status: int, payload: Any) -> None:
-    body = json.dumps(payload, default=str).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class ApiGuard:
@@ -96,7 +62,7 @@ class ApiGuard:
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if method == "GET" and path == "/guard/stats":
             report = {**self.state.counters(), **queue_report(current_batch_size(self.state))}
-            await _send_json(send, 200, report)
+            await send_json(send, 200, report)
         elif method == "POST" and path in GUARDED_PATHS:
             await self._scored(scope, receive, send, as_list=path == "/scored_data_list")
         elif method == "POST" and path == "/ack":
@@ -106,13 +72,13 @@ class ApiGuard:
             self.state.requeue_out()
             await self._admit(scope)
         elif method == "GET" and path == "/batch":
-            await self._batch(scope, receive, send)
+            await self._batch(scope, send)
         elif method == "GET" and path == "/status-env":
             await self._status_env(scope, receive, send)
         elif method == "POST" and path == "/register-env":
-            body = await _read_body(receive)
+            body = await read_body(receive)
             self._check_env_group_size(body)
-            await self.inner(scope, _replay(body), send)
+            await self.inner(scope, replay(body), send)
         else:
             await self.inner(scope, receive, send)
 
@@ -136,7 +102,7 @@ class ApiGuard:
             )
 
     async def _scored(self, scope: dict[str, Any], receive: Any, send: Any, *, as_list: bool) -> None:
-        body = await _read_body(receive)
+        body = await read_body(receive)
         headers = dict(scope.get("headers") or [])
         try:
             text = gzip.decompress(body) if b"gzip" in headers.get(b"content-encoding", b"").lower() else body
@@ -144,12 +110,12 @@ class ApiGuard:
         except (OSError, ValueError) as exc:
             error = GroupValidationError("body", f"not a JSON document ({exc})")
             self.state.reject(body[:2000].decode(errors="replace"), error)
-            await _send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
+            await send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
             return
         if as_list and not isinstance(payload, list):
             error = GroupValidationError("body", f"/scored_data_list expects a JSON list, got {type(payload).__name__}")
             self.state.reject(payload, error)
-            await _send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
+            await send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
             return
         raws = payload if as_list else [payload]
         batch_size = current_batch_size(self.state)
@@ -167,10 +133,10 @@ class ApiGuard:
         await self._admit(scope)
         if not rejected:
             answer = {"status": "received", "groups_processed": len(ids), "ids": ids}
-            await _send_json(send, 200, answer if as_list else {"status": "received", "id": ids[0]})
+            await send_json(send, 200, answer if as_list else {"status": "received", "id": ids[0]})
             return
         first = rejected[0]
-        await _send_json(
+        await send_json(
             send,
             422,
             {
@@ -190,7 +156,7 @@ class ApiGuard:
         async def capture(message: dict[str, Any]) -> None:
             captured.append(message)
 
-        await self.inner({**scope, **changes}, _replay(body), capture)
+        await self.inner({**scope, **changes}, replay(body), capture)
         start = next((m for m in captured if m["type"] == "http.response.start"), {"status": 500, "headers": []})
         headers = {k.lower(): v for k, v in start.get("headers", [])}
         payload = b"".join(m.get("body", b"") for m in captured if m["type"] == "http.response.body")
@@ -237,45 +203,47 @@ class ApiGuard:
                 answer[:300],
             )
 
-    async def _batch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """atroposlib's ``GET /batch``; its groups are now out (awaiting the trainer's ack), the queue is refilled."""
-        status, headers, body = await self._call_inner(scope, await _read_body(receive))
-        if status < 400:
-            try:
-                batch = json.loads(body).get("batch") or []
-            except (ValueError, AttributeError):
-                batch = []
+    async def _batch(self, scope: dict[str, Any], send: Any) -> None:
+        """atroposlib's ``GET /batch`` route, called directly and answered with ``json.dumps``, uncompressed (through
+        FastAPI, ``jsonable_encoder`` walks every token and the GZip middleware compresses at level 9: one batch cost
+        the API process more CPU than posting its groups, ``make bench-guard``). Its groups are now out, awaiting the
+        trainer's ack; the queue is refilled from the backlog."""
+        from atroposlib.api.server import get_batch
+
+        answer = await get_batch()
+        batch = answer.get("batch") if isinstance(answer, dict) else None
+        if isinstance(batch, list):
             self.state.journal.handed_out(gid for g in batch if isinstance(g, dict) and (gid := group_id(g)))
-        await _send_raw(send, status, headers, body)
+        await send_json(send, 200, answer)
         await self._admit(scope)
 
     async def _status_env(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """atroposlib's ``GET /status-env`` with the groups waiting on disk counted in the queue sizes."""
-        request = await _read_body(receive)
+        request = await read_body(receive)
         status, headers, body = await self._call_inner(scope, request)
         try:
             answer, env_id = json.loads(body), int(json.loads(request)["env_id"])
             group_size = max(1, int(api_state().envs[env_id]["group_size"]))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            await _send_raw(send, status, headers, body)
+            await send_raw(send, status, headers, body)
             return
         by_env = self.state.journal.depth()["backlog_sequences_by_env"]
         if status < 400 and isinstance(answer, dict) and "queue_size" in answer:
             answer["queue_size"] += sum(by_env.values()) // group_size
             answer["self_queue_size"] = answer.get("self_queue_size", 0) + by_env.get(env_id, 0) // group_size
-        await _send_json(send, status, answer)
+        await send_json(send, status, answer)
 
     async def _ack(self, receive: Any, send: Any) -> None:
         try:
-            ids = json.loads(await _read_body(receive))["ids"]
+            ids = json.loads(await read_body(receive))["ids"]
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             reason = 'ids: POST /ack expects {"ids": ["<group id>", ...]} (the ids of the groups the trainer spooled)'
-            await _send_json(send, 422, {"status": "rejected", "field": "ids", "reason": reason})
+            await send_json(send, 422, {"status": "rejected", "field": "ids", "reason": reason})
             return
         acked, unknown = self.state.ack(ids)
-        await _send_json(send, 200, {"status": "ok", "acked": acked, "unknown": unknown})
+        await send_json(send, 200, {"status": "ok", "acked": acked, "unknown": unknown})
 
 
 def build_app(state: GuardState) -> ApiGuard:
@@ -295,6 +263,7 @@ def guard_argv(
     journal_dir: Path | None = None,
     max_queued_sequences: int | None = None,
     host: str = "127.0.0.1",
+    allow: Sequence[str] = (),
 ) -> list[str]:
     """The command line that serves the guarded API (same interpreter)."""
     import sys
@@ -312,6 +281,8 @@ def guard_argv(
         argv += ["--journal-dir", str(journal_dir)]
     if max_queued_sequences:
         argv += ["--max-queued-sequences", str(max_queued_sequences)]
+    if allow:
+        argv += ["--allow", ",".join(allow)]
     return argv
 
 
@@ -327,7 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-queued-sequences", type=int, default=None, help="most sequences in memory (default: 4 batches)"
     )
+    parser.add_argument("--allow", default="", help="client networks let in besides loopback (CIDRs, comma-separated)")
     args = parser.parse_args(argv)
+    allow = [c for c in args.allow.split(",") if c.strip()]
+    try:
+        check_exposure(args.host, guarded=bool(allow), what="the Atropos API", key="atropos.launcher.api_allow")
+        networks = parse_networks(allow) if allow else None
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uvicorn
 
@@ -339,8 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         journal_dir=args.journal_dir,
         max_queued_sequences=args.max_queued_sequences,
     )
-    app = build_app(state)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    refusals = Refusals("the Atropos API", "set atropos.launcher.api_allow", state.count_refused)
+    app = NetworkAllowListMiddleware(build_app(state), networks, refusals)
+    # proxy_headers off: the allow-list judges the socket's peer, never a
+    # client-supplied X-Forwarded-For.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=False)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,16 @@ class GuardState:
         self.counts = dict.fromkeys(PERSISTED, 0)
         self.starts = 1
         self.unpackable_envs: list[dict[str, Any]] = []
+        self.refused_requests = 0  # clients outside atropos.launcher.api_allow (403, recipe.atropos.access)
+        # Per env id (as posted in ScoredData.env_id), this API process only: groups received (accepted + rejected),
+        # rejected, the Unix time of its last post and the reason of its last rejection.
+        self.envs: dict[str, dict[str, Any]] = {}
         if self.stats_file is not None and self.stats_file.exists():
             old = json.loads(self.stats_file.read_text())
             self.counts.update({k: int(old.get(k, 0)) for k in PERSISTED})
             self.rejected.update({k: int(v) for k, v in old.get("rejected", {}).items()})
             self.starts = int(old.get("starts", 0)) + 1
+            self.refused_requests = int(old.get("refused_requests", 0))
         self.journal = GroupJournal(journal_dir or tempfile.mkdtemp(prefix="atropos_guard_journal_"))
         self.resumed_groups = len(self.journal.entries)  # unacknowledged groups found at start
         self.save()
@@ -80,7 +86,13 @@ class GuardState:
             **{k: v for k, v in self.journal.depth().items() if k != "backlog_sequences_by_env"},
             "max_queued_sequences": self.bound(current_batch_size(self)),
             "unpackable_envs": self.unpackable_envs,
+            "refused_requests": self.refused_requests,
+            "envs": self.envs,
         }
+
+    def count_refused(self) -> None:
+        self.refused_requests += 1
+        self.save()
 
     def save(self) -> None:
         if self.stats_file is not None:
@@ -89,13 +101,25 @@ class GuardState:
     def reject(self, raw: Any, error: GroupValidationError) -> None:
         """Count ``raw`` by field, keep it with the reason in the rejected-groups file, persist the counters."""
         self.rejected_log.reject(raw, error)
+        env = self._env(raw.get("env_id") if isinstance(raw, dict) else None)
+        env["rejected"] += 1
+        env["last_rejection"] = str(error)[:300]
         self.save()
+
+    def _env(self, env_id: Any) -> dict[str, Any]:
+        """The counters of ``env_id`` (``"none"`` when the group named none), its last post now."""
+        env = self.envs.setdefault(str(env_id) if env_id is not None else "none", {"received": 0, "rejected": 0})
+        env["received"] += 1
+        env["last_post"] = time.time()
+        return env
 
     def accept(self, groups: list[dict[str, Any]]) -> list[str]:
         """Journal ``groups`` (durable when this returns) and count them; their ids."""
         ids = self.journal.append(groups)
         self.counts["accepted_groups"] += len(groups)
         self.counts["accepted_sequences"] += sum(len(g["tokens"]) for g in groups)
+        for group in groups:
+            self._env(group.get("env_id"))
         self.save()
         return ids
 

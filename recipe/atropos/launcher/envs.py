@@ -59,6 +59,7 @@ def env_argv(
     model: str,
     max_token_length: int,
     max_policy_lag: int | None,
+    api_key: str | None = None,
 ) -> list[str]:
     """``<python> (-m MODULE | SCRIPT) serve --flag value ...``: the API, the endpoint and the model filled in, envs
     kept within the lag cap (:func:`~recipe.atropos.staleness.env_max_batches_offpolicy`); ``env.args`` win."""
@@ -75,7 +76,7 @@ def env_argv(
         "openai.base_url": f"{inference_url}/v1",
         "openai.model_name": model,
         "openai.tokenizer_name": model,
-        "openai.api_key": "x",
+        "openai.api_key": api_key or "x",  # the endpoint's token (recipe.atropos.access); "x": none needed
     }
     ahead = env_max_batches_offpolicy(max_policy_lag)
     if ahead is not None:

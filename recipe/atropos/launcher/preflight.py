@@ -130,5 +130,8 @@ def run_preflight(config: DictConfig, atropos: AtroposConfig) -> None:
         raise _one_line(exc) from None
     check_model_path(str(config.actor_rollout_ref.model.path))
     check_envs(atropos.launcher)
-    check_port_free("atropos.launcher.api_port", atropos.launcher.api_port)
-    check_port_free("atropos.launcher.inference_port", atropos.launcher.inference_port)
+    launcher = atropos.launcher
+    if launcher.role != "trainer":  # the ports of the services this launcher's role runs, where they bind
+        check_port_free("atropos.launcher.api_port", launcher.api_port, launcher.api_host)
+    if launcher.role != "services":
+        check_port_free("atropos.launcher.inference_port", launcher.inference_port, atropos.inference.host)

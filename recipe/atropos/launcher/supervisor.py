@@ -30,12 +30,15 @@ from typing import Any
 
 import requests
 
+from recipe.atropos.access import inference_token
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
 from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, start_watchdog, tail
 from recipe.atropos.launcher.report import API_JOURNAL, GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
+from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
+from recipe.atropos.launcher.watch import WAIT_FILE, ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.records import write_json_atomic
 from recipe.atropos.runtime.assets import model_vocab_size, resolve_model_path
@@ -60,13 +63,13 @@ class Launcher:
                 "`python -m recipe.atropos.main_atropos` with the same config and overrides instead"
             )
         lcfg = self.atropos.launcher
-        self.envs = checked_envs(lcfg, int(self.config.data.train_batch_size))  # name -> entry, in start order
+        self.envs = checked_envs(lcfg, int(self.config.data.train_batch_size)) if lcfg.role != "trainer" else {}
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(lcfg.run_dir or f"outputs/{self.config.trainer.experiment_name}-{stamp}").resolve()
         self.api_port = lcfg.api_port or free_port()
         self.inference_port = lcfg.inference_port or free_port()
-        self.api_url = f"http://127.0.0.1:{self.api_port}"
-        self.inference_url = f"http://127.0.0.1:{self.inference_port}"
+        self.plan = role_plan(self.atropos, self.api_port, self.inference_port)  # what runs here (launcher/roles.py)
+        self.api_url, self.inference_url = self.plan.api_url, self.plan.inference_url
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.children: dict[str, ManagedProcess] = {}
         self.env_ids_file = self.run_dir / "env_ids.json"
@@ -74,6 +77,14 @@ class Launcher:
         self.restarts: dict[str, int] = {}
         self.api_restarts = 0
         self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
+        self.remote_trainer: RemoteTrainer | None = None  # role=services: the trainer elsewhere
+        self.console = ConsoleWatch(  # why a step waits, which env raised what (recipe.atropos.launcher.watch)
+            self.run_dir,
+            {name: self._log(name) for name in self.envs},
+            api_url=self.api_url,
+            inference_url=self.inference_url,
+            interval_s=lcfg.wait_report_s,
+        )
 
     def preflight(self) -> None:
         """Raise :class:`PreflightError` (one line) before anything starts."""
@@ -110,7 +121,8 @@ class Launcher:
             f"atropos.api_url={self.api_url}",
             f"atropos.inference.port={self.inference_port}",
             f"atropos.metrics_file={self.metrics_file}",
-            f"atropos.env_ids_file={self.env_ids_file}",
+            *([f"atropos.env_ids_file={self.env_ids_file}"] if self.plan.runs_envs else []),
+            f"atropos.wait_file={self.run_dir / WAIT_FILE}",
             f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
             *(
                 [f"atropos.rejected_groups_file={self.run_dir / 'rejected_groups_trainer.jsonl'}"]
@@ -130,12 +142,14 @@ class Launcher:
             model=self.model,
             max_token_length=int(self.config.data.max_prompt_length + self.config.data.max_response_length),
             max_policy_lag=self.atropos.max_policy_lag,
+            api_key=inference_token(self.atropos.inference.api_key),
         )
 
     def api_argv(self) -> list[str]:
         """The guarded API (``guard_api``, default) or plain ``run-api``, on ``api_port``."""
-        if not self.atropos.launcher.guard_api:
-            return run_api_argv(self.api_port)
+        lcfg = self.atropos.launcher
+        if not lcfg.guard_api:
+            return run_api_argv(self.api_port, host=lcfg.api_host)
         return guard_argv(
             self.api_port,
             vocab_size=model_vocab_size(self.model),
@@ -144,6 +158,8 @@ class Launcher:
             stats_file=self.run_dir / GUARD_STATS,
             journal_dir=self.run_dir / API_JOURNAL,
             max_queued_sequences=self.atropos.max_queued_sequences(int(self.config.data.train_batch_size)),
+            host=lcfg.api_host,
+            allow=lcfg.api_allow,
         )
 
     def _start_api(self) -> None:
@@ -187,9 +203,14 @@ class Launcher:
     def start_all(self) -> None:
         timeout = self.atropos.launcher.startup_timeout_s
         self.model = resolve_model_path(str(self.config.actor_rollout_ref.model.path))
-        self._start_api()
-        trainer = self._start("trainer", self.trainer_argv())
         os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
+        if self.plan.runs_api:
+            self._start_api()
+        if not self.plan.runs_trainer:  # role=services: the trainer runs elsewhere
+            self.remote_trainer = RemoteTrainer(self.inference_url, self.atropos.launcher.trainer_gone_s)
+            self._start_envs()
+            return
+        trainer = self._start("trainer", self.trainer_argv())
         self._start_envs()
         logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
         try:
@@ -235,12 +256,17 @@ class Launcher:
             for row in rows[printed:]:
                 print(step_line(row, total), flush=True)
             printed = len(rows)
-            trainer = self.children["trainer"]
-            if trainer.poll() is not None:
+            for line in self.console.lines():
+                print(line, flush=True)
+            trainer = self.children.get("trainer")
+            if trainer is None and self.remote_trainer.gone():
+                logger.info("the trainer's endpoint %s is gone: stopping the API and the envs", self.inference_url)
+                return
+            if trainer is not None and trainer.poll() is not None:
                 if trainer.poll() != 0:
                     raise self._died(trainer)
                 return
-            if self.children["run-api"].poll() is not None:
+            if "run-api" in self.children and self.children["run-api"].poll() is not None:
                 if lcfg.restart_api and self.api_restarts < lcfg.max_api_restarts:
                     self.restart_api()
                     continue

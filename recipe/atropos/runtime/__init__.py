@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from recipe.atropos.runtime.placement import apply_split_cpu_settings, is_split
+
 PLATFORM_MODULE = "recipe.atropos.runtime.platform"
 ROLLOUT_MODULE = "recipe.atropos.runtime.rollout"
 VLLM_CPU_MODULE = "recipe.atropos.runtime.vllm_cpu"
@@ -140,11 +142,17 @@ def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> 
     it) and imports the platform and rollout modules here, since this process may have imported verl already.
     With ``atropos.cpu_rollout=vllm`` the rollout is verl's vLLM on vLLM's CPU build (:data:`VLLM_CPU_SETTINGS`;
     :mod:`recipe.atropos.runtime.vllm_cpu` is then imported by every verl process, not by this one); with a LoRA
-    adapter (:func:`lora_as_adapter`) it also sets ``rollout.load_format=auto``.
+    adapter (:func:`lora_as_adapter`) it also sets ``rollout.load_format=auto``. A split rollout
+    (``actor_rollout_ref.hybrid_engine=false``) gets its pool, the ``gloo`` weight engine and thread counts
+    (:func:`~recipe.atropos.runtime.placement.apply_split_cpu_settings`).
     """
+    from recipe.atropos.runtime.cluster import cluster_settings  # attached to a cluster: its nodes decide
+
     cpu_rollout = str(OmegaConf.select(config, "atropos.cpu_rollout", default="hf_cpu"))
-    for key, value in cpu_rollout_settings(cpu_rollout):
+    for key, value in cluster_settings(config, cpu_rollout_settings(cpu_rollout)):
         OmegaConf.update(config, key, value, force_add=True)
+    if is_split(config):
+        apply_split_cpu_settings(config)
     if cpu_rollout == "vllm":
         extra_modules = [VLLM_CPU_MODULE, *extra_modules]
         if lora_as_adapter(config):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from verl.workers.rollout import base as rollout_base
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+from verl.workers.rollout.utils import ensure_async_iterator
 
 from recipe.atropos.runtime.lora import load_adapter, load_full, lora_shape, module_fingerprint, wrap_with_lora
 
@@ -207,7 +209,7 @@ class HFCPURolloutServer:
         self._queue: list[GenerationRequest] = []
         self._lock = asyncio.Lock()
         self._drainer: asyncio.Task | None = None
-        self._stats = {"n_requests": 0, "n_batches": 0, "max_batch_seen": 0}
+        self._stats = {"n_requests": 0, "n_batches": 0, "max_batch_seen": 0, "weight_load_s": 0.0}
 
     async def generate(
         self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str, **kwargs: Any
@@ -260,9 +262,12 @@ class HFCPURolloutServer:
                     r.future.set_result((ids, lps, version))
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> int:
-        """:meth:`HFGenerator.load_weights` under the generation lock (no batch mixes two policies)."""
+        """:meth:`HFGenerator.load_weights` under the generation lock (no batch mixes two policies); the seconds the
+        lock was held add up in ``weight_load_s`` (generation waits that long for a swap)."""
         async with self._lock:
+            start = time.monotonic()
             await asyncio.to_thread(self.generator.load_weights, state_dict, *args, **kwargs)
+            self._stats["weight_load_s"] += time.monotonic() - start
             return self.generator.policy_version
 
     def stats(self) -> dict[str, float]:
@@ -308,8 +313,10 @@ class HFCPUReplica(RolloutReplica):
 
 
 class HFCPUWeightReceiver(BaseRollout):
-    """Lives in verl's hybrid ActorRolloutRefWorker: sends each update (full weights, LoRA base weights or LoRA
-    adapter, with verl's ``peft_config`` and ``base_sync_done``) to this replica's server."""
+    """Sends each update (full weights, LoRA base weights or LoRA adapter, with verl's ``peft_config`` and
+    ``base_sync_done``) to this replica's server. Lives in verl's hybrid ActorRolloutRefWorker (colocated: a generator
+    of the actor's tensors) or, split, in the replica's ``CheckpointEngineWorker`` (an async generator of the tensors
+    the checkpoint engine received; verl passes ``replica_rank``)."""
 
     def __init__(self, config: Any, model_config: Any, device_mesh: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, model_config, device_mesh)
@@ -319,7 +326,7 @@ class HFCPUWeightReceiver(BaseRollout):
             * self.config.pipeline_model_parallel_size
         )
         rank = int(os.environ.get("RANK", 0))
-        self.replica_rank = rank // world
+        self.replica_rank = int(kwargs.get("replica_rank", rank // world))
         self.is_leader = rank % world == 0
         self.sleep_level = 2
 
@@ -331,7 +338,7 @@ class HFCPUWeightReceiver(BaseRollout):
 
     async def update_weights(self, weights: Any, **kwargs: Any) -> None:
         state: dict[str, torch.Tensor] = {}
-        for name, tensor in weights:  # consumed on every rank: the generator may all-gather shards
+        async for name, tensor in ensure_async_iterator(weights):  # consumed on every rank: may all-gather shards
             if hasattr(tensor, "full_tensor"):
                 tensor = tensor.full_tensor()
             state[name] = tensor.detach().to("cpu").clone()

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 from recipe.atropos.schema import ScoredGroup, group_id
 from recipe.atropos.sources.base import BaseGroupSource
 from recipe.atropos.staleness import LagMeter
-from recipe.atropos.transport.client import AtroposClient
+from recipe.atropos.transport.client import AtroposAPIError, AtroposClient
 from recipe.atropos.transport.spool import GroupSpool
+from recipe.atropos.waiting import WaitReport
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ApiGroupSource(BaseGroupSource):
     ``registration``: the keyword arguments of :meth:`AtroposClient.register` except ``starting_step``.
     ``drain_max_sequences``: after each weight push, batches the API already formed are fetched into the spool up to
     this many sequences (0 = only when a step needs data), so the API's in-memory queue stays small.
+    ``waits``: marks each wait for data (the launcher's waiting line) and explains a poll timeout.
     """
 
     online = True
@@ -66,6 +68,7 @@ class ApiGroupSource(BaseGroupSource):
         poll_timeout_s: float,
         spool: GroupSpool | None = None,
         drain_max_sequences: int = 0,
+        waits: WaitReport | None = None,
     ) -> None:
         self.client = client
         self.batcher = batcher
@@ -74,6 +77,7 @@ class ApiGroupSource(BaseGroupSource):
         self.poll_timeout_s = float(poll_timeout_s)
         self.spool = spool
         self.drain_max_sequences = int(drain_max_sequences)
+        self.waits = waits
         self.registered_step: int | None = None
         self._step = 0  # the step being assembled or trained: fetched groups are spooled under it
         self._seen: set[str] = set()  # guard ids fetched by this process (de-duplication without a spool)
@@ -104,13 +108,25 @@ class ApiGroupSource(BaseGroupSource):
         self.batcher.refresh()
         start, polls = time.monotonic(), 0
         while (chosen := self.batcher.select(time.monotonic() - start, lambda g: self.lag.is_stale(g, step))) is None:
-            self.batcher.add(self._spooled(self.client.poll_batch(timeout=self.poll_timeout_s)))
+            self.batcher.add(self._spooled(self._poll(step)))
             self.batcher.refresh()
             polls += 1
+        if self.waits is not None:
+            self.waits.done()
         metrics.update({"atropos/polls": float(polls), "atropos/poll_wait_s": time.monotonic() - start})
         metrics.update(self.lag.metrics(chosen, step))
         metrics.update(self.batcher.metrics(chosen))
         return chosen
+
+    def _poll(self, step: int) -> list[ScoredGroup]:
+        """One poll for a batch; the wait is marked for the launcher, a timeout says what every service saw."""
+        if self.waits is None:
+            return self.client.poll_batch(timeout=self.poll_timeout_s)
+        self.waits.waiting(step)
+        try:
+            return self.client.poll_batch(timeout=self.poll_timeout_s)
+        except AtroposAPIError as error:
+            raise AtroposAPIError(f"{error}\n{self.waits.gave_up(step)}") from error
 
     def trained(self, groups: list[ScoredGroup], step: int) -> None:
         if self.spool is not None:

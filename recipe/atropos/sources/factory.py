@@ -15,6 +15,7 @@ from recipe.atropos.sources.mixture import mixture_from_config
 from recipe.atropos.staleness import LagMeter, VersionLookup
 from recipe.atropos.transport.client import AtroposClient
 from recipe.atropos.transport.spool import GroupSpool
+from recipe.atropos.waiting import WaitReport
 
 
 def make_group_source(
@@ -50,4 +51,10 @@ def make_group_source(
         poll_timeout_s=atropos.poll_timeout_s,
         spool=GroupSpool.from_config(atropos, trainer),
         drain_max_sequences=batch_size if drain is None else drain,
+        waits=WaitReport(
+            atropos.api_url,
+            inference_url=f"http://{atropos.inference.host}:{atropos.inference.port}",
+            env_ids_file=atropos.env_ids_file,
+            wait_file=atropos.wait_file,
+        ),
     )

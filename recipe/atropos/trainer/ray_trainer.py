@@ -1,10 +1,13 @@
 """RayAtroposTrainer: verl's RayPPOTrainer whose rollouts come from Atropos environments.
 
-Each step: the group source hands one batch of scored groups → convert to a DataProto → (pause the inference
-endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) → reference log-probs when KL is on →
-advantages (env token-level where given, verl GRPO elsewhere) → actor update → checkpoint → push weights → resume the
-endpoint on the new policy version. Every stage is a method so other recipes can override one without copying the loop;
-where groups come from is a :class:`~recipe.atropos.sources.GroupSource` (``_make_group_source``).
+Each step: the group source hands one batch of scored groups → convert to a DataProto → (colocated: pause the
+inference endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) → reference log-probs when KL
+is on → advantages (env token-level where given, verl GRPO elsewhere) → actor update → checkpoint → push weights →
+resume the endpoint on the new policy version. With split placement (``actor_rollout_ref.hybrid_engine=false``,
+:mod:`recipe.atropos.trainer.placement`) the replicas run on their own resources and keep serving environments through
+the whole step; only the weight swap at its end touches them. Every stage is a method so other recipes can override one
+without copying the loop; where groups come from is a :class:`~recipe.atropos.sources.GroupSource`
+(``_make_group_source``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
@@ -25,6 +27,7 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
+from recipe.atropos.access import inference_token
 from recipe.atropos.algos.advantages import combine_advantages
 from recipe.atropos.algos.losses import is_weight_metrics
 from recipe.atropos.config.checks import check_atropos_config, share_rollout_correction_with_actor
@@ -33,12 +36,18 @@ from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.metrics_file import append_metrics_row, held_out_points, read_metrics, wait_for_evaluation
 from recipe.atropos.runtime.assets import model_vocab_size
-from recipe.atropos.schema import ScoredGroup, group_scores
+from recipe.atropos.schema import ScoredGroup
 from recipe.atropos.sources import GroupSource, make_group_source
 from recipe.atropos.sources.jsonl import offline_training_steps
 from recipe.atropos.trainer.checkpoints import resume_step
-from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
-from recipe.atropos.trainer.step_metrics import promote_actor_is_metrics, rollout_logprob_diff, rollout_server_metrics
+from recipe.atropos.trainer.dataproto import group_score_metrics, scored_data_to_dataproto
+from recipe.atropos.trainer.placement import HybridEngineFlag, init_split_workers, swap_holds_requests
+from recipe.atropos.trainer.step_metrics import (
+    OverlapMeter,
+    promote_actor_is_metrics,
+    rollout_logprob_diff,
+    rollout_server_metrics,
+)
 from recipe.atropos.transport.spool import ledger_file
 
 logger = logging.getLogger(__name__)
@@ -53,7 +62,11 @@ class RayAtroposTrainer(RayPPOTrainer):
         ledger_path = ledger_file(self.atropos, config.trainer)  # kept beside the spool: resumed lags are exact
         self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions, ledger_path)
         self.endpoint: InferenceEndpoint | None = None
-        super().__init__(config, *args, **kwargs)
+        self.swap_holds_requests = swap_holds_requests(config)
+        self.overlap = OverlapMeter(count_replica_holds=not self.swap_holds_requests)
+        with HybridEngineFlag(config) as split:
+            super().__init__(config, *args, **kwargs)
+        self.split, self.hybrid_engine = split, not split
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
     def init_workers(self) -> None:
@@ -62,7 +75,10 @@ class RayAtroposTrainer(RayPPOTrainer):
         is the one ``_load_checkpoint`` will resume at (the source checks the two agree in ``resume``)."""
         self.global_steps = resume_step(self.config.trainer)  # fit() sets it again (0, then the checkpoint's)
         self.source.start(self.global_steps)
-        super().init_workers()
+        if self.split:
+            init_split_workers(self)
+        else:
+            super().init_workers()
 
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
         """verl's dataloader slot holds the group source (so checkpoints keep its state); no validation set."""
@@ -130,6 +146,8 @@ class RayAtroposTrainer(RayPPOTrainer):
             policy_version=self.global_steps,
             ledger=self.ledger,
             ready_file=icfg.ready_file,
+            versions_from_rollout=not self.swap_holds_requests,
+            api_key=inference_token(icfg.api_key),
         )
         return endpoint.start()
 
@@ -147,16 +165,7 @@ class RayAtroposTrainer(RayPPOTrainer):
             pad_token_id=int(pad),
         )
         metrics.update(batch.meta_info.pop("atropos_metrics", {}))
-        scores = [s for g in groups for s in group_scores(g)]
-        identical = [len(set(group_scores(g))) == 1 for g in groups]
-        metrics.update(
-            {
-                "atropos/groups": float(len(groups)),
-                "atropos/sequences": float(len(scores)),
-                "atropos/mean_score": float(np.mean(scores)),
-                "atropos/identical_score_rate": float(np.mean(identical)),
-            }
-        )
+        metrics.update(group_score_metrics(groups))
         batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
         batch.meta_info["images_seqlens"] = []
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
@@ -229,10 +238,34 @@ class RayAtroposTrainer(RayPPOTrainer):
             batch = batch.select_idxs(combined.keep.numpy())
         return batch
 
-    def _push_weights(self) -> None:
-        """Weights of the just-trained actor to every replica; the endpoint then serves the new policy version."""
-        self.checkpoint_manager.update_weights(self.global_steps)
+    def _push_weights(self, metrics: dict[str, float]) -> None:
+        """Weights of the just-trained actor to every replica; the endpoint then serves the new policy version. Split
+        with a rollout that cannot tag completions with their version, the endpoint is drained and held for the
+        transfer; colocated, it has been held since the step's update began."""
+        if self.split and self.swap_holds_requests:
+            self.endpoint.pause(self.atropos.inference.drain_timeout_s)
+        metrics.update(self.checkpoint_manager.update_weights(self.global_steps) or {})
         self.endpoint.resume(self.global_steps)
+
+    def _completions_served(self) -> float:
+        return float(self.endpoint.stats["completions"]) if self.endpoint is not None else 0.0
+
+    def _collect_step_metrics(self, batch: DataProto, timing: dict[str, float], metrics: dict[str, Any]) -> None:
+        """The source's, the rollout servers', the endpoint's and the overlap metrics, then verl's data, timing and
+        throughput metrics (in place)."""
+        metrics.update(self.source.metrics())
+        server_metrics = rollout_server_metrics(self.llm_server_manager.server_handles)
+        metrics.update(server_metrics)
+        if self.endpoint is not None:
+            counters = self.endpoint.counters()
+            metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
+            metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in counters.items()})
+            metrics.update(self.overlap.step_metrics(timing, counters, server_metrics))
+        metrics["training/global_step"] = self.global_steps
+        metrics.update(compute_data_metrics(batch=batch, use_critic=False))
+        metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
+        n_gpus = self.resource_pool_manager.get_n_gpus()
+        metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing, n_gpus=n_gpus))
 
     def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
         if self.atropos.metrics_file:
@@ -286,17 +319,19 @@ class RayAtroposTrainer(RayPPOTrainer):
                 with marked_timer("poll", timing):
                     groups = self._poll_groups(metrics)
                 batch = self._to_dataproto(groups, metrics)
-                # Envs wait while the actor trains: replicas share the device with it (hybrid engine) and the
-                # next completions must come from the updated weights.
-                if self.endpoint is not None:  # None offline
+                # Colocated, envs wait while the actor trains: replicas share the device with it (hybrid engine)
+                # and the next completions must come from the updated weights. Split, they keep generating.
+                if self.endpoint is not None and not self.split:  # None offline
                     with marked_timer("pause_endpoint", timing):
                         self.endpoint.pause(self.atropos.inference.drain_timeout_s)
                     self.checkpoint_manager.sleep_replicas()
                 batch = self._compute_log_probs(batch, metrics, timing)
                 with marked_timer("adv", timing):
                     batch = self._compute_advantages(batch, metrics)
+                self.overlap.update_started(self._completions_served())
                 with marked_timer("update_actor", timing):
                     actor_output = self._update_actor(batch)
+                self.overlap.update_ended(self._completions_served())
                 metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
                 promote_actor_is_metrics(metrics)
                 self.source.trained(groups, self.global_steps)
@@ -308,18 +343,9 @@ class RayAtroposTrainer(RayPPOTrainer):
                         self._save_checkpoint()
                 if self.endpoint is not None:
                     with marked_timer("update_weights", timing):
-                        self._push_weights()
+                        self._push_weights(metrics)
                 self.source.prefetch(self.global_steps)
-            metrics.update(self.source.metrics())
-            metrics.update(rollout_server_metrics(self.llm_server_manager.server_handles))
-            if self.endpoint is not None:
-                metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
-                metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in self.endpoint.stats.items()})
-            metrics["training/global_step"] = self.global_steps
-            metrics.update(compute_data_metrics(batch=batch, use_critic=False))
-            metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
-            n_gpus = self.resource_pool_manager.get_n_gpus()
-            metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing, n_gpus=n_gpus))
+            self._collect_step_metrics(batch, timing, metrics)
             tracking.log(data=metrics, step=self.global_steps)
             self._write_metrics_line(metrics)
             progress.update(1)

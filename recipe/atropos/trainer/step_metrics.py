@@ -44,3 +44,46 @@ def rollout_server_metrics(server_handles: Sequence[Any]) -> dict[str, float]:
         for key, value in ray.get(handle.stats.remote()).items():
             metrics[f"rollout/{i}/{key}"] = float(value)
     return metrics
+
+
+class OverlapMeter:
+    """How much generation and training overlapped in each step, from the endpoint's cumulative counters
+    (``paused_s``: seconds its gate held requests; ``completions``), the replicas' cumulative ``weight_load_s`` and the
+    step's timing (``step``, ``poll``, ``update_weights`` seconds).
+
+    ``count_replica_holds``: add the replicas' weight-load time to the held time — true when swaps do not close the
+    endpoint (split placement with a version-tagging rollout, whose loads hold the replica's generation instead);
+    otherwise the endpoint was closed during the loads already.
+    """
+
+    def __init__(self, count_replica_holds: bool) -> None:
+        self.count_replica_holds = count_replica_holds
+        self._paused_s = 0.0
+        self._load_s = 0.0
+        self._served_at_update = 0.0
+        self.served_during_update = 0.0
+
+    def update_started(self, completions: float) -> None:
+        self._served_at_update = float(completions)
+
+    def update_ended(self, completions: float) -> None:
+        self.served_during_update = float(completions) - self._served_at_update
+
+    def step_metrics(
+        self, timing: dict[str, float], endpoint_stats: dict[str, float], server_metrics: dict[str, float]
+    ) -> dict[str, float]:
+        paused_total = float(endpoint_stats.get("paused_s", 0.0))
+        load_total = sum(v for k, v in server_metrics.items() if k.endswith("/weight_load_s"))
+        paused, load = paused_total - self._paused_s, load_total - self._load_s
+        self._paused_s, self._load_s = paused_total, load_total
+        held = paused + (load if self.count_replica_holds else 0.0)
+        step = max(float(timing.get("step", 0.0)), 1e-9)
+        wait = float(timing.get("poll", 0.0))
+        return {
+            "atropos/endpoint/held_s": held,
+            "atropos/endpoint/paused_fraction": min(held / step, 1.0),
+            "atropos/endpoint/completions_during_update": self.served_during_update,
+            "atropos/trainer/wait_s": wait,
+            "atropos/trainer/wait_fraction": wait / step,
+            "atropos/weight_swap_s": float(timing.get("update_weights", 0.0)),
+        }

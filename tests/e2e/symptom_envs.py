@@ -1,0 +1,54 @@
+"""Small environments that reproduce what goes wrong with stock Atropos environments (docs/atropos.rst, *Using stock
+Atropos environments*), each a :class:`OneWordEnv` that generates through the trainer's endpoint as usual, then:
+
+- ``equal_scores``: scores every sequence 0.0, so atroposlib's ``BaseEnv`` drops every group itself
+  (``ensure_scores_are_not_same``, true by default): completions are served, the API never hears of a group;
+- ``chat_template``: builds its prompt as envs written for transformers 4 do,
+  ``tokenizer.apply_chat_template(messages, add_generation_prompt=True) + [...]``: transformers 5 returns a
+  ``BatchEncoding``, the ``+`` raises ``TypeError``, and ``BaseEnv`` logs the message and goes on with the next item;
+- ``none``: the bundled env unchanged (a wrong group size is reproduced with ``--env.group_size 3`` on a batch of 8).
+
+Run as any env: ``python -m tests.e2e.symptom_envs serve --env.symptom equal_scores ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from atroposlib.envs.base import APIServerConfig, ScoredDataGroup
+from pydantic import Field
+
+from recipe.atropos.envs.one_word_env import OneWordEnv, OneWordEnvConfig
+
+SYMPTOMS = ("equal_scores", "chat_template", "none")
+
+
+class SymptomEnvConfig(OneWordEnvConfig):
+    symptom: str = Field("equal_scores", description=f"What goes wrong: one of {', '.join(SYMPTOMS)}.")
+
+
+class SymptomEnv(OneWordEnv):
+    name = "symptom"
+    env_config_cls = SymptomEnvConfig
+
+    @classmethod
+    def config_init(cls) -> tuple[SymptomEnvConfig, list[APIServerConfig]]:
+        env_config, servers = OneWordEnv.config_init()  # atroposlib's CLI takes its flags from this config's class
+        return SymptomEnvConfig(**env_config.model_dump()), servers
+
+    async def collect_trajectories(self, item: str) -> tuple[ScoredDataGroup | None, list]:
+        if self.config.symptom not in SYMPTOMS:
+            raise ValueError(f"--env.symptom {self.config.symptom!r}: use one of {SYMPTOMS}")
+        if self.config.symptom == "chat_template":
+            await asyncio.sleep(0.5)  # as if it had generated first: no busy loop of errors on a shared CPU
+            messages = [{"role": "user", "content": item}]
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return {"tokens": [prompt + [self.tokenizer.eos_token_id]]}, []  # TypeError under transformers 5
+        group, backlog = await super().collect_trajectories(item)
+        if self.config.symptom == "equal_scores":
+            group["scores"] = [0.0] * len(group["scores"])
+        return group, backlog
+
+
+if __name__ == "__main__":
+    SymptomEnv.cli()

@@ -1,0 +1,53 @@
+"""The launcher's console explains a wait (one launcher run, poll timeout 30 s): with environments that send the API
+nothing it can train on — one whose groups all score alike (BaseEnv drops them itself), one that raises the
+transformers-5 chat-template ``TypeError`` on every item, one whose group size (3) cannot pack into the batch (8) —
+the console prints the waiting line every ``atropos.launcher.wait_report_s`` (env ids -> names, the endpoint's
+completions), names each env's exception or dropped groups, and the trainer's poll-timeout error repeats the line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.helpers import Launch
+
+pytestmark = pytest.mark.timeout(700)
+
+ENVS = (
+    "atropos.launcher.envs=["
+    "{name:equal,module:tests.e2e.symptom_envs,group_size:4,args:{env.symptom:equal_scores,env.max_new_tokens:4}},"
+    "{name:chat,module:tests.e2e.symptom_envs,group_size:4,args:{env.symptom:chat_template}},"
+    "{name:gs,module:tests.e2e.symptom_envs,group_size:4,"
+    "args:{env.symptom:none,env.group_size:3,env.ensure_scores_are_not_same:false,env.max_new_tokens:4}}]"
+)
+GS = r"env gs: (\d+) groups received \((\d+) rejected\), last post \d+ s ago, last rejection: (.*)"
+CHAT_ERROR = "unsupported operand type(s) for +: 'BatchEncoding' and 'list'"  # transformers 5's apply_chat_template
+TIMEOUT = r"no batch from \S+ within 30 s: .*\n.*waiting 3\d s for step 1 \| API queue 0 groups \| env equal"
+
+
+def test_the_console_says_why_step_1_waits_and_names_each_envs_fault(launch) -> None:  # noqa: ANN001
+    run: Launch = launch(ENVS, "atropos.poll_timeout_s=30", "atropos.launcher.wait_report_s=8")
+    assert run.wait_exit(600) == 1  # no batch within the poll timeout: the trainer fails, the launcher says so
+    console = run.log_text()
+    waits = re.findall(r"^waiting (\d+) s for step 1 \| (.*)$", console, re.MULTILINE)
+    assert len(waits) >= 2, console[-6000:]  # every 10 s while step 1 waits
+    assert all(int(s) >= 8 for s, _ in waits)
+    seconds, rest = waits[-1]
+    parts = rest.split(" | ")
+    assert parts[0] == "API queue 0 groups", rest
+    assert parts[1] == "env equal: 0 groups received (0 rejected), last post never", rest  # env id 0 -> its name
+    assert parts[2] == "env chat: 0 groups received (0 rejected), last post never", rest
+    gs = re.fullmatch(GS, parts[3])
+    assert gs and gs[1] == gs[2] and int(gs[1]) > 0, rest
+    assert gs[3].startswith("group_size: 3 sequences do not divide the batch size 8")
+    served = re.fullmatch(r"endpoint: (\d+) completions served", parts[4])
+    assert served and int(served[1]) > 0, rest  # the envs generate: only their groups never arrive
+    # each env's fault, named once, with what the env's own log shows
+    assert console.count(f"env chat: Error in collect_trajectories: {CHAT_ERROR}") == 1
+    assert "env equal: the env drops every group whose scores are all equal (env.ensure_scores_are_not_same" in console
+    assert "env gs: the API refused the env's groups (422)" in console
+    assert "env equal: Error" not in console and "env gs: Error" not in console
+    # the trainer's poll-timeout error repeats the line
+    trainer_log = (run.run_dir / "logs" / "trainer.log").read_text(errors="replace")
+    assert re.search(TIMEOUT, trainer_log), trainer_log[-4000:]
