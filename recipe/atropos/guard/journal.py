@@ -82,6 +82,9 @@ class GroupJournal:
         self.acked_in_file = 0  # acknowledged lines still in groups.jsonl
         self.acked_total = 0  # acknowledged by this process
         self.memory_sequences = 0  # sequences of the groups in atroposlib's memory
+        # (groups, sequences) by where they are, and the backlog's sequences per env id: kept as they move (O(1))
+        self.tally = {w: [0, 0] for w in (BACKLOG, MEMORY, OUT)}
+        self.backlog_by_env: dict[int | None, int] = {}
         self._load()
         self._reader = open(self.groups_file, "rb")  # noqa: SIM115 - reopened on compaction, closed in close()
 
@@ -110,8 +113,23 @@ class GroupJournal:
                 fh.truncate(good_end)
                 os.fsync(fh.fileno())
         self.backlog.extend(self.entries)
+        for entry in self.entries.values():
+            self._count(entry, +1)
         if self.entries:
             logger.info("journal %s: %d unacknowledged groups will be served again", self.dir, len(self.entries))
+
+    def _count(self, entry: Entry, sign: int) -> None:
+        self.tally[entry.where][0] += sign
+        self.tally[entry.where][1] += sign * entry.size
+        if entry.where == BACKLOG:
+            self.backlog_by_env[entry.env_id] = self.backlog_by_env.get(entry.env_id, 0) + sign * entry.size
+        if entry.where == MEMORY:
+            self.memory_sequences += sign * entry.size
+
+    def _move(self, entry: Entry, where: str) -> None:
+        self._count(entry, -1)
+        entry.where = where
+        self._count(entry, +1)
 
     def close(self) -> None:
         self._reader.close()
@@ -143,6 +161,7 @@ class GroupJournal:
             os.fsync(fh.fileno())
         for seq, line, row in lines:
             self.entries[seq] = Entry(offset, len(line), row["size"], row["env_id"])
+            self._count(self.entries[seq], +1)
             self.backlog.append(seq)
             offset += len(line)
         return ids
@@ -156,8 +175,7 @@ class GroupJournal:
             if entry.size > room_sequences and not (at_least_one and not out):
                 break
             self.backlog.popleft()
-            entry.where = MEMORY
-            self.memory_sequences += entry.size
+            self._move(entry, MEMORY)
             room_sequences -= entry.size
             self._reader.seek(entry.offset)
             out.append(json.loads(self._reader.read(entry.length))["group"])
@@ -170,8 +188,7 @@ class GroupJournal:
             seq = self._seq(gid)
             entry = self.entries.get(seq) if seq is not None else None
             if entry is not None and entry.where == MEMORY:
-                entry.where = OUT
-                self.memory_sequences -= entry.size
+                self._move(entry, OUT)
                 n += 1
         return n
 
@@ -179,7 +196,7 @@ class GroupJournal:
         """A trainer registered: groups out with an earlier one go back to the front of the backlog; how many."""
         out = [seq for seq, entry in self.entries.items() if entry.where == OUT]
         for seq in reversed(out):
-            self.entries[seq].where = BACKLOG
+            self._move(self.entries[seq], BACKLOG)
             self.backlog.appendleft(seq)
         return len(out)
 
@@ -193,10 +210,9 @@ class GroupJournal:
                 continue
             known.append(gid)
             entry = self.entries.pop(seq)
+            self._count(entry, -1)
             if entry.where == BACKLOG:
                 self.backlog.remove(seq)
-            elif entry.where == MEMORY:
-                self.memory_sequences -= entry.size
         if known:
             append_jsonl(self.acks_file, [{"ids": known, "time": time.time()}], fsync=True)
             self.acked_in_file += len(known)
@@ -228,14 +244,10 @@ class GroupJournal:
     # ---- depth --------------------------------------------------------------------------------------------------
     def depth(self) -> dict[str, Any]:
         """Unacknowledged groups and sequences by where they are, and the backlog's sequences per env id."""
-        out: dict[str, Any] = {f"{w}_{k}": 0 for w in (BACKLOG, MEMORY, OUT) for k in ("groups", "sequences")}
-        by_env: dict[int | None, int] = {}
-        for entry in self.entries.values():
-            out[f"{entry.where}_groups"] += 1
-            out[f"{entry.where}_sequences"] += entry.size
-            if entry.where == BACKLOG:
-                by_env[entry.env_id] = by_env.get(entry.env_id, 0) + entry.size
-        out["backlog_sequences_by_env"] = by_env
+        out: dict[str, Any] = {}
+        for where, (groups, sequences) in self.tally.items():
+            out[f"{where}_groups"], out[f"{where}_sequences"] = groups, sequences
+        out["backlog_sequences_by_env"] = {k: v for k, v in self.backlog_by_env.items() if v}
         return out
 
 
