@@ -113,11 +113,12 @@ def fault_line(run_dir: Path, api_restarts: int, env_restarts: int) -> str:
 
 def group_account(run_dir: Path, spool_dir: str | Path | None = None) -> GroupAccount | None:
     """Where every group of the run went (:mod:`recipe.atropos.launcher.accounting`); None without the guard's
-    journal (plain ``run-api``). ``spool_dir``: ``atropos.spool.dir`` when set (default ``checkpoints/spool``)."""
+    journal (plain ``run-api``) or the trainer's spool on this host. ``spool_dir``: ``atropos.spool.dir`` when set
+    (default ``checkpoints/spool``)."""
     run_dir = Path(run_dir)
-    if not (run_dir / API_JOURNAL).exists():
-        return None
     spool = Path(spool_dir) if spool_dir else run_dir / "checkpoints" / "spool"
+    if not (run_dir / API_JOURNAL).exists() or not spool.exists():
+        return None  # plain run-api, or the trainer's spool on another host (atropos.launcher.role=services)
     return account_groups(run_dir / API_JOURNAL, run_dir / GUARD_STATS, spool, run_dir / TRAINER_REJECTED)
 
 
