@@ -3,7 +3,7 @@
 K environments (asyncio tasks, one request in flight each, as many env ids registered) post valid ScoredData groups
 of ``--group-size`` sequences x ``--tokens`` tokens (gzip, as atroposlib's BaseEnv sends bodies over 1 KB) for
 ``--seconds``, while a slow trainer takes one batch (``--batch-groups`` groups) every ``--drain-every`` s with
-``GET /batch``. The guard runs as the launcher starts it (stats file, rejected-groups file, queue file). Its resident
+``GET /batch``. The guard runs as the launcher starts it (stats file, rejected-groups file, journal). Its resident
 memory (psutil) is sampled every second.
 
 Prints a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS, the guard's CPU time per
@@ -30,6 +30,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_groups * args.group_size,
         rejected_file=workdir / "rejected.jsonl",
         stats_file=None if args.no_stats_file else workdir / "stats.json",
-        queue_file=workdir / "queue.jsonl",
+        journal_dir=workdir / "journal",  # every accepted group fsynced; memory bound: the guard's default
     )
     guard = ManagedProcess("guard", argv_, workdir / "guard.log").start()
     url = f"http://127.0.0.1:{port}"
@@ -206,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = asyncio.run(bench.run())
         guard_cpu = sum(bench.guard.cpu_times()[:2]) - cpu0
     finally:
-        guard.popen.kill()  # no clean stop: it would write the whole queue to the queue file
+        guard.popen.kill()
         guard.popen.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)  # the journal holds every accepted group (~0.1 MB each here)
     heads = ("t (s)", "accepted", "groups/s", "API queue", "guard RSS MB", "CPU ms/group", "guard CPU")
     print("  ".join(f"{h:>{w}}" for h, w in zip(heads, (6, 9, 9, 9, 12, 12, 9), strict=True)))
     for t, n, rate, queue, mb, per_group, busy in bench.table:

@@ -131,3 +131,16 @@ def group_scores(group: ScoredGroup | dict[str, Any]) -> list[float]:
 def group_env_id(group: ScoredGroup | dict[str, Any]) -> int | None:
     """The ``env_id`` the API stamped on a group (None when the env did not register)."""
     return group.get("env_id") if isinstance(group, dict) else group.env_id
+
+
+# The id the guarded API gives each group it accepts (its journal's), carried to the trainer inside the group.
+# atroposlib's API rebuilds every queued group from its ScoredData fields (extra keys are dropped), so the id travels in
+# ``group_overrides``, which it keeps as posted. The trainer acknowledges ids and de-duplicates by them.
+GROUP_ID_KEY = "atropos_verl_group_id"
+
+
+def group_id(group: ScoredGroup | dict[str, Any]) -> str | None:
+    """The guard's id of ``group`` (None: it did not come through a guarded API with a journal)."""
+    overrides = group.get("group_overrides") if isinstance(group, dict) else group.group_overrides
+    value = overrides.get(GROUP_ID_KEY) if isinstance(overrides, dict) else None
+    return str(value) if value is not None else None

@@ -211,21 +211,3 @@ def test_counters_survive_a_restart_of_the_guarded_api(guarded, make_run_api, tm
     api.start()
     after = stats(api)
     assert after["starts"] == 2 and after["rejected"] == {"scores": 1}
-
-
-def test_groups_held_at_a_clean_stop_are_restored_by_the_next_api(make_run_api, tmp_path: Path) -> None:
-    queue_file = tmp_path / "api_queue.jsonl"
-    api = make_run_api(guard={"vocab_size": VOCAB, "batch_size": BATCH, "queue_file": queue_file}).start()
-    AtroposClient(api.url).register(batch_size=BATCH, max_token_len=64, starting_step=0, num_steps=10)
-    for first in (1, 3):
-        assert post(api, "/scored_data", group(n=2, first=first)).status_code == 200
-    api.stop()  # SIGTERM: uvicorn shuts down cleanly, the guard writes what the API held
-    assert [json.loads(line)["tokens"][0][0] for line in queue_file.read_text().splitlines()] == [1, 3]
-    api.start()
-    client = AtroposClient(api.url)
-    client.register(batch_size=BATCH, max_token_len=64, starting_step=0, num_steps=10)
-    assert stats(api)["queue_groups"] == 2 and stats(api)["restored_groups"] == 2
-    assert post(api, "/scored_data", ok(first=5)).status_code == 200
-    got = client.get_batch()
-    assert sorted(g.tokens[0][0] for g in got) == [1, 3, 5]
-    assert not queue_file.exists()  # renamed: never restored twice

@@ -78,6 +78,20 @@ class SpoolConfig(BaseConfig):
 
 
 @dataclass
+class GuardConfig(BaseConfig):
+    """``atropos.guard``: the guarded API's memory bound (``python -m recipe.atropos.guard.app``)."""
+
+    max_queued_sequences: int | None = None  # None = data.train_batch_size x max(1, max_policy_lag or 2) x 2
+
+    def __post_init__(self) -> None:
+        if self.max_queued_sequences is not None and self.max_queued_sequences < 1:
+            raise ValueError(
+                f"atropos.guard.max_queued_sequences={self.max_queued_sequences}: use null (derived) or a number of "
+                "sequences >= data.train_batch_size"
+            )
+
+
+@dataclass
 class InferenceConfig(BaseConfig):
     """``atropos.inference``: the endpoint environments call."""
 
@@ -184,6 +198,7 @@ class AtroposConfig(BaseConfig):
     wait_file: str | None = None
     rejected_groups_file: str | None = None
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     wandb_group: str | None = None  # None = trainer.experiment_name
     wandb_project: str | None = None  # None = trainer.project_name
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -201,6 +216,13 @@ class AtroposConfig(BaseConfig):
             raise ValueError(f"atropos.max_policy_lag={self.max_policy_lag} must be >= 0 (or null for no limit)")
         if any(w < 0 for w in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
             raise ValueError(f"atropos.mixture={dict(self.mixture)}: use weights >= 0 with a positive sum")
+
+    def max_queued_sequences(self, batch_size: int) -> int:
+        """``guard.max_queued_sequences``, or derived: ``batch_size`` x the lag cap (2 when null, 1 at least) x 2."""
+        if self.guard.max_queued_sequences is not None:
+            return int(self.guard.max_queued_sequences)
+        cap = 2 if self.max_policy_lag is None else max(1, self.max_policy_lag)
+        return int(batch_size) * cap * 2
 
     @property
     def online(self) -> bool:

@@ -55,6 +55,12 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
     guarded = bool(inference_token(inference.api_key))
     key = f"atropos.inference.api_key (or ${API_KEY_ENV})"
     check_exposure(inference.host, guarded=guarded, what="the inference endpoint", key=key)
+    batch = int(config.data.train_batch_size)
+    if atropos.max_queued_sequences(batch) < batch:
+        raise ValueError(
+            f"atropos.guard.max_queued_sequences={atropos.guard.max_queued_sequences} is below data.train_batch_size="
+            f"{batch}: no batch could form in the API's memory; use null (derived) or at least {batch}"
+        )
     # vllm_cpu: verl's vLLM replica on the CPU runtime (atropos.cpu_rollout=vllm) serves the same HTTP API.
     if atropos.inference.backend == "vllm_http" and config.actor_rollout_ref.rollout.name not in VLLM_ROLLOUTS:
         raise ValueError(

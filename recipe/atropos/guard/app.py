@@ -10,10 +10,17 @@ batch size stalls batch formation forever, an empty group sits in the queue. Thi
 with the vocabulary size and the batch size); a bad group gets **422** with the field and the reason, is counted, is
 appended to the rejected-groups file, and never enters the queue. Valid groups of a list are still queued.
 
-With ``--queue-file``, whatever the API still holds when it stops cleanly (SIGTERM/SIGINT: queued groups, formed
-but unfetched batches, atroposlib's per-env buffers) is written there, and a later guarded API started with the same
-file puts those groups back at the front of its queue right after the trainer registers: an interrupted run loses
-no posted group (a SIGKILL still loses the in-memory queue; the trainer's spool keeps what was already fetched).
+Delivery (``--journal-dir``, :mod:`recipe.atropos.guard.journal`): every valid group is appended to the journal and
+fsynced before the API answers 200, with an id carried in its ``group_overrides``
+(:data:`recipe.atropos.schema.GROUP_ID_KEY`). It leaves the journal only when the trainer acknowledges it
+(``POST /ack {"ids": [...]}`` → ``{"acked", "unknown"}``) after writing it to its own spool. A restarted API (after a
+SIGKILL too) serves every unacknowledged group again; groups answered in a ``GET /batch`` and never acknowledged go
+back to the queue when a trainer registers. So a group is delivered at least once; the trainer de-duplicates by id.
+
+Bounded memory (``--max-queued-sequences``): atroposlib's in-memory queue holds at most that many sequences; further
+groups stay on disk (the journal's backlog) and move into the queue as ``GET /batch`` drains it. A valid group is never
+refused for capacity: ``GET /status-env`` reports the backlog in ``queue_size`` / ``self_queue_size`` too, so the
+environments' own throttle (``max_batches_offpolicy``) holds them back.
 
 It also warns when an environment registers a group size that cannot pack into the batch, and serves
 ``GET /guard/stats``: accepted/rejected counts (persisted in the stats file, so they survive an API restart) and the
@@ -32,41 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from recipe.atropos.access import NetworkAllowListMiddleware, Refusals, check_exposure, parse_networks
-from recipe.atropos.guard.state import GuardState, current_batch_size, queue_report
-from recipe.atropos.schema import GroupValidationError, validate_group
+from recipe.atropos.guard.asgi import read_body, replay, send_json, send_raw
+from recipe.atropos.guard.state import GuardState, api_state, check_atroposlib_fields, current_batch_size, queue_report
+from recipe.atropos.schema import GroupValidationError, group_id, validate_group
 
 logger = logging.getLogger("atropos_api_guard")
 
 GUARDED_PATHS = ("/scored_data", "/scored_data_list")
-
-
-async def _read_body(receive: Any) -> bytes:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(body: bytes) -> Any:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
-async def _send_json(send: Any, status: int, payload: Any) -> None:
-    body = json.dumps(payload, default=str).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class ApiGuard:
@@ -77,51 +56,31 @@ class ApiGuard:
         self.state = state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            await self.inner(scope, self._on_shutdown(receive), send)
-            return
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
             return
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if method == "GET" and path == "/guard/stats":
             report = {**self.state.counters(), **queue_report(current_batch_size(self.state))}
-            await _send_json(send, 200, report)
-        elif method == "GET" and path == "/batch":
-            await self._batch(send)
+            await send_json(send, 200, report)
         elif method == "POST" and path in GUARDED_PATHS:
             await self._scored(scope, receive, send, as_list=path == "/scored_data_list")
+        elif method == "POST" and path == "/ack":
+            await self._ack(receive, send)
         elif method == "POST" and path == "/register":
             await self.inner(scope, receive, send)
-            self.state.restore_into_queue()
+            self.state.requeue_out()
+            await self._admit(scope)
+        elif method == "GET" and path == "/batch":
+            await self._batch(scope, send)
+        elif method == "GET" and path == "/status-env":
+            await self._status_env(scope, receive, send)
         elif method == "POST" and path == "/register-env":
-            body = await _read_body(receive)
+            body = await read_body(receive)
             self._check_env_group_size(body)
-            await self.inner(scope, _replay(body), send)
+            await self.inner(scope, replay(body), send)
         else:
             await self.inner(scope, receive, send)
-
-    async def _batch(self, send: Any) -> None:
-        """atroposlib's ``GET /batch`` route, its answer sent with ``json.dumps`` and uncompressed: through FastAPI
-        (``jsonable_encoder`` walks every token, the GZip middleware compresses at level 9) one batch cost the API
-        process more CPU than posting its groups, and blocked every post meanwhile (``make bench-guard``)."""
-        from atroposlib.api.server import get_batch
-
-        await _send_json(send, 200, await get_batch())
-
-    def _on_shutdown(self, receive: Any) -> Any:
-        """``receive`` that writes the held groups when the server announces its shutdown (SIGTERM / SIGINT)."""
-
-        async def wrapped() -> dict[str, Any]:
-            message = await receive()
-            if message.get("type") == "lifespan.shutdown":
-                try:
-                    self.state.dump_queue()
-                except Exception:  # a failed dump must not hide why: log it with the traceback
-                    logger.exception("could not write the API's queue to %s", self.state.queue_file)
-            return message
-
-        return wrapped
 
     def _check_env_group_size(self, body: bytes) -> None:
         try:
@@ -143,7 +102,7 @@ class ApiGuard:
             )
 
     async def _scored(self, scope: dict[str, Any], receive: Any, send: Any, *, as_list: bool) -> None:
-        body = await _read_body(receive)
+        body = await read_body(receive)
         headers = dict(scope.get("headers") or [])
         try:
             text = gzip.decompress(body) if b"gzip" in headers.get(b"content-encoding", b"").lower() else body
@@ -151,42 +110,33 @@ class ApiGuard:
         except (OSError, ValueError) as exc:
             error = GroupValidationError("body", f"not a JSON document ({exc})")
             self.state.reject(body[:2000].decode(errors="replace"), error)
-            await _send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
+            await send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
             return
         if as_list and not isinstance(payload, list):
             error = GroupValidationError("body", f"/scored_data_list expects a JSON list, got {type(payload).__name__}")
             self.state.reject(payload, error)
-            await _send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
+            await send_json(send, 422, {"status": "rejected", "field": "body", "reason": str(error)})
             return
         raws = payload if as_list else [payload]
         batch_size = current_batch_size(self.state)
         good, rejected = [], []
         for index, raw in enumerate(raws):
             try:
-                group = validate_group(raw, vocab_size=self.state.vocab_size, batch_size=batch_size)
+                validate_group(raw, vocab_size=self.state.vocab_size, batch_size=batch_size)
+                check_atroposlib_fields(raw)
             except GroupValidationError as error:
                 self.state.reject(raw, error)
                 rejected.append({"index": index, "field": error.field, "reason": str(error)})
                 continue
-            good.append((raw, group.size))
+            good.append(raw)
+        ids = self.state.accept(good) if good else []  # on disk (fsynced) before any answer
+        await self._admit(scope)
         if not rejected:
-            await self._forward(scope, body, headers, send, good)
+            answer = {"status": "received", "groups_processed": len(ids), "ids": ids}
+            await send_json(send, 200, answer if as_list else {"status": "received", "id": ids[0]})
             return
-        if good:  # the valid groups of a list are queued; only the bad ones are refused
-            forwarded = json.dumps([raw for raw, _ in good]).encode()
-            plain = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
-            plain.append((b"content-length", str(len(forwarded)).encode()))
-            captured: list[dict[str, Any]] = []
-
-            async def capture(message: dict[str, Any]) -> None:
-                captured.append(message)
-
-            await self.inner({**scope, "headers": plain}, _replay(forwarded), capture)
-            status = next((m["status"] for m in captured if m["type"] == "http.response.start"), 500)
-            if status < 400:
-                self.state.accept(len(good), sum(n for _, n in good), [raw.get("env_id") for raw, _ in good])
         first = rejected[0]
-        await _send_json(
+        await send_json(
             send,
             422,
             {
@@ -194,22 +144,106 @@ class ApiGuard:
                 "field": first["field"],
                 "reason": first["reason"],
                 "accepted": len(good),
+                "ids": ids,
                 "rejected": rejected,
             },
         )
 
-    async def _forward(self, scope: dict[str, Any], body: bytes, headers: dict, send: Any, good: list) -> None:
-        status = 500
+    async def _call_inner(self, scope: dict[str, Any], body: bytes, **changes: Any) -> tuple[int, dict, bytes]:
+        """Call atroposlib's app in-process; (status, response headers, plain body)."""
+        captured: list[dict[str, Any]] = []
 
-        async def watch(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+        async def capture(message: dict[str, Any]) -> None:
+            captured.append(message)
 
-        await self.inner(scope, _replay(body), watch)
-        if status < 400:
-            self.state.accept(len(good), sum(n for _, n in good), [raw.get("env_id") for raw, _ in good])
+        await self.inner({**scope, **changes}, replay(body), capture)
+        start = next((m for m in captured if m["type"] == "http.response.start"), {"status": 500, "headers": []})
+        headers = {k.lower(): v for k, v in start.get("headers", [])}
+        payload = b"".join(m.get("body", b"") for m in captured if m["type"] == "http.response.body")
+        if b"gzip" in headers.get(b"content-encoding", b""):
+            payload = gzip.decompress(payload)
+        return int(start["status"]), headers, payload
+
+    async def _admit(self, scope: dict[str, Any]) -> None:
+        """Move groups from the journal's backlog into atroposlib's queue, up to the memory bound (only once the
+        trainer registered: atroposlib's queue does not exist before). Past the bound only while no batch can form
+        from what memory holds (group sizes that do not pack, e.g. 4 + 2 of 8): the bound never stalls a run."""
+        if not hasattr(api_state(), "started"):
+            return
+        journal = self.state.journal
+        batch_size = current_batch_size(self.state)
+        bound = self.state.bound(batch_size)
+        if bound is None:
+            return
+        groups = journal.take(bound - journal.memory_sequences, at_least_one=journal.memory_sequences == 0)
+        await self._enqueue(scope, groups)
+        while journal.backlog and not api_state().curr_batch and not queue_report(batch_size)["can_form_batch"]:
+            await self._enqueue(scope, journal.take(0, at_least_one=True))
+
+    async def _enqueue(self, scope: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+        """Hand ``groups`` to atroposlib's ``POST /scored_data_list`` in-process (its queueing and buffering rules)."""
+        if not groups:
+            return
+        body = json.dumps(groups).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        status, _, answer = await self._call_inner(
+            scope,
+            body,
+            method="POST",
+            path="/scored_data_list",
+            raw_path=b"/scored_data_list",
+            query_string=b"",
+            headers=headers,
+        )
+        if status >= 400:  # cannot happen for groups that passed atroposlib's own model above; say so loudly
+            logger.error(
+                "atroposlib refused %d journaled groups (%d): %s; they are served again after an API restart",
+                len(groups),
+                status,
+                answer[:300],
+            )
+
+    async def _batch(self, scope: dict[str, Any], send: Any) -> None:
+        """atroposlib's ``GET /batch`` route, called directly and answered with ``json.dumps``, uncompressed (through
+        FastAPI, ``jsonable_encoder`` walks every token and the GZip middleware compresses at level 9: one batch cost
+        the API process more CPU than posting its groups, ``make bench-guard``). Its groups are now out, awaiting the
+        trainer's ack; the queue is refilled from the backlog."""
+        from atroposlib.api.server import get_batch
+
+        answer = await get_batch()
+        batch = answer.get("batch") if isinstance(answer, dict) else None
+        if isinstance(batch, list):
+            self.state.journal.handed_out(gid for g in batch if isinstance(g, dict) and (gid := group_id(g)))
+        await send_json(send, 200, answer)
+        await self._admit(scope)
+
+    async def _status_env(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """atroposlib's ``GET /status-env`` with the groups waiting on disk counted in the queue sizes."""
+        request = await read_body(receive)
+        status, headers, body = await self._call_inner(scope, request)
+        try:
+            answer, env_id = json.loads(body), int(json.loads(request)["env_id"])
+            group_size = max(1, int(api_state().envs[env_id]["group_size"]))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            await send_raw(send, status, headers, body)
+            return
+        by_env = self.state.journal.depth()["backlog_sequences_by_env"]
+        if status < 400 and isinstance(answer, dict) and "queue_size" in answer:
+            answer["queue_size"] += sum(by_env.values()) // group_size
+            answer["self_queue_size"] = answer.get("self_queue_size", 0) + by_env.get(env_id, 0) // group_size
+        await send_json(send, status, answer)
+
+    async def _ack(self, receive: Any, send: Any) -> None:
+        try:
+            ids = json.loads(await read_body(receive))["ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            reason = 'ids: POST /ack expects {"ids": ["<group id>", ...]} (the ids of the groups the trainer spooled)'
+            await send_json(send, 422, {"status": "rejected", "field": "ids", "reason": reason})
+            return
+        acked, unknown = self.state.ack(ids)
+        await send_json(send, 200, {"status": "ok", "acked": acked, "unknown": unknown})
 
 
 def build_app(state: GuardState) -> ApiGuard:
@@ -226,7 +260,8 @@ def guard_argv(
     batch_size: int | None,
     rejected_file: Path | None = None,
     stats_file: Path | None = None,
-    queue_file: Path | None = None,
+    journal_dir: Path | None = None,
+    max_queued_sequences: int | None = None,
     host: str = "127.0.0.1",
     allow: Sequence[str] = (),
 ) -> list[str]:
@@ -242,8 +277,10 @@ def guard_argv(
         argv += ["--rejected-file", str(rejected_file)]
     if stats_file:
         argv += ["--stats-file", str(stats_file)]
-    if queue_file:
-        argv += ["--queue-file", str(queue_file)]
+    if journal_dir:
+        argv += ["--journal-dir", str(journal_dir)]
+    if max_queued_sequences:
+        argv += ["--max-queued-sequences", str(max_queued_sequences)]
     if allow:
         argv += ["--allow", ",".join(allow)]
     return argv
@@ -257,7 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="until the trainer registers its own")
     parser.add_argument("--rejected-file", default=None, help="append rejected groups (JSONL) here")
     parser.add_argument("--stats-file", default=None, help="counters, kept across restarts")
-    parser.add_argument("--queue-file", default=None, help="groups held at a clean stop; restored on the next start")
+    parser.add_argument("--journal-dir", default=None, help="accepted groups until acknowledged (default: a temp dir)")
+    parser.add_argument(
+        "--max-queued-sequences", type=int, default=None, help="most sequences in memory (default: 4 batches)"
+    )
     parser.add_argument("--allow", default="", help="client networks let in besides loopback (CIDRs, comma-separated)")
     args = parser.parse_args(argv)
     allow = [c for c in args.allow.split(",") if c.strip()]
@@ -274,11 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         rejected_file=args.rejected_file,
         stats_file=args.stats_file,
-        queue_file=args.queue_file,
+        journal_dir=args.journal_dir,
+        max_queued_sequences=args.max_queued_sequences,
     )
     refusals = Refusals("the Atropos API", "set atropos.launcher.api_allow", state.count_refused)
     app = NetworkAllowListMiddleware(build_app(state), networks, refusals)
-    # The queue is written at shutdown. proxy_headers off: the allow-list judges the socket's peer, never a
+    # proxy_headers off: the allow-list judges the socket's peer, never a
     # client-supplied X-Forwarded-For.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=False)
 

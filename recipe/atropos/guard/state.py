@@ -1,29 +1,35 @@
-"""State of the guarded API (``python -m recipe.atropos.guard.app``): counters, the rejected groups, the queue file.
+"""State of the guarded API (``python -m recipe.atropos.guard.app``): counters, the rejected groups, the journal.
 
 Invariants: the stats file always holds the current counters, replaced whole after every change, so they survive an
 API restart (``starts`` counts the processes that used it); a rejected group is one line of the rejected-groups file
-(:class:`recipe.atropos.records.RejectedGroupLog`); the groups the API holds at a clean stop are written to the queue
-file in one atomic replacement and put back at the front of the next API's queue, once, after the trainer registers
-(the file is then renamed, never restored twice).
+(:class:`recipe.atropos.records.RejectedGroupLog`); an accepted group is in the journal
+(:class:`recipe.atropos.guard.journal.GroupJournal`) until the trainer acknowledges it, and atroposlib's memory holds
+at most :meth:`GuardState.bound` sequences of them (the rest wait on disk).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from recipe.atropos.records import RejectedGroupLog, read_jsonl, write_atomic, write_json_atomic
+from recipe.atropos.guard.journal import GroupJournal
+from recipe.atropos.records import RejectedGroupLog, write_json_atomic
 from recipe.atropos.schema import GroupValidationError
 
 logger = logging.getLogger("atropos_api_guard")
 
+PERSISTED = ("accepted_groups", "accepted_sequences", "acked_groups", "unknown_acks", "requeued_groups")
+DEFAULT_BOUND_BATCHES = 4  # without --max-queued-sequences: this many batches in memory
+
 
 class GuardState:
-    """Counters of the guard (optionally persisted across restarts), the rejected-groups log and the queue file."""
+    """Counters of the guard (optionally persisted across restarts), the rejected-groups log and the journal
+    (``journal_dir``; None = a temporary directory, so nothing survives the process)."""
 
     def __init__(
         self,
@@ -32,17 +38,15 @@ class GuardState:
         batch_size: int | None,
         rejected_file: str | None = None,
         stats_file: str | None = None,
-        queue_file: str | None = None,
+        journal_dir: str | None = None,
+        max_queued_sequences: int | None = None,
     ) -> None:
         self.vocab_size = vocab_size
-        self.queue_file = Path(queue_file) if queue_file else None
-        self.restored_groups = 0
-        self.dumped_groups = 0
         self.batch_size = batch_size
+        self.max_queued_sequences = max_queued_sequences
         self.rejected_log = RejectedGroupLog(rejected_file, what="a ScoredData group (422)")
         self.stats_file = Path(stats_file) if stats_file else None
-        self.accepted_groups = 0
-        self.accepted_sequences = 0
+        self.counts = dict.fromkeys(PERSISTED, 0)
         self.starts = 1
         self.unpackable_envs: list[dict[str, Any]] = []
         self.refused_requests = 0  # clients outside atropos.launcher.api_allow (403, recipe.atropos.access)
@@ -51,16 +55,12 @@ class GuardState:
         self.envs: dict[str, dict[str, Any]] = {}
         if self.stats_file is not None and self.stats_file.exists():
             old = json.loads(self.stats_file.read_text())
-            self.accepted_groups = int(old.get("accepted_groups", 0))
-            self.accepted_sequences = int(old.get("accepted_sequences", 0))
+            self.counts.update({k: int(old.get(k, 0)) for k in PERSISTED})
             self.rejected.update({k: int(v) for k, v in old.get("rejected", {}).items()})
             self.starts = int(old.get("starts", 0)) + 1
-            self.restored_groups = int(old.get("restored_groups", 0))
-            self.dumped_groups = int(old.get("dumped_groups", 0))
             self.refused_requests = int(old.get("refused_requests", 0))
-        self.to_restore: list[dict[str, Any]] = []
-        if self.queue_file is not None:
-            self.to_restore = read_jsonl(self.queue_file)
+        self.journal = GroupJournal(journal_dir or tempfile.mkdtemp(prefix="atropos_guard_journal_"))
+        self.resumed_groups = len(self.journal.entries)  # unacknowledged groups found at start
         self.save()
 
     @property
@@ -68,15 +68,23 @@ class GuardState:
         """Rejected groups by the field named in the rejection (persisted with the other counters)."""
         return self.rejected_log.counts
 
+    def bound(self, batch_size: int | None) -> int | None:
+        """Most sequences atroposlib's memory holds (None: no batch size known yet, nothing can be queued)."""
+        if self.max_queued_sequences:
+            return max(int(self.max_queued_sequences), batch_size or 0)
+        return DEFAULT_BOUND_BATCHES * batch_size if batch_size else None
+
     def counters(self) -> dict[str, Any]:
         return {
-            "accepted_groups": self.accepted_groups,
-            "accepted_sequences": self.accepted_sequences,
+            **self.counts,
             "rejected_groups": sum(self.rejected.values()),
             "rejected": dict(self.rejected),
             "starts": self.starts,
-            "restored_groups": self.restored_groups,
-            "dumped_groups": self.dumped_groups,
+            "resumed_groups": self.resumed_groups,
+            "journal": str(self.journal.dir),
+            "journal_groups": len(self.journal.entries),
+            **{k: v for k, v in self.journal.depth().items() if k != "backlog_sequences_by_env"},
+            "max_queued_sequences": self.bound(current_batch_size(self)),
             "unpackable_envs": self.unpackable_envs,
             "refused_requests": self.refused_requests,
             "envs": self.envs,
@@ -105,43 +113,35 @@ class GuardState:
         env["last_post"] = time.time()
         return env
 
-    def restore_into_queue(self) -> None:
-        """Put the groups of an earlier API (``queue_file``) at the front of the queue; once, after /register."""
-        if not self.to_restore:
-            return
-        api = _api_state()
-        api.queue[:0] = self.to_restore
-        self.restored_groups += len(self.to_restore)
-        logger.info("restored %d groups left by the previous API from %s", len(self.to_restore), self.queue_file)
-        self.to_restore = []
-        self.queue_file.rename(self.queue_file.with_name(f"{self.queue_file.name}.restored-{self.starts}"))
+    def accept(self, groups: list[dict[str, Any]]) -> list[str]:
+        """Journal ``groups`` (durable when this returns) and count them; their ids."""
+        ids = self.journal.append(groups)
+        self.counts["accepted_groups"] += len(groups)
+        self.counts["accepted_sequences"] += sum(len(g["tokens"]) for g in groups)
+        for group in groups:
+            self._env(group.get("env_id"))
         self.save()
+        return ids
 
-    def dump_queue(self) -> int:
-        """Write every group the API still holds to ``queue_file`` (atomically); how many."""
-        if self.queue_file is None:
-            return 0
-        api = _api_state()
-        groups = [g for batch in getattr(api, "curr_batch", []) for g in batch]
-        groups += list(getattr(api, "queue", []))
-        groups += [g for buffered in getattr(api, "buffer", {}).values() for g in buffered]
-        groups += self.to_restore  # never restored (no trainer registered): keep them for the next start
-        write_atomic(self.queue_file, "".join(json.dumps(g) + "\n" for g in groups))
-        self.dumped_groups += len(groups)
+    def ack(self, ids: list[str]) -> tuple[int, int]:
+        acked, unknown = self.journal.ack(ids)
+        self.counts["acked_groups"] += acked
+        self.counts["unknown_acks"] += unknown
         self.save()
-        logger.info("wrote the %d groups the API still held to %s", len(groups), self.queue_file)
-        return len(groups)
+        return acked, unknown
 
-    def accept(self, n_groups: int, n_sequences: int, env_ids: list[Any] = ()) -> None:
-        """Count accepted groups; ``env_ids``: the ``env_id`` of each (per-env counters)."""
-        self.accepted_groups += n_groups
-        self.accepted_sequences += n_sequences
-        for env_id in env_ids:
-            self._env(env_id)
-        self.save()
+    def requeue_out(self) -> int:
+        n = self.journal.requeue_out()
+        if n:
+            self.counts["requeued_groups"] += n
+            logger.info(
+                "a trainer registered: %d groups handed to an earlier one and never acknowledged are queued again", n
+            )
+            self.save()
+        return n
 
 
-def _api_state() -> Any:
+def api_state() -> Any:
     from atroposlib.api import server
 
     return server.app.state
@@ -149,7 +149,7 @@ def _api_state() -> Any:
 
 def current_batch_size(state: GuardState) -> int | None:
     """The batch size registered by the trainer, else the one given on the command line."""
-    registered = getattr(_api_state(), "batchsize", None)
+    registered = getattr(api_state(), "batchsize", None)
     if isinstance(registered, int) and registered > 0:
         return registered
     return state.batch_size
@@ -159,7 +159,7 @@ def queue_report(batch_size: int | None) -> dict[str, Any]:
     """Group sizes waiting in the API's queue and whether atroposlib can form a batch from them."""
     from atroposlib.api.utils import grab_exact_from_heterogeneous_queue
 
-    api = _api_state()
+    api = api_state()
     queue = list(getattr(api, "queue", []))
     sizes = Counter(len(item.get("tokens", [])) for item in queue)
     can_form = None  # unknown, or too few sequences to tell
@@ -174,3 +174,15 @@ def queue_report(batch_size: int | None) -> dict[str, Any]:
         "batch_size": batch_size,
         "can_form_batch": can_form,
     }
+
+
+def check_atroposlib_fields(raw: dict[str, Any]) -> None:
+    """atroposlib's own ScoredData model must take the group too (a journaled group must always enter its queue)."""
+    from atroposlib.api.server import ScoredData
+    from pydantic import ValidationError
+
+    try:
+        ScoredData.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise GroupValidationError(str(err["loc"][0]) if err.get("loc") else "group", err["msg"]) from None

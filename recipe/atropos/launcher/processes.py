@@ -2,13 +2,20 @@
 
 Used by the launcher and by the tests. Every child gets its own session (process group) so a stop reaches its
 grandchildren (Ray workers, uvicorn), and the stop walks the psutil process tree of *our* PID — never a
-name-based kill.
+name-based kill. A child started with ``die_with_parent`` gets SIGKILL from the kernel when the thread that started it
+dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``). Ray's own processes follow the trainer that started them only
+slowly (its agents notice a dead raylet after up to a minute), so the launcher also starts a watchdog
+(:func:`start_watchdog`, ``python -m recipe.atropos.launcher.processes --watch PID``): it records the launcher's
+descendants every second and, once the launcher is gone, SIGKILLs every one of them still alive (same PID *and* start
+time, so a reused PID is never hit).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -55,6 +62,22 @@ def stop_process_tree(pid: int, timeout: float = 10.0) -> list[int]:
     return [p.pid for p in procs]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn``: SIGKILL this child when its parent dies; if the parent is gone already, now."""
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # the parent died before the flag was set
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def tail(path: Path, n_lines: int = 40) -> str:
     """The last ``n_lines`` of a text file ('' when it does not exist)."""
     try:
@@ -73,6 +96,7 @@ class ManagedProcess:
     log_path: Path
     env: Mapping[str, str] | None = None
     cwd: str | None = None
+    die_with_parent: bool = False  # Linux: SIGKILL from the kernel when the starting thread dies (module docstring)
     popen: subprocess.Popen | None = field(default=None, init=False)
 
     def start(self) -> ManagedProcess:
@@ -87,6 +111,7 @@ class ManagedProcess:
             env=env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None,  # noqa: PLW1509
         )
         log.close()
         logger.info("started %s (pid %d), log: %s", self.name, self.popen.pid, self.log_path)
@@ -141,6 +166,47 @@ class ManagedProcess:
             logger.error("%s (pid %d) did not exit after SIGKILL", self.name, self.popen.pid)
 
 
+def watch(parent_pid: int, interval_s: float = 1.0) -> list[int]:
+    """Until ``parent_pid`` exits: record its descendants; then SIGKILL those still alive. Returns their PIDs."""
+    me, known = os.getpid(), {}
+    while True:
+        try:
+            parent = psutil.Process(parent_pid)
+            if parent.status() == psutil.STATUS_ZOMBIE:
+                break
+            before = len(known)
+            for child in parent.children(recursive=True):
+                if child.pid != me:
+                    known[child.pid] = child.create_time()
+            if len(known) != before:
+                print(f"watchdog: {len(known)} descendants of {parent_pid} seen", flush=True)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(interval_s)
+    left: dict[int, psutil.Process] = {}
+    for pid, created in known.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created:
+                left.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            continue
+    for proc in left.values():
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(left)
+
+
+def start_watchdog(log_path: Path) -> ManagedProcess:
+    """The watchdog of this process (see the module docstring); it exits by itself after this process does."""
+    import sys
+
+    argv = [sys.executable, "-m", "recipe.atropos.launcher.processes", "--watch", str(os.getpid())]
+    return ManagedProcess("watchdog", argv, log_path).start()
+
+
 def run_api_argv(port: int, host: str = "127.0.0.1") -> list[str]:
     """The command line of Atropos' trajectory API server (console script of atroposlib)."""
     exe = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "run-api"
@@ -149,3 +215,13 @@ def run_api_argv(port: int, host: str = "127.0.0.1") -> list[str]:
 
         exe = Path(sys.executable).parent / "run-api"
     return [str(exe), "--host", host, "--port", str(port)]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SIGKILL what PID leaves behind when it exits")
+    parser.add_argument("--watch", type=int, required=True, help="the PID to watch (the launcher)")
+    killed = watch(parser.parse_args().watch)
+    if killed:
+        print(f"watchdog: SIGKILLed {len(killed)} processes the watched process left: {killed}", flush=True)

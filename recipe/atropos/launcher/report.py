@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from recipe.atropos.launcher.accounting import GroupAccount, account_groups
 from recipe.atropos.metrics_file import (
     HELD_OUT_SUFFIX,
     LENGTH,
@@ -19,9 +20,11 @@ from recipe.atropos.metrics_file import (
 )
 from recipe.atropos.records import write_atomic
 
-# Files of the run directory the guarded API writes and the report reads.
+# Files of the run directory the guarded API (and the trainer) write and the report reads.
 GUARD_STATS = "api_guard_stats.json"
 REJECTED_GROUPS = "rejected_groups.jsonl"
+API_JOURNAL = "api_journal"
+TRAINER_REJECTED = "rejected_groups_trainer.jsonl"
 
 logger = logging.getLogger("atropos_launcher")
 
@@ -108,13 +111,42 @@ def fault_line(run_dir: Path, api_restarts: int, env_restarts: int) -> str:
     )
 
 
-def write_run_report(run_dir: Path, metrics_file: Path, title: str, api_restarts: int, env_restarts: int) -> str:
-    """The closing summary (plus the fault line, when there were faults), also kept in ``<run_dir>/summary.txt``;
-    ``<run_dir>/metrics.png`` when any row was recorded."""
+def group_account(run_dir: Path, spool_dir: str | Path | None = None) -> GroupAccount | None:
+    """Where every group of the run went (:mod:`recipe.atropos.launcher.accounting`); None without the guard's
+    journal (plain ``run-api``) or the trainer's spool on this host. ``spool_dir``: ``atropos.spool.dir`` when set
+    (default ``checkpoints/spool``)."""
+    run_dir = Path(run_dir)
+    spool = Path(spool_dir) if spool_dir else run_dir / "checkpoints" / "spool"
+    if not (run_dir / API_JOURNAL).exists() or not spool.exists():
+        return None  # plain run-api, or the trainer's spool on another host (atropos.launcher.role=services)
+    return account_groups(run_dir / API_JOURNAL, run_dir / GUARD_STATS, spool, run_dir / TRAINER_REJECTED)
+
+
+def write_run_report(
+    run_dir: Path,
+    metrics_file: Path,
+    title: str,
+    api_restarts: int,
+    env_restarts: int,
+    spool_dir: str | Path | None = None,
+) -> str:
+    """The closing summary, the ``groups: posted P, trained T, set aside S, pending N, lost L`` line (guarded API),
+    plus the fault line when there were faults; also kept in ``<run_dir>/summary.txt``; ``<run_dir>/metrics.png`` when
+    any row was recorded."""
     rows = read_metrics(metrics_file)
     summary = summarize(rows)
     if rows:
         logger.info("plot: %s", plot_metrics(rows, Path(run_dir) / "metrics.png", title=title))
+    account = group_account(run_dir, spool_dir)
+    if account is not None:
+        summary = f"{summary}\n{account.line()}"
+        if account.set_aside:
+            summary += f"\nset aside by reason: {account.reasons()}"
+        if account.lost_ids:
+            logger.error(
+                "groups lost (accepted by the API, then neither trained, set aside nor pending): %s",
+                ", ".join(account.lost_ids[:20]),
+            )
     faults = fault_line(run_dir, api_restarts, env_restarts)
     if faults:
         summary = f"{summary}\n{faults}"

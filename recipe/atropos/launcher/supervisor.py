@@ -35,8 +35,8 @@ from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
 from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
-from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, tail
-from recipe.atropos.launcher.report import GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
+from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, start_watchdog, tail
+from recipe.atropos.launcher.report import API_JOURNAL, GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
 from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
 from recipe.atropos.launcher.watch import WAIT_FILE, ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
@@ -103,7 +103,7 @@ class Launcher:
         return self.run_dir / "logs" / f"{name}.log"
 
     def _start(self, name: str, argv: list[str]) -> ManagedProcess:
-        proc = ManagedProcess(name, argv, self._log(name)).start()
+        proc = ManagedProcess(name, argv, self._log(name), die_with_parent=True).start()  # none outlives a SIGKILL
         self.children[name] = proc
         return proc
 
@@ -156,7 +156,8 @@ class Launcher:
             batch_size=int(self.config.data.train_batch_size),
             rejected_file=self.run_dir / REJECTED_GROUPS,
             stats_file=self.run_dir / GUARD_STATS,
-            queue_file=self.run_dir / "api_queue.jsonl",
+            journal_dir=self.run_dir / API_JOURNAL,
+            max_queued_sequences=self.atropos.max_queued_sequences(int(self.config.data.train_batch_size)),
             host=lcfg.api_host,
             allow=lcfg.api_allow,
         )
@@ -289,7 +290,9 @@ class Launcher:
     def finish(self) -> str:
         """The closing summary (:func:`recipe.atropos.launcher.report.write_run_report`)."""
         title = str(self.config.trainer.experiment_name)
-        return write_run_report(self.run_dir, self.metrics_file, title, self.api_restarts, sum(self.restarts.values()))
+        restarts = sum(self.restarts.values())
+        spool = self.atropos.spool.dir
+        return write_run_report(self.run_dir, self.metrics_file, title, self.api_restarts, restarts, spool_dir=spool)
 
     def run(self) -> int:
         try:
@@ -307,6 +310,7 @@ class Launcher:
             )
             return 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_watchdog(self._log("watchdog"))  # SIGKILLs what a SIGKILLed launcher leaves behind
         print(f"run directory: {self.run_dir} (logs in {self.run_dir / 'logs'})", flush=True)
         try:
             self.start_all()

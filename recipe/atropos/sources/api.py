@@ -5,7 +5,10 @@ Invariants:
 - every group the client fetches is written to the spool (when on) before anything else sees it, and every handed-out
   group ends trained, set aside as stale (with the reason), or still held for a later step — nothing fetched is lost;
 - a step's batch holds exactly ``data.train_batch_size`` sequences of whole groups, none over the policy-lag cap;
-- groups an earlier run fetched but did not train come first after a resume.
+- groups an earlier run fetched but did not train come first after a resume;
+- a group from the guarded API (it carries an id) is acknowledged only after the spool holds it, and a group delivered
+  again (the API restarted before it got the ack) is dropped by id, so each is trained once. Without the spool the
+  ack follows the fetch and duplicates are dropped by the ids seen in this process.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from recipe.atropos.schema import ScoredGroup
+from recipe.atropos.schema import ScoredGroup, group_id
 from recipe.atropos.sources.base import BaseGroupSource
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.client import AtroposAPIError, AtroposClient
@@ -77,6 +80,8 @@ class ApiGroupSource(BaseGroupSource):
         self.waits = waits
         self.registered_step: int | None = None
         self._step = 0  # the step being assembled or trained: fetched groups are spooled under it
+        self._seen: set[str] = set()  # guard ids fetched by this process (de-duplication without a spool)
+        self.duplicates = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def start(self, step: int) -> None:
@@ -96,7 +101,7 @@ class ApiGroupSource(BaseGroupSource):
                 f"step {step}: check trainer.resume_mode / trainer.resume_from_path"
             )
         if self.spool is not None:
-            self.batcher.add(self.spool.resume(step, self.lag.max_policy_lag), front=True)
+            self.batcher.add(self.spool.resume(step, self.lag.max_policy_lag, self.lag.lags), front=True)
 
     def next_groups(self, step: int, metrics: dict[str, float]) -> list[ScoredGroup]:
         self._step = int(step)
@@ -136,14 +141,29 @@ class ApiGroupSource(BaseGroupSource):
             self.batcher.add(self._spooled(self.client.drain(self.drain_max_sequences)))
 
     def _spooled(self, groups: list[ScoredGroup]) -> list[ScoredGroup]:
-        if self.spool is not None:
-            for group in groups:
-                self.spool.put(group, fetched_step=self._step)
-        return groups
+        """Spool ``groups`` (duplicates dropped), then acknowledge their ids to the guarded API."""
+        kept = []
+        for group in groups:
+            gid = group_id(group)
+            if self.spool is not None:
+                if self.spool.put(group, fetched_step=self._step) is None:
+                    continue
+            elif gid is not None:
+                if gid in self._seen:
+                    self.duplicates += 1
+                    continue
+                self._seen.add(gid)
+            kept.append(group)
+        ids = [gid for group in groups if (gid := group_id(group))]
+        if ids:
+            self.client.ack(ids)
+        return kept
 
     # ---- metrics and checkpoints ----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         out = self.client.metrics()
+        if self.spool is None:
+            out["atropos/duplicate_groups"] = float(self.duplicates)
         if self.spool is not None:
             out.update(self.spool.metrics())
         return out

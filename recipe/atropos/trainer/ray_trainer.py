@@ -48,6 +48,7 @@ from recipe.atropos.trainer.step_metrics import (
     rollout_logprob_diff,
     rollout_server_metrics,
 )
+from recipe.atropos.transport.spool import ledger_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class RayAtroposTrainer(RayPPOTrainer):
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
         self.atropos = check_atropos_config(config)  # typed and checked once; verl's __init__ builds the source
         share_rollout_correction_with_actor(config)  # before the workers copy the config
-        self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions)
+        ledger_path = ledger_file(self.atropos, config.trainer)  # kept beside the spool: resumed lags are exact
+        self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions, ledger_path)
         self.endpoint: InferenceEndpoint | None = None
         self.swap_holds_requests = swap_holds_requests(config)
         self.overlap = OverlapMeter(count_replica_holds=not self.swap_holds_requests)

@@ -3,7 +3,8 @@
 A malformed group never crashes the run: it is rejected with a reason naming the field, logged, counted
 (``atropos/rejected_groups`` and ``atropos/rejected_groups/<field>``) and appended to ``rejected_groups_file`` (when
 set), so no data is lost silently. The client knows nothing of the spool: the group source that calls it writes each
-fetched group to disk before training on it.
+fetched group to disk before training on it, then acknowledges the groups' ids (:meth:`AtroposClient.ack`, the
+guarded API's ``POST /ack``) so the API's journal lets them go. Groups without an id (plain ``run-api``) need no ack.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib3.util.retry import Retry
 
 from recipe.atropos.config import AtroposConfig
 from recipe.atropos.records import RejectedGroupLog
-from recipe.atropos.schema import GroupValidationError, ScoredGroup, validate_group
+from recipe.atropos.schema import GroupValidationError, ScoredGroup, group_id, validate_group
 
 logger = logging.getLogger(__name__)
 _DEFAULTS = AtroposConfig()  # the one home of the atropos.* defaults
@@ -70,6 +71,8 @@ class AtroposClient:
         self.current_step = current_step
         self.reregistrations = 0
         self.fetched_groups = 0
+        self.acked_groups = 0
+        self.unacked: list[str] = []  # ids whose ack has not reached the API yet (sent with the next ack)
         self._registration: dict[str, Any] | None = None
 
     @classmethod
@@ -173,9 +176,28 @@ class AtroposClient:
             try:
                 groups.append(validate_group(raw, vocab_size=self.vocab_size))
             except GroupValidationError as error:
-                self.rejected.reject(raw, error)
+                self.rejected.reject(raw, error)  # set aside here, kept in the rejected-groups file: let it go
+                gid = group_id(raw) if isinstance(raw, dict) else None
+                if gid:
+                    self.ack([gid])
         self.fetched_groups += len(groups)
         return groups
+
+    def ack(self, ids: list[str]) -> int:
+        """Tell the guarded API these groups are held durably (with any earlier ids whose ack failed); how many the
+        API released. A failed ack is retried with the next one: until then the API keeps the groups and serves
+        them again after a restart (the spool drops the duplicates)."""
+        self.unacked.extend(ids)
+        if not self.unacked:
+            return 0
+        try:
+            answer = self._request("POST", "/ack", json={"ids": self.unacked})
+        except AtroposAPIError as exc:
+            logger.warning("ack of %d groups failed (sent again with the next one): %s", len(self.unacked), exc)
+            return 0
+        self.unacked = []
+        self.acked_groups += int(answer.get("acked", 0))
+        return int(answer.get("acked", 0))
 
     def drain(self, max_sequences: int) -> list[ScoredGroup]:
         """Batches the API has ready, without waiting, until ``max_sequences`` sequences are held (bounded drain)."""
@@ -267,6 +289,8 @@ class AtroposClient:
         out = self.rejected.metrics("atropos/rejected_groups")
         out["atropos/reregistrations"] = float(self.reregistrations)
         out["atropos/fetched_groups"] = float(self.fetched_groups)
+        out["atropos/acked_groups"] = float(self.acked_groups)
+        out["atropos/unacked_groups"] = float(len(self.unacked))
         try:
             guard = self._request("GET", "/guard/stats")
         except AtroposAPIError:
@@ -277,4 +301,6 @@ class AtroposClient:
             out.update({f"atropos/api_rejected_groups/{k}": float(v) for k, v in guard.get("rejected", {}).items()})
             out["atropos/api_restarts"] = float(max(0, int(guard.get("starts", 1)) - 1))
             out["atropos/api_queue_groups"] = float(guard.get("queue_groups", 0))
+            out["atropos/api_backlog_groups"] = float(guard.get("backlog_groups", 0))
+            out["atropos/api_journal_groups"] = float(guard.get("journal_groups", 0))
         return out

@@ -9,9 +9,16 @@ silently dropped. Layout under ``<trainer.default_local_dir>/spool/``::
 
     pending/<seq>.json   {"seq", "fetched_step", "group": ScoredData}
     stale.jsonl          one line per group set aside, with "reason"
-    counters.json        written / trained / deleted / stale / recovered totals over every run sharing this directory
-                         (nothing fetched is lost: written == deleted + stale + pending files), and the files being
-                         removed ("removing")
+    trained.jsonl        {"ids": [...], "step"}: the guard ids of the groups trained and saved (their files deleted)
+    ledger.jsonl         the endpoint's completion ledger (:class:`recipe.atropos.endpoint.ledger.CompletionLedger`)
+    counters.json        written / trained / deleted / stale / recovered / duplicates totals over every run sharing
+                         this directory (nothing fetched is lost: written == deleted + stale + pending files), and the
+                         files being removed ("removing")
+
+De-duplication: a group carrying a guard id (:func:`recipe.atropos.schema.group_id`) that is pending, trained or set
+aside already is not written again (``put`` returns None, ``duplicates`` counts it): the guarded API delivers at least
+once, the spool makes it exactly once. A pending file whose id is in ``trained.jsonl`` (a kill between the two
+writes) is deleted on resume, not trained again.
 
 A file leaves ``pending/`` only after the counters that account for it are on disk together with its name under
 ``removing``; a spool opened after a crash in between finishes those removals, so the identity above holds at any
@@ -23,18 +30,32 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from recipe.atropos.config import AtroposConfig
-from recipe.atropos.records import append_jsonl, write_json_atomic
-from recipe.atropos.schema import GroupValidationError, ScoredGroup, validate_group
+from recipe.atropos.records import append_jsonl, read_jsonl, write_json_atomic
+from recipe.atropos.schema import GroupValidationError, ScoredGroup, group_id, validate_group
 from recipe.atropos.staleness import lag_lower_bound
 
 logger = logging.getLogger(__name__)
 
-COUNTERS = ("written", "trained", "deleted", "stale", "recovered")
+COUNTERS = ("written", "trained", "deleted", "stale", "recovered", "duplicates")
+LagsOf = Callable[[ScoredGroup, int], "list[int | None]"]  # a group's per-sequence lags at a step (None: unknown)
+
+
+def spool_dir(atropos: AtroposConfig, trainer_cfg: Any) -> Path | None:
+    """``atropos.spool.dir``, else ``<trainer.default_local_dir>/spool``; None when the spool is off."""
+    if not atropos.spool.enable:
+        return None
+    return Path(atropos.spool.dir or Path(str(trainer_cfg.default_local_dir)) / "spool")
+
+
+def ledger_file(atropos: AtroposConfig, trainer_cfg: Any) -> Path | None:
+    """Where the completion ledger is kept beside the spool (None: spool off, the ledger lives in memory only)."""
+    directory = spool_dir(atropos, trainer_cfg)
+    return None if directory is None else directory / "ledger.jsonl"
 
 
 class GroupSpool:
@@ -46,6 +67,7 @@ class GroupSpool:
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         self.stale_file = self.dir / "stale.jsonl"
         self.counters_file = self.dir / "counters.json"
+        self.trained_file = self.dir / "trained.jsonl"
         self.delete_on_checkpoint = delete_on_checkpoint
         self.counters = dict.fromkeys(COUNTERS, 0)
         if self.counters_file.exists():
@@ -58,13 +80,22 @@ class GroupSpool:
         # unique while it is out, so the groups the trainer hands back are matched by identity.
         self._out: dict[int, ScoredGroup] = {}
         self._trained: dict[int, int] = {}  # seq -> step it was trained in (awaiting a checkpoint)
+        # Guard ids: of the pending files (seq -> id), trained and saved, set aside; together the ids already seen.
+        self._ids: dict[int, str] = {}
+        for path in self.pending_dir.glob("*.json"):
+            gid = group_id(json.loads(path.read_text()).get("group") or {})
+            if gid:
+                self._ids[int(path.stem)] = gid
+        self.trained_ids = {i for row in read_jsonl(self.trained_file) for i in row.get("ids", [])}
+        self.seen = {*self._ids.values(), *self.trained_ids}
+        self.seen.update(gid for row in read_jsonl(self.stale_file) if (gid := group_id(row.get("group") or {})))
 
     @classmethod
     def from_config(cls, atropos: AtroposConfig, trainer_cfg: Any) -> GroupSpool | None:
         """``<trainer.default_local_dir>/spool`` (or ``atropos.spool.dir``); None when ``atropos.spool.enable`` off."""
-        if not atropos.spool.enable:
+        directory = spool_dir(atropos, trainer_cfg)
+        if directory is None:
             return None
-        directory = atropos.spool.dir or Path(str(trainer_cfg.default_local_dir)) / "spool"
         return cls(directory, delete_on_checkpoint=int(trainer_cfg.get("save_freq", -1)) > 0)
 
     def _seqs(self, groups: Iterable[Any]) -> set[int]:
@@ -86,6 +117,12 @@ class GroupSpool:
         """Count ``seqs`` under ``counter``, durably, then delete their files (see the module docstring)."""
         if not seqs:
             return
+        ids = [self._ids[seq] for seq in seqs if seq in self._ids]
+        if counter == "deleted" and ids:  # trained and saved: the record de-duplicates and accounts by id
+            append_jsonl(self.trained_file, [{"ids": ids, "time": time.time()}], fsync=True)
+            self.trained_ids.update(ids)
+        for seq in seqs:
+            self._ids.pop(seq, None)
         self.counters[counter] += len(seqs)
         self._save_counters_removing(seqs)
         for seq in seqs:
@@ -100,13 +137,22 @@ class GroupSpool:
         return out
 
     # ---- the life of a group ------------------------------------------------------------------------------
-    def put(self, group: ScoredGroup, *, fetched_step: int) -> int:
-        """Write ``group`` durably and hand it out; returns its sequence number."""
+    def put(self, group: ScoredGroup, *, fetched_step: int) -> int | None:
+        """Write ``group`` durably and hand it out; returns its sequence number (None: a duplicate, dropped)."""
+        gid = group_id(group)
+        if gid is not None and gid in self.seen:
+            self.counters["duplicates"] += 1
+            self._save_counters()
+            logger.info("spool: group %s was delivered again; already spooled, trained or set aside: dropped", gid)
+            return None
         seq = self._next_seq
         self._next_seq += 1
         record = {"seq": seq, "fetched_step": fetched_step, "time": time.time(), "group": group.model_dump()}
         write_json_atomic(self._path(seq), record)
         self._out[seq] = group
+        if gid is not None:
+            self._ids[seq] = gid
+            self.seen.add(gid)
         self.counters["written"] += 1
         self._save_counters()
         return seq
@@ -146,26 +192,32 @@ class GroupSpool:
         self._remove(done, "deleted")
         return len(done)
 
-    def resume(self, step: int, max_policy_lag: int | None) -> list[ScoredGroup]:
+    def resume(self, step: int, max_policy_lag: int | None, lags_of: LagsOf | None = None) -> list[ScoredGroup]:
         """Groups left by an earlier run, oldest first, to train after resuming at ``step``.
 
-        A group's lag at the next step is at least :func:`~recipe.atropos.staleness.lag_lower_bound` of the step it
-        was fetched at; groups over ``max_policy_lag`` (None = no cap) are set aside.
+        A group's lag at the next step is its largest known lag (``lags_of``: the endpoint's ledger, kept on disk, so
+        exact), else at least :func:`~recipe.atropos.staleness.lag_lower_bound` of the step it was fetched at; groups
+        over ``max_policy_lag`` (None = no cap) are set aside. A group already trained and saved is deleted.
         """
         out = []
         for path in sorted(self.pending_dir.glob("*.json")):
             seq = int(path.stem)
             if seq in self._out or seq in self._trained:
                 continue
-            record = json.loads(path.read_text())
-            lag = lag_lower_bound(step + 1, int(record["fetched_step"]))
-            if max_policy_lag is not None and lag > max_policy_lag:
-                self._set_aside(seq, f"on resume at step {step}: policy lag >= {lag} > {max_policy_lag}", record)
+            if self._ids.get(seq) in self.trained_ids:
+                self._remove([seq], "deleted")  # its removal was cut short after the trained record
                 continue
+            record = json.loads(path.read_text())
             try:
                 group = validate_group(record["group"])
             except GroupValidationError as error:
                 self._set_aside(seq, f"on resume: invalid group ({error})", record)
+                continue
+            known = [lag for lag in (lags_of(group, step + 1) if lags_of else []) if lag is not None]
+            lag = max(known) if known else lag_lower_bound(step + 1, int(record["fetched_step"]))
+            if max_policy_lag is not None and lag > max_policy_lag:
+                how = "" if known else ">= "
+                self._set_aside(seq, f"on resume at step {step}: policy lag {how}{lag} > {max_policy_lag}", record)
                 continue
             self._out[seq] = group
             out.append(group)
@@ -174,3 +226,23 @@ class GroupSpool:
         if out:
             logger.info("spool: %d groups from an earlier run will be trained first", len(out))
         return out
+
+
+def spool_ids(directory: str | Path) -> tuple[set[str], dict[str, str], set[str]]:
+    """Guard ids in the spool at ``directory``: (trained and saved, set aside -> reason, pending), from its files."""
+    directory = Path(directory)
+    trained = {i for row in read_jsonl(directory / "trained.jsonl") for i in row.get("ids", [])}
+    set_aside = {}
+    for row in read_jsonl(directory / "stale.jsonl"):
+        gid = group_id(row.get("group") or {})
+        if gid:
+            set_aside[gid] = str(row.get("reason", ""))
+    pending = set()
+    for path in (directory / "pending").glob("*.json"):
+        try:
+            gid = group_id(json.loads(path.read_text()).get("group") or {})
+        except (OSError, ValueError):
+            continue  # removed meanwhile
+        if gid:
+            pending.add(gid)
+    return trained, set_aside, pending
