@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
+import pytest
 import requests
 
 from recipe.atropos.launcher.processes import ManagedProcess, stop_process_tree, tail
@@ -282,8 +284,18 @@ def no_processes_left(grace_s: float = 30.0) -> Iterator[list[ManagedProcess]]:
 
 def checkpoint_state(run_dir: Path, step: int) -> dict:
     """The actor's weights in a run's checkpoint of ``step`` (rank 0 of one), FSDP DTensors made whole."""
-    import torch
+    import torch  # only the tests that read checkpoints pay for it
 
     path = run_dir / "checkpoints" / f"global_step_{step}" / "actor" / "model_world_size_1_rank_0.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+
+
+def host_address() -> str:
+    """A non-loopback IPv4 address of this machine: a request to it arrives from it, i.e. from outside loopback
+    (the test is skipped where there is none)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    pytest.skip("this machine has no non-loopback IPv4 address to test a refused client with")

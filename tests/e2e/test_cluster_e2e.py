@@ -19,14 +19,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 
 from recipe.atropos.access import API_KEY_ENV
 from recipe.atropos.launcher.processes import ManagedProcess, free_port
 from recipe.atropos.metrics_file import read_metrics, trainer_rows
-from tests.helpers import launcher_argv, wait_exit, wait_until
+from tests.helpers import host_address, launcher_argv, wait_exit, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -43,14 +42,6 @@ actors = ray._private.state.state.actor_table(None)
 workers = sorted({a["Address"]["NodeID"] for a in actors.values() if "WorkerDict" in a["ActorClassName"]})
 print(json.dumps({"alive": alive, "worker_nodes": workers}))
 """
-
-
-def host_address() -> str:
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return address.address
-    pytest.skip("this machine has no non-loopback IPv4 address to test a refused client with")
 
 
 def node_argv(*args: str) -> list[str]:

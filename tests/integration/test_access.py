@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 
@@ -20,18 +18,9 @@ from recipe.atropos.endpoint.backends import Completion, SamplingParams
 from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.processes import ManagedProcess, free_port
-from tests.helpers import http_ok, wait_until
+from tests.helpers import host_address, http_ok, wait_until
 
 TOKEN = "s3cret-token"
-
-
-def host_address() -> str:
-    """A non-loopback IPv4 address of this machine: a request to it arrives from it, i.e. from outside loopback."""
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return address.address
-    pytest.skip("this machine has no non-loopback IPv4 address to test a refused client with")
 
 
 class EchoBackend:
