@@ -137,9 +137,10 @@ class WaitReport:
             Path(self.wait_file).unlink(missing_ok=True)
 
     def gave_up(self, step: int) -> str:
-        """The waiting line of a wait that ends without data (the poll timed out); the wait file stays."""
+        """The waiting line of a wait that ends without data (the poll timed out, the trainer fails with it); the wait
+        file goes, so the launcher stops reporting a wait while the trainer shuts down."""
         waited = 0.0 if self._since is None else time.time() - self._since
-        self._since = None
+        self.done()
         return describe_wait(
             step, waited, api_url=self.api_url, inference_url=self.inference_url, env_ids_file=self.env_ids_file
         )

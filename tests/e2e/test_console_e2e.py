@@ -31,9 +31,11 @@ def test_the_console_says_why_step_1_waits_and_names_each_envs_fault(launch) -> 
     assert run.wait_exit(600) == 1  # no batch within the poll timeout: the trainer fails, the launcher says so
     console = run.log_text()
     waits = re.findall(r"^waiting (\d+) s for step 1 \| (.*)$", console, re.MULTILINE)
-    assert len(waits) >= 2, console[-6000:]  # every 10 s while step 1 waits
+    assert len(waits) >= 2, console[-6000:]  # every 8 s while step 1 waits
     assert all(int(s) >= 8 for s, _ in waits)
-    seconds, rest = waits[-1]
+    # The last line of the wait (the trainer removes its wait file as it gives up; a line composed in that instant may
+    # find the endpoint already stopping: "endpoint: no answer")
+    seconds, rest = [w for w in waits if w[1].endswith("completions served")][-1]
     parts = rest.split(" | ")
     assert parts[0] == "API queue 0 groups", rest
     assert parts[1] == "env equal: 0 groups received (0 rejected), last post never", rest  # env id 0 -> its name
@@ -47,7 +49,10 @@ def test_the_console_says_why_step_1_waits_and_names_each_envs_fault(launch) -> 
     assert console.count(f"env chat: Error in collect_trajectories: {CHAT_ERROR}") == 1
     assert "env equal: the env drops every group whose scores are all equal (env.ensure_scores_are_not_same" in console
     assert "env gs: the API refused the env's groups (422)" in console
-    assert "env equal: Error" not in console and "env gs: Error" not in console
+    # no exception of their own in the two envs while the trainer waited (once its endpoint stops, an env's requests
+    # fail: that error, if the env logs it before the launcher stops it, is a consequence, not the env's fault)
+    waited = console[: console.rfind("waiting ")]
+    assert "env equal: Error" not in waited and "env gs: Error" not in waited
     # the trainer's poll-timeout error repeats the line
     trainer_log = (run.run_dir / "logs" / "trainer.log").read_text(errors="replace")
     assert re.search(TIMEOUT, trainer_log), trainer_log[-4000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.client import AtroposAPIError, AtroposClient
 from recipe.atropos.waiting import WaitReport, read_wait
+from tests.helpers import wait_until
 from tests.integration.test_client import group
 
 
@@ -61,16 +63,20 @@ def test_the_wait_line_and_the_poll_timeout_name_each_env_the_queue_and_the_endp
         assert requests.post(f"{endpoint.url}/generate", json=body, timeout=10).ok
 
         started = time.time()
-        with pytest.raises(AtroposAPIError) as error:
-            source.next_groups(3, {})  # 4 of 8 sequences queued: no batch within the 2 s poll timeout
+        with ThreadPoolExecutor(1) as pool:  # 4 of 8 sequences queued: no batch within the 2 s poll timeout
+            waiting = pool.submit(source.next_groups, 3, {})
+            wait_until(lambda: read_wait(wait_file) is not None, 2.0, "the wait file")
+            wait = read_wait(wait_file)  # while the step waits, the file names it
+            with pytest.raises(AtroposAPIError) as error:
+                waiting.result(timeout=30)
+        assert wait["step"] == 3 and started - 1 <= wait["since"] <= time.time()
+        assert not wait_file.exists()  # the trainer gave up: it is not waiting any more
         message = str(error.value)
         assert message.startswith(f"no batch from {api.url} within 2 s")
         line = message.splitlines()[-1]
         assert line.startswith("waiting 2 s for step 3 | API queue 1 groups | env math: 2 groups received (1 rejected)")
         assert "last rejection: group_size: 3 sequences do not divide the batch size 8" in line
         assert "| env silent: 0 groups received (0 rejected), last post never | endpoint: 3 completions served" in line
-        wait = read_wait(wait_file)  # the trainer died waiting: the file still names the step
-        assert wait["step"] == 3 and started - 1 <= wait["since"] <= time.time()
 
         # the step gets its data: the wait file goes
         assert requests.post(f"{api.url}/scored_data", json=group(n=4, env_id=math, first=20), timeout=5).ok
