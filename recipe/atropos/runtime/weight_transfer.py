@@ -11,7 +11,7 @@ each full tensor is collective over the actor group).
 Selected with ``actor_rollout_ref.rollout.checkpoint_engine.backend=gloo`` and
 ``checkpoint_engine.custom_backend_module=recipe.atropos.runtime.weight_transfer`` (verl imports that module in the
 actor workers and the rollout's ``CheckpointEngineWorker`` before building the engine); the CPU runtime sets both when
-the rollout is split (:func:`recipe.atropos.runtime.placement.split_settings`).
+the rollout is split (:func:`recipe.atropos.runtime.placement.apply_split_cpu_settings`).
 
 Per bucket the root sends a header ``[metadata bytes, bucket bytes, is_last]`` (int64 [3]), the pickled
 :class:`~verl.checkpoint_engine.base.TensorMeta` list (uint8) and the bucket (uint8); tensors larger than a bucket
