@@ -4,6 +4,7 @@ kept on disk (exact lags after a resume), de-duplication in the spool, and the a
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,18 @@ def test_journal_ids_survive_a_reopen_and_acknowledged_groups_are_not_served_aga
     assert posted == {f"{again.name}-{i}" for i in range(4)} and unacked == {ids[0], ids[2], f"{again.name}-3"}
 
 
-def test_a_line_cut_short_by_a_kill_is_dropped_and_the_next_append_starts_clean(tmp_path: Path) -> None:
+def test_a_line_cut_short_by_a_kill_is_dropped_and_the_next_append_starts_clean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     journal = GroupJournal(tmp_path)
     journal.append(groups(10))
     journal.close()
     with open(tmp_path / "groups.jsonl", "ab") as fh:
         fh.write(b'{"id": "x-1", "seq": 1, "gro')  # the write a kill cut short: never answered 200
-    again = GroupJournal(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="atropos_api_guard"):
+        again = GroupJournal(tmp_path)
     assert len(again.entries) == 1 and again.next_seq == 1
+    assert "dropping 28 bytes" in caplog.text  # len(b'{"id": "x-1", "seq": 1, "gro')
     again.append(groups(20))
     assert [json.loads(line)["seq"] for line in (tmp_path / "groups.jsonl").read_text().splitlines()] == [0, 1]
 

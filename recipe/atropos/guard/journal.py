@@ -109,6 +109,13 @@ class GroupJournal:
                     self.entries[seq] = Entry(good_end, len(line), int(row["size"]), row.get("env_id"))
                 good_end += len(line)
         if good_end != self.groups_file.stat().st_size:
+            logger.warning(
+                "journal %s: dropping %d bytes after offset %d of groups.jsonl (a line cut short by a kill, never "
+                "answered 200)",
+                self.dir,
+                self.groups_file.stat().st_size - good_end,
+                good_end,
+            )
             with open(self.groups_file, "r+b") as fh:  # the next append must start on a fresh line
                 fh.truncate(good_end)
                 os.fsync(fh.fileno())
