@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from recipe.atropos.launcher.accounting import GroupAccount, account_groups
 from recipe.atropos.metrics_file import (
     HELD_OUT_SUFFIX,
@@ -18,15 +20,33 @@ from recipe.atropos.metrics_file import (
     read_metrics,
     trainer_rows,
 )
-from recipe.atropos.records import write_atomic
+from recipe.atropos.records import write_atomic, write_json_atomic
 
 # Files of the run directory the guarded API (and the trainer) write and the report reads.
 GUARD_STATS = "api_guard_stats.json"
 REJECTED_GROUPS = "rejected_groups.jsonl"
 API_JOURNAL = "api_journal"
 TRAINER_REJECTED = "rejected_groups_trainer.jsonl"
+API_FINAL_STATS = "api_final_stats.json"  # the guarded API's counters when the run ended (what it still holds)
 
 logger = logging.getLogger("atropos_launcher")
+
+
+def record_final_api_stats(api_url: str, run_dir: Path) -> None:
+    """Save the guarded API's ``GET /guard/stats`` as the run ends (what it still holds: not trained, not lost) to
+    :data:`API_FINAL_STATS`; a warning when it does not answer."""
+    try:
+        stats = requests.get(f"{api_url}/guard/stats", timeout=5).json()
+    except (requests.RequestException, ValueError) as exc:
+        logger.warning("could not read the API's final counters: %s", exc)
+        return
+    write_json_atomic(run_dir / API_FINAL_STATS, stats)
+
+
+def write_launcher_state(run_dir: Path, api_restarts: int, env_restarts: dict[str, int]) -> None:
+    """The launcher's restarts (``launcher_state.json``), written as it stops."""
+    state = {"api_restarts": api_restarts, "env_restarts": dict(env_restarts)}
+    write_json_atomic(run_dir / "launcher_state.json", state)
 
 
 def step_line(row: dict[str, Any], total_steps: int) -> str:

@@ -28,19 +28,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from recipe.atropos.access import inference_token
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
 from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, start_watchdog, tail
-from recipe.atropos.launcher.report import API_JOURNAL, GUARD_STATS, REJECTED_GROUPS, step_line, write_run_report
+from recipe.atropos.launcher.report import (
+    API_JOURNAL,
+    GUARD_STATS,
+    REJECTED_GROUPS,
+    record_final_api_stats,
+    step_line,
+    write_launcher_state,
+    write_run_report,
+)
 from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
 from recipe.atropos.launcher.watch import WAIT_FILE, ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
-from recipe.atropos.records import write_json_atomic
 from recipe.atropos.runtime.assets import model_vocab_size, resolve_model_path
 
 __all__ = ["Launcher", "main"]
@@ -219,24 +224,14 @@ class Launcher:
             if trainer.poll() != 0:  # died; a trainer that already finished (a short resumed run) is not an error
                 raise
 
-    def _record_final_api_stats(self) -> None:
-        """What the API still holds when the run ends (not trained, not lost): ``api_final_stats.json``."""
-        api = self.children.get("run-api")
-        if api is None or api.poll() is not None or not self.atropos.launcher.guard_api:
-            return
-        try:
-            stats = requests.get(f"{self.api_url}/guard/stats", timeout=5).json()
-        except (requests.RequestException, ValueError) as exc:
-            logger.warning("could not read the API's final counters: %s", exc)
-            return
-        write_json_atomic(self.run_dir / "api_final_stats.json", stats)
-
     def stop_all(self) -> None:
         """Producers first, then the consumer, then the API (its counters read once nothing else talks to it)."""
         for name in [*self.envs, "trainer"]:
             if name in self.children:
                 self.children[name].stop()
-        self._record_final_api_stats()
+        api = self.children.get("run-api")
+        if api is not None and api.poll() is None and self.atropos.launcher.guard_api:
+            record_final_api_stats(self.api_url, self.run_dir)
         if "run-api" in self.children:
             self.children["run-api"].stop()
 
@@ -283,10 +278,6 @@ class Launcher:
                     raise self._died(proc)
             time.sleep(1.0)
 
-    def _write_launcher_state(self) -> None:
-        state = {"api_restarts": self.api_restarts, "env_restarts": dict(self.restarts)}
-        write_json_atomic(self.run_dir / "launcher_state.json", state)
-
     def finish(self) -> str:
         """The closing summary (:func:`recipe.atropos.launcher.report.write_run_report`)."""
         title = str(self.config.trainer.experiment_name)
@@ -323,7 +314,7 @@ class Launcher:
             return 130
         finally:
             self.stop_all()
-            self._write_launcher_state()
+            write_launcher_state(self.run_dir, self.api_restarts, self.restarts)
         print(self.finish(), flush=True)
         return 0
 
