@@ -320,11 +320,8 @@ class HFCPUWeightReceiver(BaseRollout):
 
     def __init__(self, config: Any, model_config: Any, device_mesh: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, model_config, device_mesh)
-        world = (
-            self.config.tensor_model_parallel_size
-            * self.config.data_parallel_size
-            * self.config.pipeline_model_parallel_size
-        )
+        cfg = self.config
+        world = cfg.tensor_model_parallel_size * cfg.data_parallel_size * cfg.pipeline_model_parallel_size
         rank = int(os.environ.get("RANK", 0))
         self.replica_rank = int(kwargs.get("replica_rank", rank // world))
         self.is_leader = rank % world == 0

@@ -207,11 +207,8 @@ class RayAtroposTrainer(RayPPOTrainer):
         else:
             batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
         rollout_corr = self.config.algorithm.get("rollout_correction", None)
-        if (
-            rollout_corr is not None
-            and "rollout_log_probs" in batch.batch.keys()
-            and not rollout_corr.get("bypass_mode", False)
-        ):
+        decoupled = rollout_corr is not None and not rollout_corr.get("bypass_mode", False)
+        if decoupled and "rollout_log_probs" in batch.batch.keys():
             from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
 
             batch, is_metrics = compute_rollout_correction_and_add_to_batch(batch, rollout_corr)
@@ -336,9 +333,8 @@ class RayAtroposTrainer(RayPPOTrainer):
                 promote_actor_is_metrics(metrics)
                 self.source.trained(groups, self.global_steps)
                 save_freq = int(self.config.trainer.save_freq)
-                if save_freq > 0 and (
-                    self.global_steps % save_freq == 0 or self.global_steps == self.total_training_steps
-                ):
+                last = self.global_steps == self.total_training_steps
+                if save_freq > 0 and (self.global_steps % save_freq == 0 or last):
                     with marked_timer("save_checkpoint", timing):
                         self._save_checkpoint()
                 if self.endpoint is not None:
