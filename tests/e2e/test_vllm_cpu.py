@@ -65,8 +65,10 @@ def check_every_sync_reached_vllm(rows: list[dict], run_dir: Path, model_dir: Pa
 @pytest.mark.vllm
 @requires_vllm
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("backend", ["ray", "vllm_http"])
-def test_verl_vllm_rollout_runs_the_loop_on_cpu(backend: str, tiny_model: Path, launch) -> None:
+def test_verl_vllm_rollout_runs_the_loop_on_cpu(tiny_model: Path, launch) -> None:
+    """Colocated, through verl's ``generate`` (``ray`` backend); the split test below drives the ``vllm_http``
+    backend (vLLM's own OpenAI server) through a whole run."""
+    backend = "ray"
     run = launch(
         "atropos.cpu_rollout=vllm",
         f"atropos.inference.backend={backend}",
@@ -104,9 +106,12 @@ def test_verl_vllm_rollout_split_from_the_actor(tiny_model: Path, launch) -> Non
     """Split placement on verl's vLLM replica: a standalone replica on a device of its own (verl's
     ``RolloutReplica.init_standalone``), each update streamed by the gloo checkpoint engine to verl's
     ``CheckpointEngineWorker`` and on through verl's ``ServerAdapter`` into vLLM's worker; vLLM cannot tag completions
-    with their policy, so the endpoint holds requests for each swap only (not for the actor's computation)."""
+    with their policy, so the endpoint holds requests for each swap only (not for the actor's computation). The
+    endpoint reaches the replica through vLLM's own OpenAI server (``vllm_http`` backend: its address comes from the
+    standalone replica)."""
     run = launch(
         "atropos.cpu_rollout=vllm",
+        "atropos.inference.backend=vllm_http",
         f"trainer.total_training_steps={STEPS}",
         "trainer.save_freq=1",
         "actor_rollout_ref.hybrid_engine=false",
