@@ -28,6 +28,29 @@ import requests
 
 logger = logging.getLogger(__name__)
 
+# Stop signals (SIGINT, SIGTERM) this process received. Its handler raises KeyboardInterrupt, but CPython drops an
+# exception raised while os.fork runs its at-fork hooks ("Exception ignored in: <function _releaseLock>"), so a Ctrl-C
+# that lands while a child is being started would be lost and the run would go on; the record raises it again.
+_STOP_SIGNALS: list[int] = []
+
+
+def _stop(signum: int, frame: object) -> None:
+    _STOP_SIGNALS.append(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_stop_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, also where SIGINT was inherited as ignored (a shell's background
+    job: Python keeps an inherited SIG_IGN), and are remembered for :func:`raise_if_stopped`."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
+def raise_if_stopped() -> None:
+    """KeyboardInterrupt if a stop signal has arrived (its first raise may have been dropped while forking)."""
+    if _STOP_SIGNALS:
+        raise KeyboardInterrupt(f"signal {_STOP_SIGNALS[0]}")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""

@@ -21,19 +21,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from recipe.atropos.access import inference_token
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
 from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
-from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv, start_watchdog, tail
+from recipe.atropos.launcher.processes import (
+    ManagedProcess,
+    free_port,
+    install_stop_signals,
+    raise_if_stopped,
+    run_api_argv,
+    start_watchdog,
+    tail,
+)
 from recipe.atropos.launcher.report import (
     API_JOURNAL,
     GUARD_STATS,
@@ -110,6 +116,7 @@ class Launcher:
     def _start(self, name: str, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self._log(name), die_with_parent=True).start()  # none outlives a SIGKILL
         self.children[name] = proc
+        raise_if_stopped()  # a Ctrl-C that landed while forking (stop_all stops this child too)
         return proc
 
     def trainer_argv(self) -> list[str]:
@@ -247,6 +254,7 @@ class Launcher:
         total = int(self.config.trainer.total_training_steps)
         printed = 0
         while True:
+            raise_if_stopped()
             rows = read_metrics(self.metrics_file)
             for row in rows[printed:]:
                 print(step_line(row, total), flush=True)
@@ -319,19 +327,13 @@ class Launcher:
         return 0
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="the trainer's Hydra YAML")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for main_atropos")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops the run like Ctrl-C
-    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN: restore Ctrl-C.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_stop_signals()  # Ctrl-C and SIGTERM stop the run, also when SIGINT was inherited as ignored
     try:
         launcher = Launcher(args.config, args.overrides)
     except (LaunchError, PreflightError) as error:
