@@ -123,6 +123,12 @@ def group_tokens(group: ScoredGroup | dict[str, Any]) -> list[list[int]]:
     return list(group["tokens"] if isinstance(group, dict) else group.tokens)
 
 
+def group_masks(group: ScoredGroup | dict[str, Any]) -> list[list[int]] | None:
+    """The ``masks`` of a group, validated or as a plain dict (None when a raw dict has none)."""
+    masks = group.get("masks") if isinstance(group, dict) else group.masks
+    return None if masks is None else list(masks)
+
+
 def group_scores(group: ScoredGroup | dict[str, Any]) -> list[float]:
     """The ``scores`` of a group, validated or as a plain dict."""
     return list(group["scores"] if isinstance(group, dict) else group.scores)

@@ -18,11 +18,26 @@ rules for combining it with the cap are checked at start-up (:mod:`recipe.atropo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from recipe.atropos.schema import ScoredGroup, group_tokens
+from recipe.atropos.schema import ScoredGroup, group_masks, group_tokens
 
-VersionLookup = Callable[[Sequence[int]], "int | None"]  # tokens of a full sequence -> the version that sampled it
+
+@dataclass(frozen=True)
+class SequenceVersion:
+    """The policy version that sampled a trained sequence: ``matched`` (found in the endpoint's ledger) or a
+    conservative bound (``matched=False``: the oldest version it can come from). ``version=None``: unknown."""
+
+    version: int | None
+    matched: bool
+
+
+UNKNOWN = SequenceVersion(None, False)
+
+# (tokens [T], masks [T] or None) of one trained sequence -> the version that sampled it, matched or bounded:
+# :meth:`recipe.atropos.endpoint.ledger.CompletionLedger.sequence_version`.
+SequenceLookup = Callable[[Sequence[int], "Sequence[int] | None"], SequenceVersion]
 
 
 def trained_version(step: int) -> int:
@@ -50,22 +65,28 @@ def env_max_batches_offpolicy(max_policy_lag: int | None) -> int | None:
 class LagMeter:
     """Lags of fetched groups from the endpoint's record of which version sampled each completion.
 
-    ``version_of(tokens)`` is :meth:`recipe.atropos.endpoint.ledger.CompletionLedger.version_of` (None = unknown: the
-    sequence was not generated through this trainer's endpoint, or the ledger forgot it). A group is stale when its
-    largest known lag exceeds ``max_policy_lag`` (None = no cap).
+    ``lookup(tokens, masks)`` is :meth:`recipe.atropos.endpoint.ledger.CompletionLedger.sequence_version`: a sequence's
+    version is matched (its tokens, or each trained span by ids or text), or bounded by the oldest completion nobody
+    has claimed (never assumed current), or unknown (not generated through this trainer's endpoint, and nothing to
+    bound it by). A group is stale when its largest known lag, matched or bounded, exceeds ``max_policy_lag``
+    (None = no cap).
     """
 
-    def __init__(self, version_of: VersionLookup, max_policy_lag: int | None) -> None:
-        self.version_of = version_of
+    def __init__(self, lookup: SequenceLookup, max_policy_lag: int | None) -> None:
+        self.lookup = lookup
         self.max_policy_lag = max_policy_lag
 
+    def versions(self, group: ScoredGroup | dict[str, Any]) -> list[SequenceVersion]:
+        """One entry per sequence of ``group``: the version that sampled it (see :class:`SequenceVersion`)."""
+        masks = group_masks(group)
+        tokens = group_tokens(group)
+        if masks is None or len(masks) != len(tokens):
+            masks = [None] * len(tokens)
+        return [self.lookup(seq, mask) for seq, mask in zip(tokens, masks, strict=True)]
+
     def lags(self, group: ScoredGroup | dict[str, Any], step: int) -> list[int | None]:
-        """One entry per sequence of ``group``: its lag at ``step``, or None when unknown."""
-        out: list[int | None] = []
-        for tokens in group_tokens(group):
-            version = self.version_of(tokens)
-            out.append(None if version is None else policy_lag(step, version))
-        return out
+        """One entry per sequence of ``group``: its lag at ``step`` (matched or bounded), or None when unknown."""
+        return [None if v.version is None else policy_lag(step, v.version) for v in self.versions(group)]
 
     def is_stale(self, group: ScoredGroup | dict[str, Any], step: int) -> bool:
         if self.max_policy_lag is None:
@@ -75,8 +96,18 @@ class LagMeter:
 
     def metrics(self, groups: Iterable[ScoredGroup | dict[str, Any]], step: int) -> dict[str, float]:
         """``atropos/policy_lag_{mean,max,0,1,2plus,unknown}`` over the sequences of ``groups`` (see
-        :func:`lag_metrics`)."""
-        return lag_metrics([lag for group in groups for lag in self.lags(group, step)])
+        :func:`lag_metrics`) and ``atropos/lag/unmatched_fraction``: the share of sequences whose lag was bounded or
+        unknown rather than matched to a served completion."""
+        versions = [v for group in groups for v in self.versions(group)]
+        out = lag_metrics([None if v.version is None else policy_lag(step, v.version) for v in versions])
+        if versions:
+            out["atropos/lag/unmatched_fraction"] = sum(1 for v in versions if not v.matched) / len(versions)
+        return out
+
+
+def no_ledger(tokens: Sequence[int], masks: Sequence[int] | None = None) -> SequenceVersion:
+    """A lookup for sources without an endpoint (offline data): every version unknown."""
+    return UNKNOWN
 
 
 def lag_metrics(lags: Sequence[int | None]) -> dict[str, float]:

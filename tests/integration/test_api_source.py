@@ -25,7 +25,7 @@ def make_source(url: str, spool_dir: Path, ledger: CompletionLedger, step: dict)
     return ApiGroupSource(
         AtroposClient(url, current_step=lambda: step["now"], vocab_size=1000),
         FifoBatcher(batch_size=2),
-        LagMeter(ledger.version_of, max_policy_lag=1),
+        LagMeter(ledger.sequence_version, max_policy_lag=1),
         registration=REGISTRATION,
         poll_timeout_s=10,
         spool=GroupSpool(spool_dir),

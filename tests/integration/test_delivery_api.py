@@ -17,7 +17,7 @@ from recipe.atropos.launcher.accounting import account_groups
 from recipe.atropos.schema import group_id, validate_group
 from recipe.atropos.sources.api import ApiGroupSource
 from recipe.atropos.sources.fifo import FifoBatcher
-from recipe.atropos.staleness import LagMeter
+from recipe.atropos.staleness import LagMeter, no_ledger
 from recipe.atropos.transport.client import AtroposClient
 from recipe.atropos.transport.spool import GroupSpool
 from tests.integration.test_client import group
@@ -58,7 +58,7 @@ def source_on(url: str, spool_dir: Path, step: dict) -> ApiGroupSource:
     return ApiGroupSource(
         AtroposClient(url, current_step=lambda: step["now"], vocab_size=VOCAB),
         FifoBatcher(batch_size=BATCH),
-        LagMeter(lambda tokens: None, max_policy_lag=None),
+        LagMeter(no_ledger, max_policy_lag=None),
         registration=REGISTRATION,
         poll_timeout_s=20,
         spool=GroupSpool(spool_dir, delete_on_checkpoint=False),

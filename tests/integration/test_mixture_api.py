@@ -13,7 +13,7 @@ import requests
 
 from recipe.atropos.sources.api import ApiGroupSource
 from recipe.atropos.sources.mixture import MixtureBatcher
-from recipe.atropos.staleness import LagMeter
+from recipe.atropos.staleness import LagMeter, no_ledger
 from recipe.atropos.transport.client import AtroposClient
 
 X = -100
@@ -64,7 +64,7 @@ def test_two_envs_at_075_025_hold_the_weights_over_8_steps_although_the_small_on
     source = ApiGroupSource(
         AtroposClient(run_api.url),
         batcher,
-        LagMeter(lambda tokens: None, None),
+        LagMeter(no_ledger, None),
         registration=registration,
         poll_timeout_s=30,
     )

@@ -48,7 +48,7 @@ def test_the_wait_line_and_the_poll_timeout_name_each_env_the_queue_and_the_endp
         source = ApiGroupSource(
             AtroposClient(api.url, vocab_size=1000),
             FifoBatcher(batch_size=8),
-            LagMeter(CompletionLedger().version_of, max_policy_lag=None),
+            LagMeter(CompletionLedger().sequence_version, max_policy_lag=None),
             registration={"batch_size": 8, "max_token_len": 64, "num_steps": 10},
             poll_timeout_s=2,
             waits=waits,

@@ -114,7 +114,7 @@ def test_spool_resume_uses_the_exact_lag_and_drops_redelivered_groups(tmp_path: 
     for raw in raws:  # fetched during step 4 (lower bound of the lag at step 6: 2)
         spool.put(validate_group(raw), fetched_step=4)
     assert spool.put(validate_group(raws[0]), fetched_step=4) is None  # delivered again: dropped
-    lag = LagMeter(CompletionLedger(path=tmp_path / "ledger.jsonl").version_of, max_policy_lag=2)
+    lag = LagMeter(CompletionLedger(path=tmp_path / "ledger.jsonl").sequence_version, max_policy_lag=2)
     again = GroupSpool(tmp_path / "spool")
     assert again.put(validate_group(raws[1]), fetched_step=5) is None  # the seen ids survive a restart
     kept = again.resume(5, 2, lag.lags)  # step 6 trains version 5: lags 5 (version 0) and 2 (version 3)

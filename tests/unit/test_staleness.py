@@ -94,7 +94,7 @@ def test_a_group_over_the_lag_cap_is_dropped_and_counted() -> None:
         for t in tokens:
             ledger.record(t[:1], t[1:], version)
         groups.append({"tokens": tokens, "scores": [0.0, 1.0]})
-    meter = LagMeter(ledger.version_of, max_lag)
+    meter = LagMeter(ledger.sequence_version, max_lag)
     batcher = FifoBatcher(batch_size=4)
     batcher.add(groups)
     chosen = batcher.select(is_stale=lambda g: meter.is_stale(g, step=4))

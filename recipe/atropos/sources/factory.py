@@ -12,7 +12,7 @@ from recipe.atropos.sources.base import GroupSource
 from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.sources.jsonl import make_jsonl_source
 from recipe.atropos.sources.mixture import mixture_from_config
-from recipe.atropos.staleness import LagMeter, VersionLookup
+from recipe.atropos.staleness import LagMeter, SequenceLookup
 from recipe.atropos.transport.client import AtroposClient
 from recipe.atropos.transport.spool import GroupSpool
 from recipe.atropos.waiting import WaitReport
@@ -22,13 +22,14 @@ def make_group_source(
     config: DictConfig,
     atropos: AtroposConfig,
     *,
-    version_of: VersionLookup,
+    version_of: SequenceLookup,
     current_step: Callable[[], int],
     vocab_size: int | None,
 ) -> GroupSource:
     """``source=jsonl``: the saved groups; ``source=api``: the live API through a client, the spool (unless off), and
-    FIFO batches or the env mixture. ``version_of`` looks up which policy version sampled a sequence (the endpoint's
-    ledger); ``current_step`` is the trainer's step (re-registration after an API restart)."""
+    FIFO batches or the env mixture. ``version_of`` looks up which policy version sampled a trained sequence (the
+    endpoint's ledger: :meth:`~recipe.atropos.endpoint.ledger.CompletionLedger.sequence_version`); ``current_step``
+    is the trainer's step (re-registration after an API restart)."""
     batch_size = int(config.data.train_batch_size)
     if atropos.source == "jsonl":
         return make_jsonl_source(atropos, batch_size)
