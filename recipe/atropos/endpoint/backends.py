@@ -25,6 +25,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    seed: int | None = None  # passed on by VLLMCompletionsBackend; RayReplicaBackend ignores it (see its docstring)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,11 @@ def finish_reason(token_ids: Sequence[int], max_tokens: int, eos_token_ids: Sequ
 
 
 class RayReplicaBackend:
-    """Round-robin over verl rollout servers' Ray handles (``generate(prompt_ids, sampling_params, request_id)``)."""
+    """Round-robin over verl rollout servers' Ray handles (``generate(prompt_ids, sampling_params, request_id)``).
+
+    ``SamplingParams.seed`` is not passed on: the servers behind these handles differ in what they accept (vLLM takes
+    ``seed``; SGLang builds its own ``SamplingParams`` from the dict and fails on a key it does not know; hf_cpu has no
+    per-request seed)."""
 
     def __init__(self, server_handles: Sequence[Any], eos_token_ids: Sequence[int]) -> None:
         if not server_handles:
@@ -113,7 +118,9 @@ class VLLMCompletionsBackend:
         return self._served[url]
 
     def request_body(self, prompt_ids: list[int], params: SamplingParams, model: str | None = None) -> dict[str, Any]:
+        seed = {} if params.seed is None else {"seed": params.seed}
         return {
+            **seed,
             "model": model or self._model,
             "prompt": prompt_ids,
             "max_tokens": params.max_tokens,

@@ -1,11 +1,20 @@
 """The inference endpoint Atropos environments call, backed by verl's rollout replicas.
 
 It speaks the contract of atroposlib's ``vllm`` server type (``--openai.server_type vllm --openai.base_url
-http://HOST:PORT/v1``): ``GET /health`` (answering the policy version served, ``paused`` while a weight update holds
-requests back, ``final`` once training is over and the final policy is served for evaluations, ``stats``: requests and
-completions served so far) and ``POST /generate``
-with ``{"prompt": {"prompt_token_ids": [...]}, "n", "max_tokens", "temperature", "top_p", "top_k", "logprobs"}``,
-answered with per-sample ``logprobs`` as ``[[{"<token id>": logprob}], ...]`` and ``finish_reasons``.
+http://HOST:PORT/v1``):
+
+- ``POST /generate`` with ``{"prompt": {"prompt_token_ids": [...]}, "n", "max_tokens", "temperature", "top_p",
+  "top_k", "logprobs"}``, answered with per-sample ``logprobs`` as ``[[{"<token id>": logprob}], ...]`` and
+  ``finish_reasons`` (atroposlib's ``tokens_and_logprobs_completion`` and ``managed_server``);
+- ``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models``, OpenAI's API as vLLM serves it
+  (``chat_completion`` / ``completion`` of stock environments): :mod:`recipe.atropos.endpoint.openai_routes`;
+- ``GET /health``: the policy version served, ``paused`` while a weight update holds requests back, ``final`` once
+  training is over and the final policy is served for evaluations, ``stats``: requests and completions served so
+  far, with per-route and per-env counters (:mod:`recipe.atropos.endpoint.traffic`).
+
+Every route also answers under ``/env/<env name>/`` (the launcher gives each env ``{endpoint}/env/<name>/v1``): the
+prefix is stripped and the request counted for that env. The three generating routes share one path (the policy
+gate, ``n`` samples, the ledger, the counters): :meth:`InferenceEndpoint._generate`.
 
 Generation goes to a backend (:mod:`recipe.atropos.endpoint.backends`).
 
@@ -22,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from recipe.atropos.access import API_KEY_ENV, BearerTokenMiddleware, Refusals, check_exposure, count_into
 from recipe.atropos.endpoint.backends import Completion, GenerationBackend, SamplingParams
 from recipe.atropos.endpoint.ledger import CompletionLedger
+from recipe.atropos.endpoint.openai_routes import Job, OpenAIRoutes, RouteError, error_body
+from recipe.atropos.endpoint.traffic import ENV_SCOPE_KEY, EnvRouteMiddleware, Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +133,7 @@ class InferenceEndpoint:
         ready_file: str | None = None,
         versions_from_rollout: bool = False,
         api_key: str | None = None,
+        served_model_name: str = "policy",
     ) -> None:
         self.backend = backend
         # True when weights are swapped under running requests (split placement, a rollout that tags completions):
@@ -142,6 +154,8 @@ class InferenceEndpoint:
             "abandoned_requests": 0,  # their client disconnected while waiting: nothing generated for them
             "unauthorized_requests": 0,  # 401: no or a wrong bearer token (recipe.atropos.access)
         }
+        self.traffic = Traffic()  # requests by route and status, per env (GET /health: stats.routes, stats.envs)
+        self.served_model_name = served_model_name  # the `model` of OpenAI requests (launcher: the model path)
         self.api_key = api_key  # None: no token asked (loopback only)
         hint = f"environments send it with --openai.api_key; set atropos.inference.api_key or ${API_KEY_ENV}"
         self.refusals = Refusals("inference endpoint", hint, count_into(self.stats, "unauthorized_requests"))
@@ -168,46 +182,82 @@ class InferenceEndpoint:
     def build_app(self) -> FastAPI:
         app = FastAPI(title="atropos-verl inference endpoint")
         app.add_middleware(BearerTokenMiddleware, token=self.api_key, refusals=self.refusals)
+        app.add_middleware(EnvRouteMiddleware, traffic=self.traffic)  # added last: outermost, so 401s are counted
+        openai = OpenAIRoutes(self.tokenizer, self.served_model_name, self._max_tokens)
 
         @app.get("/health")
         async def health() -> dict[str, Any]:
             paused = self._gate is not None and not self._gate.is_open
             # stats: requests/completions served so far (the launcher's waiting line reports the completions)
             state = {"status": "ok", "policy_version": self.policy_version, "paused": paused, "final": self.final}
-            return {**state, "stats": dict(self.stats)}
+            return {**state, "stats": {**self.stats, **self.traffic.snapshot()}}
 
         @app.post("/generate")
         async def generate(request: Request) -> JSONResponse:
-            self.stats["requests"] += 1
-            try:
-                req = GenerateRequest.model_validate(await request.json())
-                prompt_ids = self._prompt_ids(req)
-            except (ValidationError, ValueError) as exc:
-                self.stats["failed_requests"] += 1
-                return JSONResponse({"error": f"invalid /generate request: {exc}"}, status_code=422)
-            params = self._sampling(req)
-            version = await self._gate.enter()
-            if await request.is_disconnected():  # the env gave up while a weight update held it (cancelled worker)
-                self._gate.exit()
-                self.stats["abandoned_requests"] += 1
-                return JSONResponse({"error": "client disconnected before generation"}, status_code=499)
-            try:
-                outs = await asyncio.gather(*[self.backend.generate(prompt_ids, params) for _ in range(req.n)])
-                # The version that produced each completion: the gate's (no swap happens while it is open), or with
-                # swaps under running requests the rollout's tag.
-                versions = [self._produced_by(out, version) for out in outs]
-                for out, produced_by in zip(outs, versions, strict=True):  # recorded before the gate reopens
-                    self.ledger.record(prompt_ids, out.token_ids, produced_by)
-            except Exception as exc:
-                self.stats["failed_requests"] += 1
-                logger.exception("generation failed for a /generate request (n=%d)", req.n)
-                return JSONResponse({"error": f"generation failed: {exc!r}"}, status_code=500)
-            finally:
-                self._gate.exit()
-            self.stats["completions"] += len(outs)
-            return JSONResponse(self._response(prompt_ids, outs, versions))
+            return await self._serve(request, self._generate_job, lambda status, msg, param: {"error": msg})
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> JSONResponse:
+            return await self._serve(request, openai.chat, error_body)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> JSONResponse:
+            return await self._serve(request, openai.completion, error_body)
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return openai.models()
 
         return app
+
+    async def _serve(
+        self, request: Request, parse: Callable[[Any], Job], error: Callable[[int, str, str | None], dict]
+    ) -> JSONResponse:
+        """A generating route: the body parsed into a :class:`Job` (422 when invalid), generated
+        (:meth:`_generate`), answered by the job; errors answered in the route's shape by ``error``."""
+        self.stats["requests"] += 1
+
+        def refuse(exc: RouteError) -> JSONResponse:
+            return JSONResponse(error(exc.status, exc.message, exc.param), status_code=exc.status)
+
+        try:
+            job = parse(await request.json())
+        except (RouteError, ValidationError, ValueError) as exc:
+            self.stats["failed_requests"] += 1
+            invalid = RouteError(422, f"invalid {request.scope['path']} request: {exc}")
+            return refuse(exc if isinstance(exc, RouteError) else invalid)
+        try:
+            outs, versions = await self._generate(request, job)
+        except RouteError as exc:
+            return refuse(exc)
+        return JSONResponse(job.respond(outs, versions))
+
+    async def _generate(self, request: Request, job: Job) -> tuple[list[Completion], list[int]]:
+        """Enter the policy gate, generate ``job.n`` samples, record each in the ledger, leave the gate: the one path
+        of every generating route. Returns the completions (after ``job.finish``) and the policy version of each;
+        :class:`RouteError` 499 when the client left while the gate held it, 500 when generation failed."""
+        version = await self._gate.enter()
+        if await request.is_disconnected():  # the env gave up while a weight update held it (cancelled worker)
+            self._gate.exit()
+            self.stats["abandoned_requests"] += 1
+            raise RouteError(499, "client disconnected before generation")
+        try:
+            samples = [self.backend.generate(job.prompt_ids, job.sample_params(i)) for i in range(job.n)]
+            outs = [job.finish(out) for out in await asyncio.gather(*samples)]
+            # The version that produced each completion: the gate's (no swap happens while it is open), or with
+            # swaps under running requests the rollout's tag.
+            versions = [self._produced_by(out, version) for out in outs]
+            for out, produced_by in zip(outs, versions, strict=True):  # recorded before the gate reopens
+                self.ledger.record(job.prompt_ids, job.ledger_ids(out), produced_by)
+        except Exception as exc:
+            self.stats["failed_requests"] += 1
+            logger.exception("generation failed for a %s request (n=%d)", request.scope["path"], job.n)
+            raise RouteError(500, f"generation failed: {exc!r}") from exc
+        finally:
+            self._gate.exit()
+        self.stats["completions"] += len(outs)
+        self.traffic.completions(request.scope.get(ENV_SCOPE_KEY), len(outs))
+        return outs, versions
 
     def _produced_by(self, out: Completion, gate_version: int) -> int:
         if not self.versions_from_rollout:
@@ -216,6 +266,14 @@ class InferenceEndpoint:
             raise RuntimeError("the rollout did not tag a completion with its policy version (versions_from_rollout)")
         return int(out.policy_version)
 
+    def _generate_job(self, body: Any) -> Job:
+        req = GenerateRequest.model_validate(body)
+        prompt_ids = self._prompt_ids(req)
+        params = SamplingParams(
+            max_tokens=self._max_tokens(req.max_tokens), temperature=req.temperature, top_p=req.top_p, top_k=req.top_k
+        )
+        return Job(prompt_ids, params, req.n, lambda outs, versions: self._response(prompt_ids, outs, versions))
+
     def _prompt_ids(self, req: GenerateRequest) -> list[int]:
         if isinstance(req.prompt, PromptTokens):
             return list(req.prompt.prompt_token_ids)
@@ -223,13 +281,14 @@ class InferenceEndpoint:
             raise ValueError("prompt: send {'prompt_token_ids': [...]} (this endpoint has no tokenizer for text)")
         return list(self.tokenizer.encode(req.prompt, add_special_tokens=False))
 
-    def _sampling(self, req: GenerateRequest) -> SamplingParams:
-        max_tokens = req.max_tokens or self.max_tokens_cap
+    def _max_tokens(self, requested: int | None) -> int:
+        """``requested`` (None: the cap) capped at ``max_tokens_cap``; a capped request is counted."""
+        max_tokens = requested or self.max_tokens_cap
         if max_tokens > self.max_tokens_cap:
             # The trainer cannot hold longer responses (data.max_response_length): cap, and count it.
             self.stats["capped_max_tokens"] += 1
             max_tokens = self.max_tokens_cap
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+        return max_tokens
 
     def _response(self, prompt_ids: list[int], outs: Sequence[Completion], versions: list[int]) -> dict[str, Any]:
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **_: "")

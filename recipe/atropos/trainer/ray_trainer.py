@@ -148,6 +148,7 @@ class RayAtroposTrainer(RayPPOTrainer):
             ready_file=icfg.ready_file,
             versions_from_rollout=not self.swap_holds_requests,
             api_key=inference_token(icfg.api_key),
+            served_model_name=str(self.config.actor_rollout_ref.model.path),  # the envs' openai.model_name
         )
         return endpoint.start()
 
