@@ -60,13 +60,21 @@ class RayAtroposTrainer(RayPPOTrainer):
         self.atropos = check_atropos_config(config)  # typed and checked once; verl's __init__ builds the source
         share_rollout_correction_with_actor(config)  # before the workers copy the config
         ledger_path = ledger_file(self.atropos, config.trainer)  # kept beside the spool: resumed lags are exact
-        self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions, ledger_path)
+        # Served completions expire one version past the lag cap: a span matching nothing is bounded by the oldest
+        # completion not yet claimed (recipe.atropos.endpoint.ledger), and data older than the cap is stale anyway.
+        cap = self.atropos.max_policy_lag
+        horizon = None if cap is None else cap + 1
+        self.ledger = CompletionLedger(self.atropos.inference.max_tracked_completions, ledger_path, horizon=horizon)
         self.endpoint: InferenceEndpoint | None = None
         self.swap_holds_requests = swap_holds_requests(config)
         self.overlap = OverlapMeter(count_replica_holds=not self.swap_holds_requests)
         with HybridEngineFlag(config) as split:
             super().__init__(config, *args, **kwargs)
+        self.ledger.decode = self._decode_completion  # text matching of re-tokenised spans (OpenAI routes)
         self.split, self.hybrid_engine = split, not split
+
+    def _decode_completion(self, token_ids: Any) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     # ---- verl hooks -------------------------------------------------------------------------------------------
     def init_workers(self) -> None:
@@ -99,7 +107,7 @@ class RayAtroposTrainer(RayPPOTrainer):
         return make_group_source(
             self.config,
             self.atropos,
-            version_of=self.ledger.version_of,
+            version_of=self.ledger.sequence_version,
             current_step=lambda: int(self.global_steps),
             vocab_size=model_vocab_size(str(self.config.actor_rollout_ref.model.path)),
         )
@@ -175,12 +183,14 @@ class RayAtroposTrainer(RayPPOTrainer):
     def _compute_log_probs(self, batch: DataProto, metrics: dict[str, float], timing: dict[str, float]) -> DataProto:
         rollout_corr = self.config.algorithm.get("rollout_correction", None)
         has_rollout_lp = "rollout_log_probs" in batch.batch.keys()
-        if rollout_corr is not None and rollout_corr.get("bypass_mode", False):
-            if not has_rollout_lp:
-                raise ValueError(
-                    "algorithm.rollout_correction.bypass_mode=true needs inference_logprobs in every group; "
-                    "use ManagedServer in the environments or set bypass_mode=false"
-                )
+        bypass = rollout_corr is not None and rollout_corr.get("bypass_mode", False)
+        if bypass:
+            # Rows whose env sent no inference_logprobs (most envs on the OpenAI routes): their old log-probs are
+            # recomputed below, so the batch trains without the staleness correction (IS weight min(pi/pi_old, C)
+            # against the policy at the step's start); their lag is still measured and capped (atropos.max_policy_lag).
+            without = 0.0 if has_rollout_lp else float((~batch.batch["has_rollout_log_probs"]).sum())
+            metrics["atropos/rows_without_rollout_logprobs"] = without
+        if bypass and has_rollout_lp:
             # The behaviour policy's log-probs stand in for the old policy's (no old-log-prob pass); the actor's loss
             # applies the truncated IS weights from its own copy of rollout_correction (config.checks).
             batch.batch["old_log_probs"] = batch.batch["rollout_log_probs"]
