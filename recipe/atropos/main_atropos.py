@@ -3,16 +3,24 @@
 Builds verl's workers and a :class:`~recipe.atropos.trainer.RayAtroposTrainer` in a Ray TaskRunner, as verl's
 ``main_ppo`` does, minus the datasets. On a machine without CUDA the CPU runtime is switched on here (platform,
 rollout backend, Ray resources): users pass no extra flags.
+
+An error the recipe raises on purpose with a message that says what to do (:data:`STOP_ERRORS`: the poll timeout
+"no batch ... within N s" above all, which carries the waiting line and what to check; the config checks' one-line
+errors) ends the process with that message as one paragraph headed ``atropos-verl: the trainer stopped:`` on stderr
+and exit code 1, not Hydra's traceback: :func:`stop_reason` takes it out of the ``RayTaskError`` that carries it from
+the Ray actor. Any other error is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
+from ray.exceptions import RayTaskError
 
 from recipe.atropos.access import API_KEY_ENV, inference_token
 from recipe.atropos.algos import extensions
@@ -21,8 +29,17 @@ from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.runtime.assets import resolve_model_path
 from recipe.atropos.runtime.cluster import pinned_here, ray_init_kwargs
 from recipe.atropos.runtime.gpu import check_gpu_runtime
+from recipe.atropos.schema import GroupValidationError
+from recipe.atropos.sources.jsonl import OfflineDataError
+from recipe.atropos.transport.client import AtroposAPIError
+from recipe.atropos.waiting import stop_paragraph
 
 logger = logging.getLogger(__name__)
+
+# Raised by the recipe on purpose, each with a message that says what happened and what to check: the API's errors
+# and the poll timeout (AtroposAPIError), offline data that cannot train (OfflineDataError), a malformed group where
+# it cannot be set aside (GroupValidationError).
+STOP_ERRORS: tuple[type[BaseException], ...] = (AtroposAPIError, OfflineDataError, GroupValidationError)
 
 
 def _add_external_module(module: str) -> None:
@@ -110,9 +127,43 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
             ray.shutdown()
 
 
+def unwrap_ray_error(error: BaseException) -> BaseException:
+    """The exception a Ray task or actor method raised, out of the ``RayTaskError`` (possibly nested: a task that
+    called another) that ``ray.get`` raises for it; ``error`` itself when it is no ``RayTaskError``."""
+    for _ in range(16):
+        cause = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
+        if not isinstance(cause, BaseException) or cause is error:
+            break
+        error = cause
+    return error
+
+
+def stop_reason(error: BaseException) -> str | None:
+    """The paragraph to stop with for an error of :data:`STOP_ERRORS` (raised here or in the Ray actor), else None:
+    a bug, whose traceback is kept."""
+    cause = unwrap_ray_error(error)
+    return stop_paragraph(str(cause)) if isinstance(cause, STOP_ERRORS) else None
+
+
+def stop(paragraph: str) -> None:
+    """Print ``paragraph`` to stderr and exit with code 1 (a ``SystemExit``, which Hydra lets through untouched)."""
+    print(paragraph, file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 @hydra.main(config_path="config", config_name="atropos_grpo", version_base=None)
 def main(config: DictConfig) -> None:
-    run_atropos(config)
+    try:
+        check_atropos_config(config)  # the checks' ValueErrors name the key and the fix: one paragraph, before Ray
+    except ValueError as error:
+        stop(stop_paragraph(str(error)))
+    try:
+        run_atropos(config)
+    except Exception as error:
+        reason = stop_reason(error)
+        if reason is None:
+            raise
+        stop(reason)
 
 
 if __name__ == "__main__":

@@ -244,9 +244,10 @@ class Launcher:
 
     # ---- supervision ------------------------------------------------------------------------------------
     def _died(self, proc: ManagedProcess) -> LaunchError:
-        return LaunchError(
-            f"{proc.name} exited with code {proc.poll()}; last lines of {proc.log_path}:\n{tail(proc.log_path)}"
-        )
+        code, log = proc.poll(), proc.log_path
+        stopped = self.console.trainer_stopped(log) if proc.name == "trainer" else None  # its paragraph, no traceback
+        why = f" (log: {log}): {stopped}" if stopped else f"; last lines of {log}:\n{tail(log)}"
+        return LaunchError(f"{proc.name} exited with code {code}{why}")
 
     def supervise(self) -> None:
         """Until the trainer exits: restart or fail on a dead env, fail on a dead API, mirror each step."""
