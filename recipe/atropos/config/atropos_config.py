@@ -110,14 +110,23 @@ class InferenceConfig(BaseConfig):
 
 @dataclass
 class EnvConfig(BaseConfig):
-    """One entry of ``atropos.launcher.envs``: a module (``python -m``) or a script run with ``serve``."""
+    """One entry of ``atropos.launcher.envs``: a module (``python -m``) or a script run with ``serve``, in its own
+    interpreter (``python``) with its own import path (``pythonpath``); see ``atropos_grpo_base.yaml``."""
 
     name: str | None = None  # None = env<index>
     module: str | None = None
     script: str | None = None
+    python: str | None = None  # the env's interpreter; None = atropos.launcher.env_python
+    pythonpath: list[str] = field(default_factory=list)  # folders prepended to the env's PYTHONPATH
     group_size: int = 8
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)  # the env's own CLI flags; they win over the launcher's
+    policy_server: int = 0  # multi-server envs: the index of config_init's servers that is the trained policy
+    servers: list[dict[str, Any]] = field(default_factory=list)  # multi-server envs: merged onto config_init's
+
+    def __post_init__(self) -> None:
+        if self.policy_server < 0:
+            raise ValueError(f"atropos.launcher.envs[].policy_server={self.policy_server}: use an index >= 0")
 
 
 @dataclass
@@ -140,6 +149,7 @@ class LauncherConfig(BaseConfig):
     api_allow: list[str] = field(default_factory=list)
     endpoint_url: str | None = None  # role=services: the trainer's endpoint, e.g. http://trainer-host:8001
     trainer_gone_s: float = 300.0
+    env_python: str | None = None  # the envs' interpreter; None = $ATROPOS_ENV_PYTHON, else .venv-envs, else this one
 
     def __post_init__(self) -> None:
         if self.max_api_restarts < 0 or self.max_env_restarts < 0:

@@ -1,8 +1,9 @@
 """Checks a launch makes before any service starts; each failure is one line naming the key and the fix.
 
 :func:`typed_config` builds a launch's typed ``atropos`` block (once, when the launcher is made); :func:`run_preflight`
-checks the rest: the whole config (the trainer's own checks), the model path, the env modules/scripts and the fixed
-ports. Also says whether a run directory already holds a finished run.
+checks the rest: the whole config (the trainer's own checks), the model path, the fixed ports, and each env's
+interpreter (it must import atroposlib) and the env itself, imported there (which also reads the servers its
+``config_init`` declares). Also says whether a run directory already holds a finished run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,7 @@ from omegaconf import DictConfig
 
 if TYPE_CHECKING:  # the typed config imports verl: not at import time
     from recipe.atropos.config import AtroposConfig, LauncherConfig
+    from recipe.atropos.launcher.envs import EnvServers
 
 
 class PreflightError(ValueError):
@@ -63,23 +66,56 @@ def check_model_path(path: str) -> None:
         )
 
 
-def check_envs(launcher: LauncherConfig) -> None:
-    """Each env's module is importable (found without running it) or its script exists."""
-    for i, (name, env) in enumerate(zip(launcher.env_names(), launcher.envs, strict=True)):
-        where = f"atropos.launcher.envs[{i}] ({name})"
-        if env.module:
-            try:
-                found = importlib.util.find_spec(env.module)
-            except (ImportError, ValueError) as exc:
-                found, reason = None, f" ({exc})"
+def env_pythons(launcher: LauncherConfig) -> dict[str, tuple[str, str]]:
+    """Each env's interpreter and where it was named (:func:`.env_python.resolve_env_python`), by env name."""
+    from recipe.atropos.launcher.env_python import resolve_env_python
+
+    return {
+        name: resolve_env_python(env.python, launcher.env_python)
+        for name, env in zip(launcher.env_names(), launcher.envs, strict=True)
+    }
+
+
+def check_envs(launcher: LauncherConfig, pythons: Mapping[str, tuple[str, str]] | None = None) -> dict[str, EnvServers]:
+    """Each env's script exists, its interpreter runs and imports atroposlib, the env imports there with its
+    ``pythonpath`` (:func:`~recipe.atropos.launcher.envs.probe_envs`, which also reads the servers its
+    ``config_init`` declares: returned by env name), and the entry's ``servers``/``policy_server``/args fit those.
+    ``pythons``: name -> (interpreter, where it was named)."""
+    from recipe.atropos.launcher.env_python import (
+        ATROPOSLIB_PIN,
+        DEFAULT_VENV,
+        FALLBACK,
+        INSTALL_HINT,
+        env_python_problem,
+    )
+    from recipe.atropos.launcher.envs import EnvEntryError, check_servers, probe_envs
+
+    pythons = dict(pythons) if pythons is not None else env_pythons(launcher)
+    names = launcher.env_names()
+    where = {name: f"atropos.launcher.envs[{i}] ({name})" for i, name in enumerate(names)}
+    entries = dict(zip(names, launcher.envs, strict=True))
+    problems: dict[str, str | None] = {}
+    for name, env in entries.items():
+        if bool(env.module) == bool(env.script):
+            raise PreflightError(f"{where[name]}: give exactly one of `module` or `script`")
+        if env.script and not Path(env.script).expanduser().is_file():
+            raise PreflightError(f"{where[name]}: script {env.script!r} does not exist; fix `script`")
+        python, source = pythons[name]
+        if python not in problems:
+            problems[python] = env_python_problem(python)
+        if problems[python]:
+            if source in (str(DEFAULT_VENV), FALLBACK):
+                fix = INSTALL_HINT
             else:
-                reason = ""
-            if found is None:
-                raise PreflightError(
-                    f"{where}: module {env.module!r} is not importable{reason}; install it or fix `module`"
-                )
-        elif not Path(env.script or "").expanduser().is_file():
-            raise PreflightError(f"{where}: script {env.script!r} does not exist; fix `script`")
+                fix = f"point {source} at a Python with atroposlib {ATROPOSLIB_PIN}, or unset it for .venv-envs"
+            raise PreflightError(f"{where[name]}: the env interpreter {problems[python]} (named by {source}); {fix}")
+    try:
+        found = probe_envs(entries, {name: python for name, (python, _) in pythons.items()})
+        for name, env in entries.items():
+            check_servers(name, env, found[name])  # `servers`, `policy_server`, args fit what config_init declares
+    except EnvEntryError as error:
+        raise PreflightError(f"{where[error.name]}: {error.reason}") from None
+    return found
 
 
 def check_port_free(key: str, port: int | None, host: str = "127.0.0.1") -> None:
@@ -119,9 +155,12 @@ def typed_config(config: DictConfig) -> AtroposConfig:
         raise _one_line(exc) from None
 
 
-def run_preflight(config: DictConfig, atropos: AtroposConfig) -> None:
+def run_preflight(
+    config: DictConfig, atropos: AtroposConfig, pythons: Mapping[str, tuple[str, str]] | None = None
+) -> dict[str, EnvServers]:
     """The trainer's own checks of the whole config (:func:`recipe.atropos.config.check_atropos_config`), then the
-    model path, the envs and the fixed ports of ``atropos`` (the typed block of ``config``)."""
+    model path, the fixed ports of ``atropos`` (the typed block of ``config``) and, where this launcher runs them, the
+    envs (:func:`check_envs`; their declared servers are returned by name, {} when it runs none)."""
     from recipe.atropos.config import check_atropos_config
 
     try:
@@ -129,9 +168,9 @@ def run_preflight(config: DictConfig, atropos: AtroposConfig) -> None:
     except ValueError as exc:
         raise _one_line(exc) from None
     check_model_path(str(config.actor_rollout_ref.model.path))
-    check_envs(atropos.launcher)
     launcher = atropos.launcher
     if launcher.role != "trainer":  # the ports of the services this launcher's role runs, where they bind
         check_port_free("atropos.launcher.api_port", launcher.api_port, launcher.api_host)
     if launcher.role != "services":
         check_port_free("atropos.launcher.inference_port", launcher.inference_port, atropos.inference.host)
+    return check_envs(launcher, pythons) if launcher.role != "trainer" else {}

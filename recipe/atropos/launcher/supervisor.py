@@ -4,9 +4,11 @@
         [hydra overrides]
 
 The YAML is the trainer's own Hydra config; its ``atropos.launcher`` block names the environments and the run's
-ports, directory, timeouts and restart policy. Pre-flight checks (config keys, model path, env modules/scripts, ports)
-run before any service starts; each failure is one line naming the key and the fix, exit code 2. A run directory
-whose checkpoint already reached ``trainer.total_training_steps`` is reported finished (exit 0). The API is
+ports, directory, timeouts and restart policy. Pre-flight checks (config keys, model path, ports, each env's
+interpreter and the env imported there) run before any service starts; each failure is one line naming the key and the
+fix, exit code 2. Each env runs in its own interpreter (``.venv-envs`` by default, see
+:mod:`recipe.atropos.launcher.env_python`). A run directory whose checkpoint already reached
+``trainer.total_training_steps`` is reported finished (exit 0). The API is
 atroposlib's own app behind validation (``python -m recipe.atropos.guard.app``). Every service logs to
 ``<run_dir>/logs/<name>.log``. A dead API is restarted on the same port (``restart_api``, bounded; the environments
 are restarted with it, the trainer registers again by itself), a dead environment is restarted (``restart_envs``,
@@ -29,8 +31,17 @@ from pathlib import Path
 from recipe.atropos.access import inference_token
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
-from recipe.atropos.launcher.envs import checked_envs, env_argv, wait_registered, write_env_ids
-from recipe.atropos.launcher.preflight import PreflightError, finished_step, run_preflight, typed_config
+from recipe.atropos.launcher.envs import (
+    ENV_CONFIGS,
+    EnvServers,
+    checked_envs,
+    env_argv,
+    env_environ,
+    probe_envs,
+    wait_registered,
+    write_env_ids,
+)
+from recipe.atropos.launcher.preflight import PreflightError, env_pythons, finished_step, run_preflight, typed_config
 from recipe.atropos.launcher.processes import (
     ManagedProcess,
     free_port,
@@ -75,6 +86,9 @@ class Launcher:
             )
         lcfg = self.atropos.launcher
         self.envs = checked_envs(lcfg, int(self.config.data.train_batch_size)) if lcfg.role != "trainer" else {}
+        # Each env's interpreter (and where it was named), and the servers its config_init declares (preflight).
+        self.env_pythons = env_pythons(lcfg) if self.envs else {}
+        self.env_servers: dict[str, EnvServers] = {}
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(lcfg.run_dir or f"outputs/{self.config.trainer.experiment_name}-{stamp}").resolve()
         self.api_port = lcfg.api_port or free_port()
@@ -98,8 +112,8 @@ class Launcher:
         )
 
     def preflight(self) -> None:
-        """Raise :class:`PreflightError` (one line) before anything starts."""
-        run_preflight(self.config, self.atropos)
+        """Raise :class:`PreflightError` (one line) before anything starts; keeps what each env declares."""
+        self.env_servers = run_preflight(self.config, self.atropos, self.env_pythons)
 
     def finished(self) -> int | None:
         """The step this run directory already finished at (checkpoint >= total steps), else None."""
@@ -113,8 +127,8 @@ class Launcher:
     def _log(self, name: str) -> Path:
         return self.run_dir / "logs" / f"{name}.log"
 
-    def _start(self, name: str, argv: list[str]) -> ManagedProcess:
-        proc = ManagedProcess(name, argv, self._log(name), die_with_parent=True).start()  # none outlives a SIGKILL
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, self._log(name), env=env, die_with_parent=True).start()  # dies with us
         self.children[name] = proc
         raise_if_stopped()  # a Ctrl-C that landed while forking (stop_all stops this child too)
         return proc
@@ -145,7 +159,12 @@ class Launcher:
         ]
 
     def env_argv(self, name: str) -> list[str]:
-        """The command line of env ``name``: this run's API, endpoint, model, lengths and lag cap."""
+        """The command line of env ``name``: its interpreter, this run's API, endpoint, model, lengths and lag cap
+        (a multi-server env's --config YAML is written under ``<run_dir>/env_configs``). What the env declares is
+        probed here when the preflight did not."""
+        python = self.env_pythons[name][0]
+        if name not in self.env_servers:
+            self.env_servers.update(probe_envs({name: self.envs[name]}, {name: python}))
         return env_argv(
             name,
             self.envs[name],
@@ -155,6 +174,9 @@ class Launcher:
             max_token_length=int(self.config.data.max_prompt_length + self.config.data.max_response_length),
             max_policy_lag=self.atropos.max_policy_lag,
             api_key=inference_token(self.atropos.inference.api_key),
+            python=python,
+            servers=self.env_servers[name],
+            config_dir=self.run_dir / ENV_CONFIGS,
         )
 
     def api_argv(self) -> list[str]:
@@ -181,7 +203,7 @@ class Launcher:
     def _start_registered_env(self, name: str, timeout: float) -> None:
         """Start env ``name`` and record the env id it registers as (:mod:`recipe.atropos.launcher.envs`); a trainer
         that exits meanwhile ends the wait without an id (the caller's next look at the trainer handles its exit)."""
-        proc = self._start(name, self.env_argv(name))
+        proc = self._start(name, self.env_argv(name), env_environ(self.envs[name], self.env_pythons[name][0]))
         env_id = len(self.env_ids)
         if not wait_registered(proc, self.api_url, env_id, timeout, self.children.get("trainer")):
             return

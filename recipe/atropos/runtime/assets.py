@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,34 @@ def _publish(build_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def portable_tokenizer(model_dir: Path) -> Path:
+    """Make the tokenizer saved in ``model_dir`` readable by transformers 4 as well as 5 (idempotent).
+
+    transformers 5 saves ``"tokenizer_class": "TokenizersBackend"``, a class transformers 4 does not have, so the
+    environments' interpreter (``.venv-envs``, transformers 4.57: :mod:`recipe.atropos.launcher.env_python`) could not
+    load the model's tokenizer. ``PreTrainedTokenizerFast`` names the same ``tokenizer.json`` in both (5 maps it to
+    ``TokenizersBackend``); ids, special tokens and chat template are unchanged
+    (tests/integration/test_env_interpreter.py compares them across the two versions).
+    """
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return Path(model_dir)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, path)
+    return Path(model_dir)
+
+
+def save_portable_tokenizer(tokenizer: Any, model_dir: Path) -> Path:
+    """``tokenizer.save_pretrained(model_dir)``, readable by transformers 4 and 5 (:func:`portable_tokenizer`)."""
+    tokenizer.save_pretrained(model_dir)
+    return portable_tokenizer(model_dir)
+
+
 def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     """A random 2-layer Llama (hidden 128, 2 heads → head_dim 64) with a byte-level ChatML tokenizer.
 
@@ -65,7 +94,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
-        return out_dir
+        return portable_tokenizer(out_dir)
     build = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent if out_dir.parent.exists() else None))
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
@@ -74,7 +103,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     core.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(build)
+    save_portable_tokenizer(tokenizer, build)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -125,7 +154,7 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
 
     out_dir = Path(cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct"
     if (out_dir / "config.json").exists():
-        return out_dir
+        return portable_tokenizer(out_dir)  # a cache converted before the tokenizer was saved portably
     gguf = smollm2_gguf_path()
     logger.info("converting %s to safetensors under %s (once)", gguf.name, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +166,7 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.save_pretrained(build, safe_serialization=True)
-    tokenizer.save_pretrained(build)
+    save_portable_tokenizer(tokenizer, build)
     return _publish(build, out_dir)
 
 
