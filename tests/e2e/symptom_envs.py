@@ -3,9 +3,10 @@ Atropos environments*), each a :class:`OneWordEnv` that generates through the tr
 
 - ``equal_scores``: scores every sequence 0.0, so atroposlib's ``BaseEnv`` drops every group itself
   (``ensure_scores_are_not_same``, true by default): completions are served, the API never hears of a group;
-- ``chat_template``: builds its prompt as envs written for transformers 4 do,
-  ``tokenizer.apply_chat_template(messages, add_generation_prompt=True) + [...]``: transformers 5 returns a
-  ``BatchEncoding``, the ``+`` raises ``TypeError``, and ``BaseEnv`` logs the message and goes on with the next item;
+- ``chat``: generates with ``self.server.chat_completion`` (the endpoint's ``/v1/chat/completions``) as most stock
+  envs do; run with ``--openai.model_name`` set to another model (a stock env's own default, as a user who copies its
+  config would), every call gets 404 from the endpoint, atroposlib retries, then ``BaseEnv`` logs the error and goes
+  on with the next item;
 - ``none``: the bundled env unchanged (a wrong group size is reproduced with ``--env.group_size 3`` on a batch of 8).
 
 Run as any env: ``python -m tests.e2e.symptom_envs serve --env.symptom equal_scores ...``.
@@ -13,14 +14,12 @@ Run as any env: ``python -m tests.e2e.symptom_envs serve --env.symptom equal_sco
 
 from __future__ import annotations
 
-import asyncio
-
 from atroposlib.envs.base import APIServerConfig, ScoredDataGroup
 from pydantic import Field
 
 from recipe.atropos.envs.one_word_env import OneWordEnv, OneWordEnvConfig
 
-SYMPTOMS = ("equal_scores", "chat_template", "none")
+SYMPTOMS = ("equal_scores", "chat", "none")
 
 
 class SymptomEnvConfig(OneWordEnvConfig):
@@ -39,11 +38,14 @@ class SymptomEnv(OneWordEnv):
     async def collect_trajectories(self, item: str) -> tuple[ScoredDataGroup | None, list]:
         if self.config.symptom not in SYMPTOMS:
             raise ValueError(f"--env.symptom {self.config.symptom!r}: use one of {SYMPTOMS}")
-        if self.config.symptom == "chat_template":
-            await asyncio.sleep(0.5)  # as if it had generated first: no busy loop of errors on a shared CPU
+        if self.config.symptom == "chat":
             messages = [{"role": "user", "content": item}]
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            return {"tokens": [prompt + [self.tokenizer.eos_token_id]]}, []  # TypeError under transformers 5
+            out = await self.server.chat_completion(messages=messages, n=self.config.group_size, max_tokens=4)
+            replies = [choice.message.content or "" for choice in out.choices]
+            prompt = self.tokenizer.encode(item)
+            tokens = [prompt + self.tokenizer.encode(reply) for reply in replies]
+            masks = [[-100] * len(prompt) + t[len(prompt) :] for t in tokens]
+            return {"tokens": tokens, "masks": masks, "scores": [float(i % 2) for i in range(len(tokens))]}, []
         group, backlog = await super().collect_trajectories(item)
         if self.config.symptom == "equal_scores":
             group["scores"] = [0.0] * len(group["scores"])

@@ -171,3 +171,50 @@ def test_atroposlib_vllm_client_reads_our_endpoint_backed_by_real_vllm(vllm_serv
         assert endpoint.stats["capped_max_tokens"] == 1 and endpoint.stats["completions"] == 2
     finally:
         endpoint.stop()
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.timeout(600)
+def test_openai_routes_of_our_endpoint_backed_by_real_vllm(vllm_server: str, tiny_model: Path) -> None:
+    """atroposlib's ``chat_completion`` / ``completion`` (what most stock envs call) through our endpoint on the
+    vllm_http backend: the choices, the cap, and each completion recorded under the endpoint's policy version."""
+    from atroposlib.envs.server_handling.openai_server import APIServerConfig
+    from atroposlib.envs.server_handling.vllm_server import VLLMServer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    backend = VLLMCompletionsBackend([vllm_server], model_name=SERVED_NAME)
+    endpoint = InferenceEndpoint(
+        backend,
+        port=0,
+        max_tokens_cap=4,
+        eos_token_ids=[2],
+        tokenizer=tok,
+        policy_version=5,
+        served_model_name=SERVED_NAME,
+    ).start()
+    try:
+        server = VLLMServer(
+            APIServerConfig(
+                server_type="vllm",
+                base_url=f"{endpoint.url}/env/stock/v1",
+                model_name=SERVED_NAME,
+                tokenizer_name=str(tiny_model),
+                api_key="x",
+                health_check=False,
+            )
+        )
+        messages = [{"role": "user", "content": "hi"}]
+        chat = asyncio.run(server.chat_completion(messages=messages, n=2, max_tokens=MAX_TOKENS, temperature=1.0))
+        text = asyncio.run(server.completion(prompt="abc", n=3, max_tokens=3, temperature=1.0))
+        assert len(chat.choices) == 2 and len(text.choices) == 3
+        assert all(c.finish_reason in ("stop", "length") for c in [*chat.choices, *text.choices])
+        assert chat.usage.completion_tokens <= 2 * 4  # max_tokens=6 capped at the endpoint's max_tokens_cap
+        assert len(endpoint.ledger) == 5 and endpoint.stats["completions"] == 5
+        health = requests.get(f"{endpoint.url}/health", timeout=5).json()["stats"]
+        assert health["envs"]["stock"]["completions"] == 5
+        assert health["routes"]["/v1/chat/completions"] == {"200": 1}
+        assert health["routes"]["/v1/completions"] == {"200": 1}
+    finally:
+        endpoint.stop()
