@@ -9,6 +9,9 @@ Invariants a valid group holds (each violation raises :class:`GroupValidationErr
 - ``masks`` [n][L_i] with every value -100 (untrained) or equal to the token at that position;
 - ``scores`` [n] finite; ``advantages`` / ``inference_logprobs`` / ``ref_logprobs``, when given, [n][L_i] and finite;
 - ``overrides``, when given, one dict per sequence;
+- an empty list in ``advantages`` / ``inference_logprobs`` / ``ref_logprobs`` / ``overrides`` / ``messages`` means
+  "not given": atroposlib's ``BaseEnv.collect_trajectories`` sends ``[]`` for each a group's items did not fill
+  (every stock env built on ``collect_trajectory``, e.g. blackjack);
 - with ``batch_size``, the group size divides it (else the API can never pack the group into a batch).
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 IGNORE_INDEX = -100  # mask value of a position that is not trained (prompt, env or tool tokens)
 
@@ -53,6 +56,11 @@ class ScoredGroup(BaseModel):
     group_overrides: dict[str, Any] | None = None
     messages: list[Any] | None = None
     env_id: int | None = None
+
+    @field_validator("advantages", "inference_logprobs", "ref_logprobs", "overrides", "messages", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value: Any) -> Any:
+        return None if isinstance(value, list) and not value else value
 
     @model_validator(mode="after")
     def _consistent(self) -> ScoredGroup:

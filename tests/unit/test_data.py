@@ -103,3 +103,21 @@ def test_first_trained_position() -> None:
     assert first_trained_position([X, X, 5, X]) == 2
     assert first_trained_position([X, X]) == 2
     assert first_trained_position([7]) == 0
+
+
+def test_empty_lists_from_basenv_collect_trajectories_mean_not_given() -> None:
+    """atroposlib's BaseEnv.collect_trajectories (every stock env built on collect_trajectory, e.g. blackjack) posts
+    ``[]`` for the per-sequence fields its items did not fill: they are absent, not 0 sequences; a partial list is not."""
+    group = {
+        "tokens": [[5, 6, 7], [5, 6, 8]],
+        "masks": [[X, 6, 7], [X, 6, 8]],
+        "scores": [1.0, -1.0],
+        **{name: [] for name in ("advantages", "inference_logprobs", "ref_logprobs", "overrides", "messages")},
+        "group_overrides": {},
+        "images": [],
+    }
+    data = convert([group])
+    assert data.batch["has_env_advantages"].tolist() == [False, False]
+    assert "rollout_log_probs" not in data.batch.keys()
+    with pytest.raises(ValueError, match="advantages: 1 sequences, but tokens has 2"):
+        convert([{**group, "advantages": [[0.0, 1.0, 1.0]]}])
