@@ -13,7 +13,7 @@ import pytest
 from recipe.atropos.config import EnvConfig, atropos_config
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import EnvServers, checked_envs, env_argv, write_env_ids
-from recipe.atropos.launcher.report import fault_line, step_line, summarize, write_run_report
+from recipe.atropos.launcher.report import env_lines, fault_line, step_line, summarize, write_run_report
 from recipe.atropos.metrics_file import read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
@@ -139,3 +139,48 @@ def test_run_report_writes_the_summary_and_the_plot(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     assert write_run_report(empty, empty / "metrics.jsonl", "tiny", 0, 0) == "no steps recorded"
     assert not (empty / "metrics.png").exists()
+
+
+def test_env_lines_say_which_env_posted_nothing_and_why(tmp_path: Path) -> None:
+    """blackjack (ids 0 and 2: restarted) posts and trains; reasoning generates but posts nothing (drops its groups
+    itself); dead got no completion at all. Figures from the guard's stats, env_ids.json and the trainer's rows."""
+    (tmp_path / "env_ids.json").write_text(
+        json.dumps({"0": "blackjack", "1": "reasoning", "2": "blackjack", "3": "dead"})
+    )
+    guard = {"envs": {"0": {"received": 3, "rejected": 1}, "2": {"received": 2, "rejected": 0}}}
+    (tmp_path / "api_guard_stats.json").write_text(json.dumps(guard))
+    rows = [
+        {
+            "step": 1,
+            "atropos/env/blackjack/sequences": 8.0,
+            "atropos/endpoint/env/blackjack/completions": 16.0,
+            "atropos/endpoint/env/reasoning/completions": 8.0,
+            "atropos/endpoint/env/dead/failed_calls": 3.0,
+        },
+        {
+            "step": 2,
+            "atropos/env/blackjack/sequences": 16.0,
+            "atropos/endpoint/env/blackjack/completions": 40.0,
+            "atropos/endpoint/env/reasoning/completions": 24.0,
+            "atropos/endpoint/env/dead/failed_calls": 7.0,
+        },
+    ]
+    blackjack, reasoning, dead = env_lines(tmp_path, rows)
+    assert (
+        blackjack
+        == "env blackjack: posted 5 groups (1 rejected), trained 24 sequences, 40 completions served, 0 failed calls"
+    )
+    assert reasoning.startswith(
+        "env reasoning: posted 0 groups (0 rejected), trained 0 sequences, 24 completions served"
+    )
+    assert reasoning.endswith(
+        "it generates but posts nothing, so it drops its groups itself (scores all equal, length, "
+        "or a filter of its own): see its log"
+    )
+    assert dead.startswith(
+        "env dead: posted 0 groups (0 rejected), trained 0 sequences, 0 completions served, 7 failed"
+    )
+    assert dead.endswith(
+        "it got no completion from the endpoint (its calls fail, or it fails before calling): see its log"
+    )
+    assert env_lines(tmp_path / "none", rows) == []

@@ -67,6 +67,36 @@ class GenerateRequest(BaseModel):
     logprobs: int | None = None
 
 
+class PhaseLaps:
+    """Per-request phase timer of the endpoint's opt-in profile (:attr:`InferenceEndpoint.phase_seconds`): counts the
+    request in ``totals["requests"]``; each ``lap(phase)`` adds the seconds since the previous lap (or since creation)
+    to ``totals[phase]``."""
+
+    __slots__ = ("totals", "last")
+
+    def __init__(self, totals: dict[str, float]) -> None:
+        totals["requests"] = totals.get("requests", 0) + 1
+        self.totals = totals
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+class _NoLaps:
+    """The profile switched off (the default): ``lap`` does nothing."""
+
+    __slots__ = ()
+
+    def lap(self, phase: str) -> None:
+        return None
+
+
+NO_LAPS = _NoLaps()
+
+
 class PolicyGate:
     """Lets requests through while open; ``close`` waits for in-flight ones. Lives on the endpoint's event loop.
     ``closed_s``: seconds it has held new requests back, summed over closures (the current one included)."""
@@ -156,6 +186,9 @@ class InferenceEndpoint:
         }
         self.traffic = Traffic()  # requests by route and status, per env (GET /health: stats.routes, stats.envs)
         self.served_model_name = served_model_name  # the `model` of OpenAI requests (launcher: the model path)
+        # Opt-in profile (bench/bench_endpoint.py): a dict here gets the seconds generating requests spent in each phase
+        # (PhaseLaps' names), summed over requests, and "requests" their count. None (the default): nothing is timed.
+        self.phase_seconds: dict[str, float] | None = None
         self.api_key = api_key  # None: no token asked (loopback only)
         hint = f"environments send it with --openai.api_key; set atropos.inference.api_key or ${API_KEY_ENV}"
         self.refusals = Refusals("inference endpoint", hint, count_into(self.stats, "unauthorized_requests"))
@@ -178,6 +211,20 @@ class InferenceEndpoint:
     def counters(self) -> dict[str, float]:
         """:attr:`stats` and ``paused_s`` (seconds the gate held requests, cumulative): per-step metrics."""
         return {**self.stats, "paused_s": self._gate.closed_s if self._gate else 0.0}
+
+    def env_counters(self) -> dict[str, float]:
+        """Per env (its ``/env/<name>`` prefix), cumulative: ``atropos/endpoint/env/<name>/completions`` generated for
+        it and ``.../failed_calls`` (answers >= 400); the launcher's closing summary reads them."""
+        async def snapshot() -> dict[str, Any]:  # on the endpoint's loop, which updates the counters
+            return self.traffic.snapshot()
+
+        out: dict[str, float] = {}
+        for name, env in self._call(snapshot(), 30)["envs"].items():
+            by_status = [(status, n) for statuses in env["routes"].values() for status, n in statuses.items()]
+            failed = sum(n for status, n in by_status if status.isdigit() and int(status) >= 400)
+            out[f"atropos/endpoint/env/{name}/completions"] = float(env["completions"])
+            out[f"atropos/endpoint/env/{name}/failed_calls"] = float(failed)
+        return out
 
     def build_app(self) -> FastAPI:
         app = FastAPI(title="atropos-verl inference endpoint")
@@ -216,23 +263,33 @@ class InferenceEndpoint:
         """A generating route: the body parsed into a :class:`Job` (422 when invalid), generated
         (:meth:`_generate`), answered by the job; errors answered in the route's shape by ``error``."""
         self.stats["requests"] += 1
+        laps = NO_LAPS if self.phase_seconds is None else PhaseLaps(self.phase_seconds)
 
         def refuse(exc: RouteError) -> JSONResponse:
             return JSONResponse(error(exc.status, exc.message, exc.param), status_code=exc.status)
 
         try:
-            job = parse(await request.json())
+            body = await request.json()
+            laps.lap("read body + JSON parse")
+            job = parse(body)
+            laps.lap("request parsing + chat template + tokenize")
         except (RouteError, ValidationError, ValueError) as exc:
             self.stats["failed_requests"] += 1
             invalid = RouteError(422, f"invalid {request.scope['path']} request: {exc}")
             return refuse(exc if isinstance(exc, RouteError) else invalid)
         try:
-            outs, versions = await self._generate(request, job)
+            outs, versions = await self._generate(request, job, laps)
         except RouteError as exc:
             return refuse(exc)
-        return JSONResponse(job.respond(outs, versions))
+        answer = job.respond(outs, versions)
+        laps.lap("response building (decode, logprobs)")
+        response = JSONResponse(answer)
+        laps.lap("JSON encode")
+        return response
 
-    async def _generate(self, request: Request, job: Job) -> tuple[list[Completion], list[int]]:
+    async def _generate(
+        self, request: Request, job: Job, laps: PhaseLaps | _NoLaps = NO_LAPS
+    ) -> tuple[list[Completion], list[int]]:
         """Enter the policy gate, generate ``job.n`` samples, record each in the ledger, leave the gate: the one path
         of every generating route. Returns the completions (after ``job.finish``) and the policy version of each;
         :class:`RouteError` 499 when the client left while the gate held it, 500 when generation failed."""
@@ -241,14 +298,18 @@ class InferenceEndpoint:
             self._gate.exit()
             self.stats["abandoned_requests"] += 1
             raise RouteError(499, "client disconnected before generation")
+        laps.lap("gate wait")
         try:
             samples = [self.backend.generate(job.prompt_ids, job.sample_params(i)) for i in range(job.n)]
-            outs = [job.finish(out) for out in await asyncio.gather(*samples)]
+            generated = await asyncio.gather(*samples)
+            laps.lap("backend generate")
+            outs = [job.finish(out) for out in generated]
             # The version that produced each completion: the gate's (no swap happens while it is open), or with
             # swaps under running requests the rollout's tag.
             versions = [self._produced_by(out, version) for out in outs]
             for out, produced_by in zip(outs, versions, strict=True):  # recorded before the gate reopens
                 self.ledger.record(job.prompt_ids, job.ledger_ids(out), produced_by)
+            laps.lap("stop-string cut + ledger record")
         except Exception as exc:
             self.stats["failed_requests"] += 1
             logger.exception("generation failed for a %s request (n=%d)", request.scope["path"], job.n)

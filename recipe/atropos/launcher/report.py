@@ -93,15 +93,17 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: Path, title: str = "GRPO o
     held = held_out_points(rows)
     if held:
         top.plot([s for s, _ in held], [v for _, v in held], marker="s", color="tab:green", label="held-out success")
+    scores = [r.get(SCORE, float("nan")) for r in train]
     top.plot(
         steps,
-        [r.get(SCORE, float("nan")) for r in train],
+        scores,
         marker="o",
         color="tab:blue",
         label="kept-group mean score (training batches)",
     )
     top.set_ylabel("score")
-    top.set_ylim(-0.05, 1.05)
+    seen = [v for v in [*scores, *(v for _, v in held)] if v == v]  # NaN != NaN
+    top.set_ylim(min([0.0, *seen]) - 0.05, max([1.0, *seen]) + 0.05)  # [0, 1], or wider for envs scoring in [-1, 1]
     top.set_title(title)
     top.grid(alpha=0.3)
     top.legend(loc="lower right")
@@ -131,6 +133,37 @@ def fault_line(run_dir: Path, api_restarts: int, env_restarts: int) -> str:
     )
 
 
+def env_lines(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per env of the run (names from ``env_ids.json``): groups the guarded API received from it (rejected),
+    sequences trained (env mixtures), completions the endpoint generated for it and its failed calls; for an env that
+    posted nothing, why (``[]`` without the run's env ids)."""
+    names_file, stats_file = Path(run_dir) / "env_ids.json", Path(run_dir) / GUARD_STATS
+    names = json.loads(names_file.read_text()) if names_file.exists() else {}
+    guard = (json.loads(stats_file.read_text()) if stats_file.exists() else {}).get("envs") or {}
+    train = trainer_rows(rows)
+    lines = []
+    for name in dict.fromkeys(names.values()):  # an env restarted registers again under a new id
+        ids = [env_id for env_id, n in names.items() if n == name]
+        received = sum(int((guard.get(env_id) or {}).get("received", 0)) for env_id in ids)
+        rejected = sum(int((guard.get(env_id) or {}).get("rejected", 0)) for env_id in ids)
+        served = max((r.get(f"atropos/endpoint/env/{name}/completions", 0.0) for r in train), default=0.0)
+        failed = max((r.get(f"atropos/endpoint/env/{name}/failed_calls", 0.0) for r in train), default=0.0)
+        trained = sum(r.get(f"atropos/env/{name}/sequences", 0.0) for r in train)
+        line = (
+            f"env {name}: posted {received} groups ({rejected} rejected), trained {trained:.0f} sequences, "
+            f"{served:.0f} completions served, {failed:.0f} failed calls"
+        )
+        if received == 0 and served == 0:
+            line += ": it got no completion from the endpoint (its calls fail, or it fails before calling): see its log"
+        elif received == 0:
+            line += (
+                ": it generates but posts nothing, so it drops its groups itself (scores all equal, length, or a "
+                "filter of its own): see its log"
+            )
+        lines.append(line)
+    return lines
+
+
 def group_account(run_dir: Path, spool_dir: str | Path | None = None) -> GroupAccount | None:
     """Where every group of the run went (:mod:`recipe.atropos.launcher.accounting`); None without the guard's
     journal (plain ``run-api``) or the trainer's spool on this host. ``spool_dir``: ``atropos.spool.dir`` when set
@@ -154,7 +187,7 @@ def write_run_report(
     plus the fault line when there were faults; also kept in ``<run_dir>/summary.txt``; ``<run_dir>/metrics.png`` when
     any row was recorded."""
     rows = read_metrics(metrics_file)
-    summary = summarize(rows)
+    summary = "\n".join([summarize(rows), *env_lines(run_dir, rows)])
     if rows:
         logger.info("plot: %s", plot_metrics(rows, Path(run_dir) / "metrics.png", title=title))
     account = group_account(run_dir, spool_dir)

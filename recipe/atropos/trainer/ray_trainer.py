@@ -268,6 +268,7 @@ class RayAtroposTrainer(RayPPOTrainer):
             counters = self.endpoint.counters()
             metrics["atropos/policy_version"] = float(self.endpoint.policy_version)
             metrics.update({f"atropos/endpoint/{k}": float(v) for k, v in counters.items()})
+            metrics.update(self.endpoint.env_counters())
             metrics.update(self.overlap.step_metrics(timing, counters, server_metrics))
         metrics["training/global_step"] = self.global_steps
         metrics.update(compute_data_metrics(batch=batch, use_critic=False))
