@@ -41,7 +41,7 @@ _TIMEOUT_S = 3.0
 FAILED_HINTS = {
     "401": "no or a wrong token: give the env atropos.inference.api_key as --openai.api_key",
     "404": "the endpoint serves no such route, or no such model: its model is actor_rollout_ref.model.path",
-    "422": "the endpoint refused the request: its log, in the trainer's, says why",
+    "422": "the endpoint refused the request: the trainer's log says why (each reason once)",
     "5xx": "the endpoint failed to answer: see the trainer's log",
 }
 # The first words of the paragraph a trainer prints when it stops on an error the recipe raised on purpose (the poll

@@ -9,6 +9,7 @@ checks the served log-probs against a forward pass of the tiny model."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -401,3 +402,17 @@ def test_chat_and_completions_through_the_real_hf_cpu_backend(hf_cpu_backend: An
     assert len(completion.choices[0].logprobs.tokens) == completion.usage.completion_tokens <= 5
     assert endpoint.stats["capped_max_tokens"] == 1 and endpoint.stats["completions"] == 5
     assert endpoint.traffic.snapshot()["envs"]["real"]["completions"] == 5
+
+
+def test_each_refusal_reason_is_logged_once(
+    endpoint: InferenceEndpoint, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The console's 422 hint sends the user to the trainer's log: each distinct reason is there, once."""
+    body = {"model": str(tiny_model), "prompt": ""}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with caplog.at_level(logging.WARNING, logger="recipe.atropos.endpoint.server"):
+        for _ in range(3):
+            answer = requests.post(f"{env_url(endpoint)}/completions", json=body, headers=headers, timeout=5)
+            assert answer.status_code == 422
+    refusals = [r.getMessage() for r in caplog.records if "refused a request" in r.getMessage()]
+    assert refusals == ["inference endpoint refused a request (422) /v1/completions: prompt: empty (logged once)"]

@@ -256,7 +256,8 @@ def test_the_wait_line_names_each_envs_completions_and_failing_calls_with_what_t
         'route, or no such model: its model is actor_rollout_ref.model.path), errors in its log: 41 x "LLM API error: '
         'RetryError[...]" | env math: 0 groups received (0 '
         "rejected), last post never, 48 completions served, 2 calls to /generate failed (422: the endpoint refused "
-        "the request: its log, in the trainer's, says why) | endpoint: 48 completions served, 1 call to /v1/models "
+        "the request: the trainer's log says why (each reason once)) | endpoint: 48 completions served, "
+        "1 call to /v1/models "
         "failed (401: no or a wrong token: give the env atropos.inference.api_key as --openai.api_key)"
     )
     assert failed_calls({"/generate": {"200": 3, "500": 2, "503": 1, "499": 4}}) == [

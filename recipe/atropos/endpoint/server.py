@@ -189,6 +189,7 @@ class InferenceEndpoint:
         # Opt-in profile (bench/bench_endpoint.py): a dict here gets the seconds generating requests spent in each phase
         # (PhaseLaps' names), summed over requests, and "requests" their count. None (the default): nothing is timed.
         self.phase_seconds: dict[str, float] | None = None
+        self._refusals_logged: set[str] = set()
         self.api_key = api_key  # None: no token asked (loopback only)
         hint = f"environments send it with --openai.api_key; set atropos.inference.api_key or ${API_KEY_ENV}"
         self.refusals = Refusals("inference endpoint", hint, count_into(self.stats, "unauthorized_requests"))
@@ -215,6 +216,7 @@ class InferenceEndpoint:
     def env_counters(self) -> dict[str, float]:
         """Per env (its ``/env/<name>`` prefix), cumulative: ``atropos/endpoint/env/<name>/completions`` generated for
         it and ``.../failed_calls`` (answers >= 400); the launcher's closing summary reads them."""
+
         async def snapshot() -> dict[str, Any]:  # on the endpoint's loop, which updates the counters
             return self.traffic.snapshot()
 
@@ -275,8 +277,10 @@ class InferenceEndpoint:
             laps.lap("request parsing + chat template + tokenize")
         except (RouteError, ValidationError, ValueError) as exc:
             self.stats["failed_requests"] += 1
-            invalid = RouteError(422, f"invalid {request.scope['path']} request: {exc}")
-            return refuse(exc if isinstance(exc, RouteError) else invalid)
+            path = request.scope["path"]
+            refused = exc if isinstance(exc, RouteError) else RouteError(422, f"invalid {path} request: {exc}")
+            self._log_refusal(path, refused)
+            return refuse(refused)
         try:
             outs, versions = await self._generate(request, job, laps)
         except RouteError as exc:
@@ -286,6 +290,13 @@ class InferenceEndpoint:
         response = JSONResponse(answer)
         laps.lap("JSON encode")
         return response
+
+    def _log_refusal(self, path: str, refused: RouteError) -> None:
+        """Each distinct reason a request was refused, logged once (the console's 422 hint points here)."""
+        reason = refused.message if refused.message.startswith(f"invalid {path}") else f"{path}: {refused.message}"
+        if reason not in self._refusals_logged and len(self._refusals_logged) < 100:
+            self._refusals_logged.add(reason)
+            logger.warning("inference endpoint refused a request (%d) %s (logged once)", refused.status, reason)
 
     async def _generate(
         self, request: Request, job: Job, laps: PhaseLaps | _NoLaps = NO_LAPS
