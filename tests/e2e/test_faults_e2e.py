@@ -4,27 +4,37 @@ Every scenario ends with the account of every group by id (:mod:`recipe.atropos.
 trained, set aside with the reason, pending, lost) and asserts **0 lost**: the guarded API journals each group until
 the trainer acknowledges it after its spool write, and the spool trains each id once. Each prints one row of the
 fault table (``FAULT-TABLE`` lines: run with ``-s`` to see them). Scenarios share runs where each leaves the
-accounting exact: an env killed and malformed groups posted in one run; Ctrl-C, a SIGKILLed trainer and a SIGKILLed
-launcher in one run resumed three times. The API kill runs with a memory bound of one batch, so groups wait on disk.
+accounting exact, two runs in all: an env killed and malformed groups posted in the run that also tests bypass mode
+with the rollout split from the actor and the env's held-out evaluations (one module-scoped run, two tests); the API
+SIGKILLed, then Ctrl-C, a SIGKILLed trainer and a SIGKILLed launcher in one run resumed three times. The API kill runs
+with a memory bound of one batch, so groups wait on disk.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
+import torch
+import yaml
 
 from recipe.atropos.launcher.accounting import GroupAccount
+from recipe.atropos.launcher.processes import tail
 from recipe.atropos.launcher.report import group_account
 from recipe.atropos.metrics_file import read_metrics
-from tests.helpers import wait_until
+from tests.helpers import Launch, checkpoint_state, launcher_factory, no_processes_left, wait_until
 
 pytestmark = pytest.mark.timeout(900)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 
 
 def read_json(path: Path) -> dict:
@@ -83,79 +93,79 @@ def kill(proc: psutil.Process) -> None:
     wait_until(dead, 10, f"pid {proc.pid} to die", interval=0.01)
 
 
-def test_api_killed_mid_run_is_restarted_and_the_run_finishes_losing_nothing(launch) -> None:
-    total = 5
-    # The env mixture keeps at most one batch of surplus per env, so the steps after the kill must poll the restarted
-    # API (with a deeper surplus they can all be served from groups fetched before it, and nothing re-registers).
-    # Memory bound of one batch: further groups wait in the journal's backlog on disk.
-    run = launch(
-        f"trainer.total_training_steps={total}",
-        "atropos.mixture_max_pending_batches=1",
-        "atropos.guard.max_queued_sequences=8",
-    )
-    run.wait_for(lambda: "step 1/" in run.log_text(), 600, "step 1")
-    api = run.child("recipe.atropos.guard.app")
-    url = f"http://127.0.0.1:{api.cmdline()[api.cmdline().index('--port') + 1]}"
+# ---- one run: bypass mode, split rollout, held-out evaluations; an env SIGKILLed and malformed groups posted ---------
+SPLIT_STEPS = 3
 
-    def holds_unfetched() -> bool:  # posted, not yet fetched: what a plain run-api loses to a SIGKILL
-        stats = requests.get(f"{url}/guard/stats", timeout=5).json()
-        return stats["memory_groups"] + stats["backlog_groups"] > 0
 
-    run.wait_for(holds_unfetched, 300, "groups waiting in the API")
-    kill(api)
-    at_kill = read_json(run.run_dir / "api_guard_stats.json")  # saved at every change: the state at the kill
-    assert at_kill["journal_groups"] >= 1, at_kill
-    killed_at = time.monotonic()
-    assert run.wait_exit(800) == 0, run.log_text()[-4000:]
+@dataclass
+class SplitRun:
+    run: Launch
+    rows: list[dict]  # the trainer's rows (one per step)
+    evals: list[dict]  # the env's held-out evaluations (rows with a ``source``)
+    codes: list[int]  # the API's answers to the four malformed groups
+
+
+def model_bytes(model_dir: Path) -> tuple[int, int]:
+    """(bytes, tensors) of the model's weights as the actor sends them (its state dict, fp32 on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    return sum(t.numel() * t.element_size() for t in state.values()), len(state)
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SplitRun]:
+    """One launcher run shared by the two tests below. The demo's mode on the tiny config: bypass (the actor applies
+    min(π_θ/π_rollout, 2) itself, no old-log-prob pass), the rollout split from the actor, the first env (one_word)
+    evaluating on held-out questions every API step. After step 1 two faults: the other env (one_word_pairs: it does
+    not evaluate, so the checks of the evaluations do not hang on a restart) is SIGKILLed, and four malformed groups
+    are posted to the API. Run to its end (exit 0); no process of it may be left afterwards."""
+    tmp = tmp_path_factory.mktemp("split_faults")
+    # env flag names hold dots, so the YAML is edited rather than overridden
+    config_dir = tmp / "config"
+    config_dir.mkdir()
+    shutil.copy(CONFIGS / "atropos_grpo_base.yaml", config_dir / "atropos_grpo_base.yaml")
+    tiny = yaml.safe_load((CONFIGS / "atropos_grpo_tiny.yaml").read_text())
+    tiny["atropos"]["launcher"]["envs"][0]["args"].update({"env.steps_per_eval": 1, "env.eval_questions": 2})
+    (config_dir / "tiny_eval.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    with no_processes_left(), launcher_factory(tiny_model, tmp) as launch:
+        run = launch(
+            f"trainer.total_training_steps={SPLIT_STEPS}",
+            "algorithm.rollout_correction.bypass_mode=true",
+            "atropos.final_eval_wait_s=300",
+            "actor_rollout_ref.hybrid_engine=false",
+            "actor_rollout_ref.rollout.nnodes=1",
+            config=config_dir / "tiny_eval.yaml",
+        )
+        run.wait_for(lambda: "step 1/" in run.log_text(), 600, "step 1")
+        argv = run.child("recipe.atropos.guard.app").cmdline()
+        url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
+        kill(run.child("/env/one_word_pairs/v1"))  # its endpoint URL names it
+        vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+        x = -100
+        bad = [
+            {"tokens": [[1, 2, vocab]] * 4, "masks": [[x, x, vocab]] * 4, "scores": [1.0, 0.0, 1.0, 0.0]},
+            {"tokens": [[1, 2, 3]] * 4, "masks": [[x, x, 3]] * 4, "scores": [float("nan"), 0.0, 1.0, 0.0]},
+            {"tokens": [[1, 2, 3]] * 5, "masks": [[x, x, 3]] * 5, "scores": [1.0, 0.0, 1.0, 0.0, 1.0]},
+            {"tokens": [], "masks": [], "scores": []},
+        ]
+        headers = {"Content-Type": "application/json"}
+        codes = [requests.post(f"{url}/scored_data", data=json.dumps(b), headers=headers).status_code for b in bad]
+        assert run.wait_exit(800) == 0, tail(run.log, 80)
     rows = read_metrics(run.run_dir / "metrics.jsonl")
-    assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
-    state = read_json(run.run_dir / "launcher_state.json")
-    assert state["api_restarts"] == 1
-    assert rows[-1]["atropos/reregistrations"] >= 1.0
-    assert rows[-1]["atropos/api_restarts"] == 1.0
-    assert_nothing_fetched_lost(spool_counters(run.run_dir))
-    guard = read_json(run.run_dir / "api_guard_stats.json")
-    # what the killed API held unacknowledged was served again by the next one (its journal), none lost
-    assert guard["resumed_groups"] == at_kill["journal_groups"], (guard, at_kill)
-    acc = account(run.run_dir)
-    table_row(
-        "run-api SIGKILLed after step 1 (memory bound 8 sequences)",
-        len(rows),
-        total,
-        acc,
-        max_gap_s(rows),
-        f"unacknowledged at the kill {at_kill['journal_groups']} (in memory {at_kill['memory_sequences']} seqs, "
-        f"on disk {at_kill['backlog_groups']} groups), served again {guard['resumed_groups']}; restarts {state}; "
-        f"run took {time.monotonic() - killed_at:.0f} s after the kill",
-    )
+    evals = [r for r in rows if r.get("source") == "env:one_word"]
+    yield SplitRun(run, [r for r in rows if "source" not in r], evals, codes)
 
 
-def test_env_crash_and_bad_groups_after_step_1_the_run_finishes_and_loses_nothing(launch, tiny_model: Path) -> None:
-    """Two faults in one run, each leaving the accounting exact: an env killed (restarted by the launcher), and the
-    four groups that ended or stalled a run before the guard posted to the API: token id past the vocabulary, NaN
-    score, a group of 5 in a batch of 8, an empty group (each refused with 422)."""
-    total = 4
-    run = launch(f"trainer.total_training_steps={total}")
-    run.wait_for(lambda: "step 1/" in run.log_text(), 600, "step 1")
-    argv = run.child("recipe.atropos.guard.app").cmdline()
-    url = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
-    kill(run.child("recipe.atropos.envs.one_word_env"))
-    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
-    x = -100
-    bad = [
-        {"tokens": [[1, 2, vocab]] * 4, "masks": [[x, x, vocab]] * 4, "scores": [1.0, 0.0, 1.0, 0.0]},
-        {"tokens": [[1, 2, 3]] * 4, "masks": [[x, x, 3]] * 4, "scores": [float("nan"), 0.0, 1.0, 0.0]},
-        {"tokens": [[1, 2, 3]] * 5, "masks": [[x, x, 3]] * 5, "scores": [1.0, 0.0, 1.0, 0.0, 1.0]},
-        {"tokens": [], "masks": [], "scores": []},
-    ]
-    headers = {"Content-Type": "application/json"}
-    codes = [requests.post(f"{url}/scored_data", data=json.dumps(b), headers=headers).status_code for b in bad]
-    assert codes == [422, 422, 422, 422]
-    assert run.wait_exit(800) == 0, run.log_text()[-4000:]
-    rows = read_metrics(run.run_dir / "metrics.jsonl")
-    assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
+def test_env_crash_and_bad_groups_after_step_1_the_run_finishes_and_loses_nothing(split_run: SplitRun) -> None:
+    """Two faults in one run (``split_run``), each leaving the accounting exact: an env killed (restarted by the
+    launcher), and the four groups that ended or stalled a run before the guard posted to the API: token id past the
+    vocabulary, NaN score, a group of 5 in a batch of 8, an empty group (each refused with 422)."""
+    run, rows = split_run.run, split_run.rows
+    assert split_run.codes == [422, 422, 422, 422]
+    assert [int(r["step"]) for r in rows] == list(range(1, SPLIT_STEPS + 1))
     state = read_json(run.run_dir / "launcher_state.json")
-    assert sum(state["env_restarts"].values()) == 1
+    assert state["env_restarts"] == {"one_word_pairs": 1}, state
     guard = read_json(run.run_dir / "api_guard_stats.json")
     # An env killed in the middle of a POST leaves the guard a truncated body, refused as `body` (at most one: the
     # env sends one group at a time). Only that may come beside the four groups posted here.
@@ -169,13 +179,58 @@ def test_env_crash_and_bad_groups_after_step_1_the_run_finishes_and_loses_nothin
     acc = account(run.run_dir)
     assert acc.set_aside["rejected by the API (tokens)"] == 2 and acc.set_aside["rejected by the API (scores)"] == 1
     table_row(
-        "one env SIGKILLed and 4 malformed groups posted after step 1",
+        "one env SIGKILLed and 4 malformed groups posted after step 1 (bypass, split rollout)",
         len(rows),
-        total,
+        SPLIT_STEPS,
         acc,
         max_gap_s(rows),
         f"all 4 got 422; truncated bodies refused {truncated}; restarts {state}",
     )
+
+
+def test_bypass_mode_with_a_split_rollout_trains_end_to_end(split_run: SplitRun, tiny_model: Path) -> None:
+    """The same run (``split_run``): the actor applies min(π_θ/π_rollout, 2) itself; no old-log-prob pass; the env's
+    held-out evaluations land in the metrics file and the summary. Split placement: the endpoint never holds a request;
+    after every swap the replica samples with the weights the actor checkpointed at that step."""
+    run_dir, rows, evals = split_run.run.run_dir, split_run.rows, split_run.evals
+    assert [r["step"] for r in rows] == list(range(1, SPLIT_STEPS + 1))
+    # held-out evaluations reach the trainer's metrics file: one at start-up (base model, version 0), then more
+    assert evals and evals[0]["step"] == 0 and evals[0]["eval/one_word/held_out_samples"] == 8
+    # ... and the last one measured the final policy: the trainer kept serving it until the env had (final_eval_wait_s)
+    assert evals[-1]["step"] == SPLIT_STEPS, [e["step"] for e in evals]
+    assert "no environment evaluated the final policy" not in (run_dir / "logs" / "trainer.log").read_text()
+    assert all(0.0 <= r["eval/one_word/held_out_success"] <= 1.0 for r in evals)
+    assert (run_dir / "summary.txt").read_text().startswith("held-out success ")
+    for row in rows:
+        assert "timing_s/old_log_prob" not in row  # skipped: the rollout's log-probs are the behaviour policy
+        assert 0.0 < row["atropos/is_weight_mean"] <= 2.0 and row["atropos/is_weight_max"] <= 2.0
+        assert 0.0 <= row["atropos/is_truncated_fraction"] <= 1.0
+        lags = [row["atropos/policy_lag_0"], row["atropos/policy_lag_1"], row["atropos/policy_lag_2plus"]]
+        assert sum(lags) == pytest.approx(1.0)
+    # ---- split placement ---------------------------------------------------------------------------------------
+    trainer_log = (run_dir / "logs" / "trainer.log").read_text()
+    assert "split placement: actor on 1 x 1 devices, 1 rollout replica(s) on 1 x 1, weights via gloo" in trainer_log
+    payload, n_tensors = model_bytes(tiny_model)
+    for row in rows:
+        step = int(row["step"])
+        assert row["atropos/endpoint/paused_s"] == 0.0  # the gate never held a request: envs were always served
+        assert "timing_s/pause_endpoint" not in row
+        # one load at start-up and one per step, now serving this step's policy
+        assert row["rollout/0/probe_weight_loads"] == step + 1
+        assert row["rollout/0/policy_version"] == row["atropos/policy_version"] == step
+        # the whole model crossed the gloo engine (buckets add at most 15 alignment bytes per tensor)
+        sent = row["atropos/weight_sync/megabytes"] * 2**20
+        assert payload <= sent <= payload + 15 * n_tensors
+        # the replica's probe module holds exactly what the actor checkpointed at this step
+        state = checkpoint_state(run_dir, step)
+        (name,) = [k for k in state if k.endswith("layers.0.self_attn.q_proj.weight")]
+        expected = float(state[name].to(torch.float64).sum())
+        assert row["rollout/0/probe_module_weight_checksum"] == pytest.approx(expected, abs=1e-9)
+        # held = the replica's weight-load time (no gate pause), a fraction of the step
+        held, step_s = row["atropos/endpoint/held_s"], row["timing_s/step"]
+        assert 0.0 < held < step_s and row["atropos/endpoint/paused_fraction"] == pytest.approx(held / step_s)
+    served = [row["atropos/endpoint/completions_during_update"] for row in rows]
+    print(f"split: completions served during the actor's updates per step {served}")
 
 
 def descendants_of(pid: int) -> list[psutil.Process]:
@@ -189,21 +244,61 @@ def gone(proc: psutil.Process) -> bool:
         return True
 
 
-def test_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_lose_nothing(launch) -> None:
-    """One run, three faults, each followed by a resume: Ctrl-C after the first checkpoint; the trainer SIGKILLed in
-    the middle of a step (the launcher stops the rest and exits 1); the launcher itself SIGKILLed (its services and
-    Ray die with it). The fourth launch finishes; nothing is lost, and a fifth finds the run finished."""
+def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_lose_nothing(launch) -> None:
+    """One run, four faults, each but the first followed by a resume. The first launch: the API SIGKILLed after step 1
+    (restarted by the launcher, the trainer registers again and trains on), then Ctrl-C after the first checkpoint
+    since; the trainer SIGKILLed in the middle of a step (the launcher stops the rest and exits 1); the launcher itself
+    SIGKILLed (its services and Ray die with it). The fourth launch finishes; nothing is lost, and a fifth finds the
+    run finished."""
     total = 6  # room for a step after each resume, before the end
     args = (f"trainer.total_training_steps={total}", "trainer.save_freq=1")
-    run = launch(*args)
+    # The first launch, the API kill: the env mixture keeps at most one batch of surplus per env, so the steps after the
+    # kill must poll the restarted API (with a deeper surplus they can all be served from groups fetched before it, and
+    # nothing re-registers). Memory bound of one batch: further groups wait in the journal's backlog on disk.
+    run = launch(*args, "atropos.mixture_max_pending_batches=1", "atropos.guard.max_queued_sequences=8")
     latest = run.run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    metrics = run.run_dir / "metrics.jsonl"
 
     def checkpoint() -> int:
         return int(latest.read_text() or 0) if latest.exists() else 0
 
-    run.wait_for(lambda: checkpoint() >= 1, 600, "a checkpoint")
+    run.wait_for(lambda: "step 1/" in run.log_text(), 600, "step 1")
+    api = run.child("recipe.atropos.guard.app")
+    url = f"http://127.0.0.1:{api.cmdline()[api.cmdline().index('--port') + 1]}"
+
+    def holds_unfetched() -> bool:  # posted, not yet fetched: what a plain run-api loses to a SIGKILL
+        stats = requests.get(f"{url}/guard/stats", timeout=5).json()
+        return stats["memory_groups"] + stats["backlog_groups"] > 0
+
+    run.wait_for(holds_unfetched, 300, "groups waiting in the API")
+    kill(api)
+    at_kill = read_json(run.run_dir / "api_guard_stats.json")  # saved at every change: the state at the kill
+    assert at_kill["journal_groups"] >= 1, at_kill
+
+    def trained_on_after_the_restart() -> bool:
+        """The restarted API (same port) lists both envs again (the launcher registers them in order, so env id 1
+        means both), the trainer registered again, and a step it trained since is checkpointed."""
+        try:
+            if requests.get(f"{url}/status-env", json={"env_id": 1}, timeout=5).status_code != 200:
+                return False
+        except requests.RequestException:
+            return False
+        again = [r for r in read_metrics(metrics) if r.get("atropos/reregistrations", 0.0) >= 1.0]
+        return bool(again) and checkpoint() >= int(again[0]["step"])
+
+    run.wait_for(trained_on_after_the_restart, 600, "a checkpointed step after the API's restart")
     run.send_signal(signal.SIGINT)
     assert run.wait_exit(120) == 130
+    rows = read_metrics(metrics)
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+    state = read_json(run.run_dir / "launcher_state.json")  # written as the launcher stops, Ctrl-C included
+    assert state["api_restarts"] == 1
+    assert rows[-1]["atropos/reregistrations"] >= 1.0
+    assert rows[-1]["atropos/api_restarts"] == 1.0
+    guard = read_json(run.run_dir / "api_guard_stats.json")
+    assert guard["starts"] == at_kill["starts"] + 1, (guard, at_kill)
+    # what the killed API held unacknowledged was served again by the next one (its journal), none lost
+    assert guard["resumed_groups"] == at_kill["journal_groups"], (guard, at_kill)
     interrupted = spool_counters(run.run_dir)
     assert_nothing_fetched_lost(interrupted)
     step = checkpoint()
@@ -212,13 +307,21 @@ def test_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_lose_nothing(la
     assert any(actor.glob("model_world_size_*_rank_0.pt"))
     assert (actor / "huggingface" / "config.json").exists()
     mid = account(run.run_dir, finished=False)
-    table_row(f"Ctrl-C after checkpoint {step}", step, total, mid, 0.0, f"spooled at the stop {interrupted['pending']}")
+    table_row(
+        f"run-api SIGKILLed after step 1 (memory bound 8 sequences), then Ctrl-C after checkpoint {step}",
+        step,
+        total,
+        mid,
+        max_gap_s(rows),
+        f"unacknowledged at the kill {at_kill['journal_groups']} (in memory {at_kill['memory_sequences']} seqs, "
+        f"on disk {at_kill['backlog_groups']} groups), served again {guard['resumed_groups']}; restarts {state}; "
+        f"spooled at the stop {interrupted['pending']}",
+    )
 
     # resume, then SIGKILL the trainer in the middle of the next step (its batch fetched, not yet trained)
     second = launch(*args)
     second.wait_for(lambda: checkpoint() > step, 600, "a step after the resume")
     trained_to = checkpoint()
-    metrics = run.run_dir / "metrics.jsonl"
     second.wait_for(lambda: len(read_metrics(metrics)) >= trained_to, 120, "the step's metrics row")
     trainer = second.child("recipe.atropos.main_atropos")
     kill(trainer)
