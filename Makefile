@@ -111,6 +111,28 @@ bench-placement: install
 
 # The 2-node Ray cluster on this machine (tests/e2e/test_cluster_e2e.py, marker `cluster`, left out of `make test`):
 # a head and a worker `ray start`, the trainer attached with trainer.nnodes=2, API and envs in a second launcher.
+# Stock Atropos environment files, unmodified (tests/e2e/test_stock_envs.py, marker `stock`, left out of `make test`):
+# blackjack_env_no_thinking and reasoning_gym_environment trained with the demo model in one launcher run. The files
+# come from $$ATROPOS_ENVS_DIR (an Atropos checkout's environments/) or ../shared/stock-envs; reasoning_gym's requirement
+# (reasoning-gym) goes into the environments' interpreter first, with the command an env's requirements.txt takes.
+.PHONY: test-stock
+test-stock: install
+	$(PYTHON311) -m recipe.atropos.launcher.env_python --venv $(VENV_ENVS) --requirements tests/e2e/stock_requirements.txt
+	$(PY) -m pytest -m stock -s tests/e2e/test_stock_envs.py $(PYTEST_ARGS)
+
+# The stock blackjack env (unmodified) trained with the demo model (recipe/atropos/config/atropos_grpo_stock_cpu.yaml);
+# ends with outputs/<run>/metrics.png (mean score of the training groups per step) and the summary line.
+# DEMO_STOCK_ARGS e.g. "trainer.total_training_steps=20".
+.PHONY: demo-stock
+STOCK_ENVS_DIR ?= $(or $(ATROPOS_ENVS_DIR),../shared/stock-envs)
+DEMO_STOCK_ARGS ?=
+demo-stock: install
+	@env=$$(find -L $(STOCK_ENVS_DIR) -name blackjack_env_no_thinking.py 2>/dev/null | head -n 1); \
+	if [ -z "$$env" ]; then echo "blackjack_env_no_thinking.py not found under $(STOCK_ENVS_DIR): set ATROPOS_ENVS_DIR=<atropos checkout>/environments"; exit 2; fi; \
+	echo "stock env: $$env"; \
+	$(PY) -m recipe.atropos.launch_atropos_verl_services --config recipe/atropos/config/atropos_grpo_stock_cpu.yaml \
+		"atropos.launcher.envs.0.script=$$env" $(DEMO_STOCK_ARGS)
+
 .PHONY: test-cluster
 test-cluster: install
 	$(PY) -m pytest -m cluster tests/e2e/test_cluster_e2e.py $(PYTEST_ARGS)
@@ -122,3 +144,12 @@ test-cluster: install
 BENCH_GUARD_ARGS ?=
 bench-guard: install
 	$(PY) bench/bench_guard.py $(BENCH_GUARD_ARGS)
+
+# The inference endpoint's overhead: the same prompts through the endpoint over HTTP (atroposlib's VLLMServer client)
+# and through its backend called directly, interleaved; per route a per-phase table and `ratio endpoint/backend
+# <route>: time X.XXx`. Default hf_cpu on SmolLM2 (~3-5 min on 2 cores); BENCH_ENDPOINT_ARGS e.g. "--model tiny
+# --repeats 3", "--backend both" (vLLM's OpenAI server vs our endpoint on vllm_http in front of it; needs .venv-vllm).
+.PHONY: bench-endpoint
+BENCH_ENDPOINT_ARGS ?=
+bench-endpoint: install
+	$(PY) bench/bench_endpoint.py $(BENCH_ENDPOINT_ARGS)
