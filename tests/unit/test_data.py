@@ -107,7 +107,8 @@ def test_first_trained_position() -> None:
 
 def test_empty_lists_from_basenv_collect_trajectories_mean_not_given() -> None:
     """atroposlib's BaseEnv.collect_trajectories (every stock env built on collect_trajectory, e.g. blackjack) posts
-    ``[]`` for the per-sequence fields its items did not fill: they are absent, not 0 sequences; a partial list is not."""
+    ``[]`` for the per-sequence fields its items did not fill: they are absent, not 0 sequences; a partial list is
+    not."""
     group = {
         "tokens": [[5, 6, 7], [5, 6, 8]],
         "masks": [[X, 6, 7], [X, 6, 8]],
