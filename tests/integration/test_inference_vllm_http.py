@@ -206,8 +206,12 @@ def test_openai_routes_of_our_endpoint_backed_by_real_vllm(vllm_server: str, tin
             )
         )
         messages = [{"role": "user", "content": "hi"}]
-        chat = asyncio.run(server.chat_completion(messages=messages, n=2, max_tokens=MAX_TOKENS, temperature=1.0))
-        text = asyncio.run(server.completion(prompt="abc", n=3, max_tokens=3, temperature=1.0))
+
+        async def both() -> tuple:  # one event loop: the client's connections belong to it
+            chat = await server.chat_completion(messages=messages, n=2, max_tokens=MAX_TOKENS, temperature=1.0)
+            return chat, await server.completion(prompt="abc", n=3, max_tokens=3, temperature=1.0)
+
+        chat, text = asyncio.run(both())
         assert len(chat.choices) == 2 and len(text.choices) == 3
         assert all(c.finish_reason in ("stop", "length") for c in [*chat.choices, *text.choices])
         assert chat.usage.completion_tokens <= 2 * 4  # max_tokens=6 capped at the endpoint's max_tokens_cap
