@@ -61,8 +61,12 @@ def test_the_console_says_why_step_1_waits_and_names_each_envs_fault(launch) -> 
     assert "env equal: the env drops every group whose scores are all equal (env.ensure_scores_are_not_same" in console
     assert "env gs: the API refused the env's groups (422)" in console
     # no exception of their own in the two envs while the trainer waited (once its endpoint stops, an env's requests
-    # fail: that error, if the env logs it before the launcher stops it, is a consequence, not the env's fault)
-    waited = console[: console.rfind("waiting ")]
+    # fail: that error, if the env logs it before the launcher stops it, is a consequence, not the env's fault). The
+    # wait is what comes before the last periodic waiting line ahead of the trainer's exit (the paragraph the launcher
+    # shows then repeats a waiting line of its own)
+    exited = console.find("trainer exited with code")
+    before_exit = console[:exited] if exited >= 0 else console
+    waited = before_exit[: before_exit.rfind("waiting ")]
     assert "env equal: Error" not in waited and "env gs: Error" not in waited
     # the trainer's poll-timeout error repeats the line
     trainer_log = (run.run_dir / "logs" / "trainer.log").read_text(errors="replace")
