@@ -19,6 +19,7 @@ import re
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from atroposlib.utils.tokenize_for_trainer import tokenize_for_trainer
+from env_defaults import env_config, policy_server
 from pydantic import Field
 
 WORD = re.compile(r"[A-Za-z0-9']+")
@@ -42,21 +43,9 @@ class PatternsEnv(BaseEnv):
 
     @classmethod
     def config_init(cls) -> tuple[PatternsEnvConfig, list[APIServerConfig]]:
-        config = PatternsEnvConfig(
-            tokenizer_name="set --env.tokenizer_name to the model directory",
-            group_size=4,
-            use_wandb=False,
-            rollout_server_url="http://127.0.0.1:8000",
-            total_steps=100000,
-            batch_size=-1,  # taken from the trainer's registration
-            steps_per_eval=0,
-            max_token_length=256,
-            ensure_scores_are_not_same=False,  # a tiny model's replies often score alike: keep them
-            wandb_name=cls.name,
-        )
-        server = APIServerConfig(
-            server_type="vllm", base_url="http://127.0.0.1:8001/v1", model_name="policy", api_key="x", timeout=600
-        )
+        # a tiny model's replies often score alike: keep them
+        config = env_config(PatternsEnvConfig, cls.name, ensure_scores_are_not_same=False)
+        server = policy_server()
         return config, [server]
 
     async def setup(self) -> None:

@@ -15,6 +15,7 @@ import re
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from atroposlib.utils.tokenize_for_trainer import tokenize_for_trainer
+from env_defaults import env_config, policy_server
 from pydantic import Field
 
 WORD = re.compile(r"[A-Za-z0-9']+")
@@ -32,20 +33,8 @@ class TwoServersEnv(BaseEnv):
 
     @classmethod
     def config_init(cls) -> tuple[TwoServersEnvConfig, list[APIServerConfig]]:
-        config = TwoServersEnvConfig(
-            tokenizer_name="set --env.tokenizer_name to the model directory",
-            group_size=4,
-            use_wandb=False,
-            rollout_server_url="http://127.0.0.1:8000",
-            total_steps=100000,
-            batch_size=-1,  # taken from the trainer's registration
-            steps_per_eval=0,
-            max_token_length=256,
-            wandb_name=cls.name,
-        )
-        policy = APIServerConfig(
-            server_type="vllm", base_url="http://127.0.0.1:8001/v1", model_name="policy", api_key="x", timeout=600
-        )
+        config = env_config(TwoServersEnvConfig, cls.name)
+        policy = policy_server()
         judge = APIServerConfig(
             server_type="vllm",
             base_url="http://127.0.0.1:9/v1",

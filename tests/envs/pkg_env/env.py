@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from atroposlib.utils.tokenize_for_trainer import tokenize_for_trainer
+from env_defaults import env_config, policy_server
 
 from .helpers import one_word_score, question
 
@@ -18,20 +19,8 @@ class PkgEnv(BaseEnv):
 
     @classmethod
     def config_init(cls) -> tuple[BaseEnvConfig, list[APIServerConfig]]:
-        config = BaseEnvConfig(
-            tokenizer_name="set --env.tokenizer_name to the model directory",
-            group_size=4,
-            use_wandb=False,
-            rollout_server_url="http://127.0.0.1:8000",
-            total_steps=100000,
-            batch_size=-1,  # taken from the trainer's registration
-            steps_per_eval=0,
-            max_token_length=256,
-            wandb_name=cls.name,
-        )
-        server = APIServerConfig(
-            server_type="vllm", base_url="http://127.0.0.1:8001/v1", model_name="policy", api_key="x", timeout=600
-        )
+        config = env_config(BaseEnvConfig, cls.name)
+        server = policy_server()
         return config, [server]
 
     async def setup(self) -> None:
