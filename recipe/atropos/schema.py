@@ -9,9 +9,14 @@ Invariants a valid group holds (each violation raises :class:`GroupValidationErr
 - ``masks`` [n][L_i] with every value -100 (untrained) or equal to the token at that position;
 - ``scores`` [n] finite; ``advantages`` / ``inference_logprobs`` / ``ref_logprobs``, when given, [n][L_i] and finite;
 - ``overrides``, when given, one dict per sequence;
-- an empty list in ``advantages`` / ``inference_logprobs`` / ``ref_logprobs`` / ``overrides`` / ``messages`` means
-  "not given": atroposlib's ``BaseEnv.collect_trajectories`` sends ``[]`` for each a group's items did not fill
-  (every stock env built on ``collect_trajectory``, e.g. blackjack);
+- ``distill_token_ids`` / ``distill_logprobs`` (a teacher's top-k for on-policy distillation), when given, both given,
+  ``[n][L_i][k]``: position ``p`` holds the teacher's log-probs of its ``k`` most likely tokens at ``p`` given
+  ``tokens[:p]`` (vLLM's ``prompt_logprobs`` alignment); an empty ``[]`` position has no teacher (vLLM gives none for
+  the first token); every other position holds the same ``k`` ids and ``k`` log-probs across the group; ids are
+  not negative (below ``vocab_size`` when given), log-probs finite and <= 0;
+- an empty list in ``advantages`` / ``inference_logprobs`` / ``ref_logprobs`` / ``overrides`` / ``messages`` /
+  ``distill_token_ids`` / ``distill_logprobs`` means "not given": atroposlib's ``BaseEnv.collect_trajectories`` sends
+  ``[]`` for each a group's items did not fill (every stock env built on ``collect_trajectory``, e.g. blackjack);
 - with ``batch_size``, the group size divides it (else the API can never pack the group into a batch).
 """
 
@@ -41,6 +46,47 @@ def _check_shape(name: str, rows: list[list[Any]] | None, lengths: list[int]) ->
             raise GroupValidationError(name, f"sequence {i} has {len(row)} values, tokens has {n}")
 
 
+def _check_distill(
+    ids: list[list[list[int]]] | None, logprobs: list[list[list[float]]] | None, lengths: list[int]
+) -> None:
+    """The teacher fields' invariants (module docstring); the first violation names its field."""
+    if ids is None and logprobs is None:
+        return
+    if ids is None or logprobs is None:
+        given, missing = (
+            ("distill_logprobs", "distill_token_ids") if ids is None else ("distill_token_ids", "distill_logprobs")
+        )
+        raise GroupValidationError(missing, f"missing: {given} is given, and the two go together")
+    _check_shape("distill_token_ids", ids, lengths)
+    _check_shape("distill_logprobs", logprobs, lengths)
+    top_k: int | None = None
+    for i, (id_row, lp_row) in enumerate(zip(ids, logprobs, strict=True)):
+        for p, (entry, lps) in enumerate(zip(id_row, lp_row, strict=True)):
+            if len(lps) != len(entry):
+                raise GroupValidationError(
+                    "distill_logprobs",
+                    f"sequence {i} position {p} has {len(lps)} values, distill_token_ids {len(entry)}",
+                )
+            if not entry:
+                continue
+            if top_k is None:
+                top_k = len(entry)
+            elif len(entry) != top_k:
+                raise GroupValidationError(
+                    "distill_token_ids",
+                    f"sequence {i} position {p} has {len(entry)} entries, the group's top_k is {top_k}",
+                )
+            if min(entry) < 0:
+                raise GroupValidationError(
+                    "distill_token_ids", f"sequence {i} position {p} has a negative id {min(entry)}"
+                )
+            if not all(math.isfinite(v) and v <= 0.0 for v in lps):
+                bad = next(v for v in lps if not (math.isfinite(v) and v <= 0.0))
+                raise GroupValidationError(
+                    "distill_logprobs", f"sequence {i} position {p} has {bad}: log-probs must be finite and <= 0"
+                )
+
+
 class ScoredGroup(BaseModel):
     """One GRPO group as environments post it (atroposlib ``ScoredData``); shapes are checked, not just types."""
 
@@ -56,8 +102,19 @@ class ScoredGroup(BaseModel):
     group_overrides: dict[str, Any] | None = None
     messages: list[Any] | None = None
     env_id: int | None = None
+    distill_token_ids: list[list[list[int]]] | None = None  # [n][L_i][k] a teacher's top-k token ids per position
+    distill_logprobs: list[list[list[float]]] | None = None  # [n][L_i][k] their log-probs
 
-    @field_validator("advantages", "inference_logprobs", "ref_logprobs", "overrides", "messages", mode="before")
+    @field_validator(
+        "advantages",
+        "inference_logprobs",
+        "ref_logprobs",
+        "overrides",
+        "messages",
+        "distill_token_ids",
+        "distill_logprobs",
+        mode="before",
+    )
     @classmethod
     def _empty_is_absent(cls, value: Any) -> Any:
         return None if isinstance(value, list) and not value else value
@@ -87,7 +144,14 @@ class ScoredGroup(BaseModel):
                 raise GroupValidationError(name, "non-finite value (nan/inf)")
         if self.overrides is not None and len(self.overrides) != len(lengths):
             raise GroupValidationError("overrides", f"{len(self.overrides)} entries for {len(lengths)} sequences")
+        _check_distill(self.distill_token_ids, self.distill_logprobs, lengths)
         return self
+
+    @property
+    def distill_top_k(self) -> int | None:
+        """The ``k`` of the group's teacher entries (None: no distillation fields, or every position empty)."""
+        rows = self.distill_token_ids or []
+        return next((len(entry) for row in rows for entry in row if entry), None)
 
     @property
     def size(self) -> int:
@@ -117,6 +181,11 @@ def validate_group(raw: Any, *, vocab_size: int | None = None, batch_size: int |
                 raise GroupValidationError(
                     "tokens", f"sequence {i} has token id {max(seq)} >= the model's vocabulary size {vocab_size}"
                 )
+        top = max((max(e) for row in group.distill_token_ids or [] for e in row if e), default=-1)
+        if top >= vocab_size:
+            raise GroupValidationError(
+                "distill_token_ids", f"teacher token id {top} >= the model's vocabulary size {vocab_size}"
+            )
     if batch_size is not None and batch_size > 0 and batch_size % group.size:
         raise GroupValidationError(
             "group_size",
