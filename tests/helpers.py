@@ -1,4 +1,5 @@
-"""Helpers shared by the tests that start real processes: command lines, the one wait loop, processes left behind."""
+"""Helpers shared by the tests that start real processes: command lines, a run-api process, the one wait loop, processes
+left behind."""
 
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ import psutil
 import pytest
 import requests
 
-from recipe.atropos.launcher.processes import ManagedProcess, stop_process_tree, tail
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
-TINY_CONFIG = CONFIG_DIR / "atropos_grpo_tiny.yaml"
+from recipe.atropos.guard.app import guard_argv
+from recipe.atropos.launcher.processes import ManagedProcess, run_api_argv, stop_process_tree, tail
+from tests.factories import CONFIG_DIR, TINY_CONFIG
 
 # Set (to a token unique to the test) in the environment of every process a test under `no_leftovers` starts and
 # inherited by all their descendants, Ray's included: finds what they left behind even after re-parenting to init.
@@ -121,6 +121,34 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: sub
             proc.terminate()
             proc.wait(60)
         raise
+
+
+# ---- a run-api process -----------------------------------------------------------------------------------------
+@dataclass
+class RunApi:
+    """A running `run-api` child process; `stop()`/`start()` simulate the API going down and coming back."""
+
+    port: int
+    log_dir: Path
+    proc: ManagedProcess | None = None
+    # Serve the guarded API (recipe.atropos.guard.app) with these options instead of plain `run-api`.
+    guard: dict | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RunApi:
+        argv = run_api_argv(self.port) if self.guard is None else guard_argv(self.port, **self.guard)
+        self.proc = ManagedProcess("run-api", argv, self.log_dir / "run_api.log").start()
+        FIXTURE_PIDS.add(self.proc.popen.pid)  # a fixture's API outlives the test that restarted it
+        wait_until(http_ok(f"{self.url}/status"), 60, "run-api to answer", proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
 
 
 # ---- the launcher as a test runs it -----------------------------------------------------------------------------

@@ -30,11 +30,10 @@ from recipe.atropos.launcher.accounting import GroupAccount
 from recipe.atropos.launcher.processes import tail
 from recipe.atropos.launcher.report import group_account
 from recipe.atropos.metrics_file import read_metrics
+from tests.factories import CONFIG_DIR, TINY_CONFIG
 from tests.helpers import Launch, checkpoint_state, launcher_factory, no_processes_left, wait_until
 
 pytestmark = pytest.mark.timeout(900)
-
-CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 
 
 def read_json(path: Path) -> dict:
@@ -124,8 +123,8 @@ def split_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Ite
     # env flag names hold dots, so the YAML is edited rather than overridden
     config_dir = tmp / "config"
     config_dir.mkdir()
-    shutil.copy(CONFIGS / "atropos_grpo_base.yaml", config_dir / "atropos_grpo_base.yaml")
-    tiny = yaml.safe_load((CONFIGS / "atropos_grpo_tiny.yaml").read_text())
+    shutil.copy(CONFIG_DIR / "atropos_grpo_base.yaml", config_dir / "atropos_grpo_base.yaml")
+    tiny = yaml.safe_load((TINY_CONFIG).read_text())
     tiny["atropos"]["launcher"]["envs"][0]["args"].update({"env.steps_per_eval": 1, "env.eval_questions": 2})
     (config_dir / "tiny_eval.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     with no_processes_left(), launcher_factory(tiny_model, tmp) as launch:

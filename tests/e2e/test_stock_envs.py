@@ -24,7 +24,8 @@ import pytest
 
 from recipe.atropos.launcher.env_python import PROJECT_ROOT, default_env_python
 from recipe.atropos.metrics_file import read_metrics, trainer_rows
-from tests.helpers import CONFIG_DIR, Launch, launcher_factory, no_processes_left
+from tests.factories import CONFIG_DIR
+from tests.helpers import Launch, launcher_factory, no_processes_left
 
 pytestmark = [pytest.mark.stock, pytest.mark.timeout(2400)]
 

@@ -16,7 +16,7 @@ from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.client import AtroposClient
 from recipe.atropos.transport.spool import GroupSpool
-from tests.integration.test_client import group
+from tests.factories import group
 
 REGISTRATION = {"batch_size": 2, "max_token_len": 64, "num_steps": 10}
 

@@ -13,29 +13,7 @@ import requests
 from recipe.atropos.launcher.processes import free_port
 from recipe.atropos.schema import GroupValidationError, validate_group
 from recipe.atropos.transport.client import AtroposAPIError, AtroposClient
-
-X = -100
-
-
-def group(n: int = 2, first: int = 10, **extra: object) -> dict:
-    """A valid group as atroposlib's BaseEnv posts it: prompt [first, first+1] masked, 2 completion tokens."""
-    tokens = [[first, first + 1, 100 + i, 200 + i] for i in range(n)]
-    body = {
-        "tokens": tokens,
-        "masks": [[X, X, t[2], t[3]] for t in tokens],
-        "scores": [float(i) for i in range(n)],
-        "advantages": None,
-        "ref_logprobs": None,
-        "messages": None,
-        "inference_logprobs": [[1.0, 1.0, -0.5, -0.25] for _ in tokens],
-        "generation_params": None,
-        "group_overrides": {},
-        "overrides": [{} for _ in tokens],
-        "images": None,
-        "env_id": None,
-    }
-    body.update(extra)
-    return body
+from tests.factories import X, group
 
 
 def register(client: AtroposClient, batch_size: int, starting_step: int = 0) -> None:

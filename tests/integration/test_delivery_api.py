@@ -20,7 +20,7 @@ from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.staleness import LagMeter, no_ledger
 from recipe.atropos.transport.client import AtroposClient
 from recipe.atropos.transport.spool import GroupSpool
-from tests.integration.test_client import group
+from tests.factories import group
 
 pytestmark = pytest.mark.timeout(180)
 

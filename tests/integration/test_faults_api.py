@@ -17,10 +17,9 @@ import requests
 
 from recipe.atropos.launcher.processes import free_port
 from recipe.atropos.transport.client import AtroposClient
-from tests.conftest import RunApi
-from tests.integration.test_client import group
+from tests.factories import X, group
+from tests.helpers import RunApi
 
-X = -100
 VOCAB = 1000
 BATCH = 8
 

@@ -12,9 +12,7 @@ import pytest
 from recipe.atropos.launcher.config import LaunchError
 from recipe.atropos.launcher.processes import ManagedProcess
 from recipe.atropos.launcher.supervisor import Launcher
-
-CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
-TINY = CONFIGS / "atropos_grpo_tiny.yaml"
+from tests.factories import CONFIG_DIR, TINY_CONFIG
 
 
 def test_launcher_composes_the_trainers_config_without_importing_verl() -> None:
@@ -24,9 +22,9 @@ import sys
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from recipe.atropos.launcher.config import load_config
-fast = load_config({str(CONFIGS / "atropos_grpo_cpu_demo.yaml")!r}, ["data.train_batch_size=16"])
+fast = load_config({str(CONFIG_DIR / "atropos_grpo_cpu_demo.yaml")!r}, ["data.train_batch_size=16"])
 assert "verl" not in sys.modules and "torch" not in sys.modules, "composition imported verl"
-with initialize_config_dir(config_dir={str(CONFIGS)!r}, version_base=None):
+with initialize_config_dir(config_dir={str(CONFIG_DIR)!r}, version_base=None):
     slow = compose(config_name="atropos_grpo_cpu_demo", overrides=["data.train_batch_size=16"])
 assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)
 print(fast.data.train_batch_size)
@@ -51,7 +49,7 @@ def test_a_dying_env_stops_the_run_naming_it(
         f"atropos.launcher.restart_envs={str(restart_envs).lower()}",
         "atropos.launcher.max_env_restarts=2",
     ]
-    launcher = Launcher(TINY, overrides)
+    launcher = Launcher(TINY_CONFIG, overrides)
     launcher.model = str(tiny_model)
     dies = [sys.executable, "-c", "import sys; print('env failed to start'); sys.exit(3)"]
     launcher.env_argv = lambda name: dies  # type: ignore[method-assign]

@@ -15,8 +15,8 @@ from recipe.atropos.sources.api import ApiGroupSource
 from recipe.atropos.sources.mixture import MixtureBatcher
 from recipe.atropos.staleness import LagMeter, no_ledger
 from recipe.atropos.transport.client import AtroposClient
+from tests.factories import X
 
-X = -100
 logger = logging.getLogger(__name__)
 
 

@@ -29,8 +29,8 @@ from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.client import AtroposAPIError, AtroposClient
 from recipe.atropos.waiting import STOPPED, WaitReport, find_stop, read_wait
+from tests.factories import TINY_CONFIG, group
 from tests.helpers import wait_until
-from tests.integration.test_client import group
 
 
 class Echo:
@@ -280,8 +280,7 @@ def test_the_launcher_shows_the_trainers_paragraph_as_the_reason_the_run_ended(t
     from recipe.atropos.launcher.config import LaunchError
     from recipe.atropos.launcher.supervisor import Launcher
 
-    tiny = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
-    launcher = Launcher(tiny, ["actor_rollout_ref.model.path=/nowhere", f"atropos.launcher.run_dir={tmp_path}"])
+    launcher = Launcher(TINY_CONFIG, ["actor_rollout_ref.model.path=/nowhere", f"atropos.launcher.run_dir={tmp_path}"])
     paragraph = (
         f"{STOPPED} no batch from http://127.0.0.1:1 within 30 s: ...\nwaiting 30 s for step 1 | ...\nWhat to check"
     )

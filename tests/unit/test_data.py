@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from recipe.atropos.trainer.dataproto import first_trained_position, scored_data_to_dataproto
+from tests.factories import X
 
 PAD = 0
-X = -100
 
 
 def convert(groups: list[dict], p: int = 4, r: int = 4):

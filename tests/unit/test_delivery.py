@@ -18,8 +18,7 @@ from recipe.atropos.launcher.config import load_config
 from recipe.atropos.schema import group_id, validate_group
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.spool import GroupSpool
-from tests.helpers import TINY_CONFIG
-from tests.integration.test_client import group
+from tests.factories import TINY_CONFIG, group
 
 
 def groups(*firsts: int, n: int = 2) -> list[dict]:

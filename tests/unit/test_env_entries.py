@@ -21,8 +21,8 @@ from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.env_probe import cli_class_names
 from recipe.atropos.launcher.envs import EnvServers, checked_envs, env_argv, env_environ, env_pythonpath
 from recipe.atropos.launcher.preflight import PreflightError, check_envs
+from tests.factories import TINY_CONFIG
 
-TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
 URLS = {"api_url": "http://127.0.0.1:1", "inference_url": "http://127.0.0.1:2", "model": "/models/m"}
 LENGTHS = {"max_token_length": 640, "max_policy_lag": 2}
 POLICY = {"timeout": 1200, "server_type": "vllm", "model_name": "policy", "base_url": "http://x:1/v1", "api_key": "x"}
@@ -35,7 +35,7 @@ def flags_of(argv: list[str], skip: int) -> dict[str, str]:
 
 
 def typed_launcher(*overrides: str):
-    return atropos_config(load_config(TINY, ["actor_rollout_ref.model.path=/m", *overrides])).launcher
+    return atropos_config(load_config(TINY_CONFIG, ["actor_rollout_ref.model.path=/m", *overrides])).launcher
 
 
 def test_the_entry_keys_are_typed_from_yaml() -> None:

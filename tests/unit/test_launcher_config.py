@@ -15,14 +15,12 @@ from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.envs import EnvServers, checked_envs, env_argv, write_env_ids
 from recipe.atropos.launcher.report import env_lines, fault_line, step_line, summarize, write_run_report
 from recipe.atropos.metrics_file import read_metrics
-
-CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
-TINY = CONFIGS / "atropos_grpo_tiny.yaml"
+from tests.factories import CONFIG_DIR, TINY_CONFIG
 
 
 @pytest.mark.parametrize("name", ["atropos_grpo", "atropos_grpo_tiny", "atropos_grpo_cpu_demo", "atropos_grpo_gpu"])
 def test_every_shipped_config_composes(name: str) -> None:
-    config = load_config(CONFIGS / f"{name}.yaml", [])
+    config = load_config(CONFIG_DIR / f"{name}.yaml", [])
     assert config.algorithm.adv_estimator == "grpo"  # env advantages are combined by the trainer, not an estimator
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "advantage_weighted_ce"
     launcher = atropos_config(config).launcher  # the typed block accepts every shipped config
@@ -31,7 +29,7 @@ def test_every_shipped_config_composes(name: str) -> None:
 
 
 def envs_of(*overrides: str) -> dict[str, EnvConfig]:
-    config = load_config(TINY, list(overrides))
+    config = load_config(TINY_CONFIG, list(overrides))
     return checked_envs(atropos_config(config).launcher, int(config.data.train_batch_size))
 
 
@@ -87,7 +85,7 @@ def test_env_command_line_keeps_the_env_within_the_lag_cap() -> None:
 def test_the_launcher_gives_each_env_this_runs_endpoints_and_lag_cap(tmp_path: Path) -> None:
     from recipe.atropos.launcher.supervisor import Launcher
 
-    demo = CONFIGS / "atropos_grpo_cpu_demo.yaml"
+    demo = CONFIG_DIR / "atropos_grpo_cpu_demo.yaml"
     launcher = Launcher(demo, [f"atropos.launcher.run_dir={tmp_path}", "atropos.launcher.api_port=1234"])
     name = next(iter(launcher.envs))
     launcher.env_servers = {name: EnvServers(servers=[{}])}  # as the preflight's probe found (one server)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from recipe.atropos.schema import validate_group
 from recipe.atropos.transport.spool import GroupSpool
-from tests.integration.test_client import group
+from tests.factories import group
 
 
 def groups(n: int, start: int = 0) -> list:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,8 +21,8 @@ from recipe.atropos.launcher.config import load_config
 from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.trainer.step_metrics import promote_actor_is_metrics
+from tests.factories import CONFIG_DIR, TINY_CONFIG
 
-CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 SHIPPED = ["atropos_grpo", "atropos_grpo_tiny", "atropos_grpo_cpu_demo", "atropos_grpo_gpu"]
 TOKEN_TIS = {"rollout_is": "token", "rollout_is_threshold": 2.0, "bypass_mode": True}
 
@@ -85,7 +84,7 @@ def test_without_rollout_is_the_loss_stays_plain_reinforce() -> None:
 
 def test_a_group_over_the_lag_cap_is_dropped_and_counted() -> None:
     """Trainer at step 4 (3 updates done): versions 3, 1, 0 → lags 0, 2, 3; the default cap (2) drops lag 3."""
-    max_lag = atropos_config(load_config(CONFIGS / "atropos_grpo.yaml", [])).max_policy_lag
+    max_lag = atropos_config(load_config(CONFIG_DIR / "atropos_grpo.yaml", [])).max_policy_lag
     assert max_lag == 2
     ledger = CompletionLedger()
     groups = []
@@ -111,7 +110,7 @@ def test_a_group_over_the_lag_cap_is_dropped_and_counted() -> None:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_passes_the_staleness_rules(name: str) -> None:
     config = load_config(
-        CONFIGS / f"{name}.yaml", ["actor_rollout_ref.model.path=/m", "trainer.total_training_steps=5"]
+        CONFIG_DIR / f"{name}.yaml", ["actor_rollout_ref.model.path=/m", "trainer.total_training_steps=5"]
     )
     check_atropos_config(config)
     corr = config.algorithm.rollout_correction
@@ -124,24 +123,24 @@ def test_every_shipped_config_passes_the_staleness_rules(name: str) -> None:
     [["actor_rollout_ref.actor.ppo_mini_batch_size=16"], ["actor_rollout_ref.actor.ppo_epochs=2"]],
 )
 def test_advantage_weighted_ce_with_several_updates_is_refused_naming_vanilla(overrides: list[str]) -> None:
-    config = load_config(CONFIGS / "atropos_grpo_cpu_demo.yaml", overrides)
+    config = load_config(CONFIG_DIR / "atropos_grpo_cpu_demo.yaml", overrides)
     with pytest.raises(ValueError, match="loss_mode=vanilla"):
         check_staleness_config(config, atropos_config(config))
     vanilla = load_config(
-        CONFIGS / "atropos_grpo_cpu_demo.yaml", [*overrides, "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"]
+        CONFIG_DIR / "atropos_grpo_cpu_demo.yaml", [*overrides, "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"]
     )
     check_staleness_config(vanilla, atropos_config(vanilla))  # PPO clip against the old policy: allowed
 
 
 def test_lag_without_any_correction_is_refused() -> None:
     config = load_config(
-        CONFIGS / "atropos_grpo.yaml",
+        CONFIG_DIR / "atropos_grpo.yaml",
         ["algorithm.rollout_correction.rollout_is=null", "algorithm.rollout_correction.bypass_mode=false"],
     )
     with pytest.raises(ValueError, match="rollout_is=token .* or atropos.max_policy_lag=0"):
         check_staleness_config(config, atropos_config(config))
     on_policy = load_config(
-        CONFIGS / "atropos_grpo.yaml",
+        CONFIG_DIR / "atropos_grpo.yaml",
         [
             "algorithm.rollout_correction.rollout_is=null",
             "algorithm.rollout_correction.bypass_mode=false",
@@ -153,7 +152,7 @@ def test_lag_without_any_correction_is_refused() -> None:
 
 def test_the_actor_workers_config_carries_the_rollout_correction() -> None:
     """The loss runs in the actor workers, which see only actor_rollout_ref: it must hold the IS settings."""
-    config = load_config(CONFIGS / "atropos_grpo_cpu_demo.yaml", [])
+    config = load_config(CONFIG_DIR / "atropos_grpo_cpu_demo.yaml", [])
     share_rollout_correction_with_actor(config)
     actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
     corr = actor.policy_loss.rollout_correction
@@ -171,7 +170,7 @@ def test_an_estimator_other_than_grpo_is_refused_naming_grpo() -> None:
     """The trainer never calls verl's compute_advantage: an estimator it would ignore (or gae's critic) is refused."""
     for estimator in ("gae", "rloo"):
         config = load_config(
-            CONFIGS / "atropos_grpo_tiny.yaml",
+            TINY_CONFIG,
             ["actor_rollout_ref.model.path=/m", f"algorithm.adv_estimator={estimator}"],
         )
         with pytest.raises(ValueError, match="use algorithm.adv_estimator=grpo"):
