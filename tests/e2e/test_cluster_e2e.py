@@ -38,6 +38,7 @@ ACTORS_BY_NODE = """
 import json, sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+# private: Ray's public actor listing (ray.util.state) goes through the dashboard; the GCS actor table does not
 actors = ray._private.state.state.actor_table(None)
 workers = sorted({a["Address"]["NodeID"] for a in actors.values() if "WorkerDict" in a["ActorClassName"]})
 print(json.dumps({"alive": alive, "worker_nodes": workers}))

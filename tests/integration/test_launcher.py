@@ -13,6 +13,7 @@ from recipe.atropos.launcher.config import LaunchError
 from recipe.atropos.launcher.processes import ManagedProcess
 from recipe.atropos.launcher.supervisor import Launcher
 from tests.factories import CONFIG_DIR, TINY_CONFIG
+from tests.helpers import http_ok, wait_until
 
 
 def test_launcher_composes_the_trainers_config_without_importing_verl() -> None:
@@ -54,12 +55,16 @@ def test_a_dying_env_stops_the_run_naming_it(
     dies = [sys.executable, "-c", "import sys; print('env failed to start'); sys.exit(3)"]
     launcher.env_argv = lambda name: dies  # type: ignore[method-assign]
     try:
-        launcher._start_api()
+        # the launcher's children (the processes supervise() watches): its guarded API, started from its command line,
+        # a stand-in trainer and the dying envs
+        api = ManagedProcess("run-api", launcher.api_argv(), run_dir / "logs" / "run-api.log").start()
+        launcher.children["run-api"] = api
+        wait_until(http_ok(f"{launcher.api_url}/status"), 60, "the API", proc=api)
         stand_in = ManagedProcess("trainer", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "t.log")
         launcher.children["trainer"] = stand_in.start()
         first = next(iter(launcher.envs))  # the tiny config's first env is the first one supervision looks at
         for name in launcher.envs:
-            launcher._start(name, dies)
+            launcher.children[name] = ManagedProcess(name, dies, run_dir / "logs" / f"{name}.log").start()
         with pytest.raises(LaunchError, match=f"{first} exited with code 3") as error:
             launcher.supervise()
         assert "env failed to start" in str(error.value)  # the log tail names the cause

@@ -278,6 +278,7 @@ def test_the_launcher_shows_the_trainers_paragraph_as_the_reason_the_run_ended(t
     """Supervision with a stand-in trainer process that writes Ray's lines and the stop paragraph, then exits 1: the
     reason the run ended is the paragraph (with the errors counted in the env logs), not the log's last lines."""
     from recipe.atropos.launcher.config import LaunchError
+    from recipe.atropos.launcher.processes import ManagedProcess
     from recipe.atropos.launcher.supervisor import Launcher
 
     launcher = Launcher(TINY_CONFIG, ["actor_rollout_ref.model.path=/nowhere", f"atropos.launcher.run_dir={tmp_path}"])
@@ -287,7 +288,9 @@ def test_the_launcher_shows_the_trainers_paragraph_as_the_reason_the_run_ended(t
     code = (
         f"import sys; print('(AtroposTaskRunner pid=9) INFO step'); print({paragraph!r}, file=sys.stderr); sys.exit(1)"
     )
-    trainer = launcher._start("trainer", [sys.executable, "-c", code])
+    # the stand-in takes the trainer's place among the launcher's children (the processes supervise() watches)
+    trainer = ManagedProcess("trainer", [sys.executable, "-c", code], tmp_path / "logs" / "trainer.log").start()
+    launcher.children["trainer"] = trainer
     try:
         wait_until(lambda: trainer.poll() is not None, 30, "the stand-in trainer to exit")
         with pytest.raises(LaunchError) as error:

@@ -128,10 +128,10 @@ def test_the_account_finds_a_group_that_is_nowhere(tmp_path: Path) -> None:
     raws = groups(10, 20, 30, 40)
     ids = journal.append(raws)
     spool = GroupSpool(tmp_path / "spool", delete_on_checkpoint=False)
-    trained = spool.put(validate_group(raws[0]), fetched_step=1)
+    trained = validate_group(raws[0])
+    assert spool.put(trained, fetched_step=1) is not None
     spool.put(validate_group(raws[1]), fetched_step=1)
-    assert trained is not None
-    spool.trained([spool._out[trained]], step=1)  # raws[1] was dropped as stale at step 1: set aside
+    spool.trained([trained], step=1)  # raws[1] was dropped as stale at step 1: set aside
     journal.ack(ids[:3])  # raws[2] acknowledged, yet never spooled: lost; raws[3] still in the journal: pending
     (tmp_path / "stats.json").write_text(json.dumps({"rejected": {"scores": 2}}))
     account = account_groups(tmp_path / "journal", tmp_path / "stats.json", tmp_path / "spool", tmp_path / "x.jsonl")

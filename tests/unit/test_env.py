@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -50,21 +52,29 @@ async def _items(env: OneWordEnv, n: int) -> list[str]:
     return [await env.get_next_item() for _ in range(n)]
 
 
-def question_stream(seed: int, n: int = 200) -> list[str]:
-    """The first ``n`` items the env asks with ``--env.seed seed``, through its own ``setup`` and ``get_next_item``
-    (no tokenizer or server is needed for these)."""
-    env_config, _ = OneWordEnv.config_init()
-    assert env_config.steps_per_eval == 0  # setup then starts no evaluation
-    env = object.__new__(OneWordEnv)
-    env.config = env_config.model_copy(update={"seed": seed})
-    asyncio.run(env.setup())
-    return asyncio.run(_items(env, n))
+@pytest.fixture(scope="module")
+def question_stream(tiny_model: Path) -> Callable[..., list[str]]:
+    """``question_stream(seed, n=200)``: the first ``n`` items the env asks with ``--env.seed seed``, built as
+    atroposlib's CLI builds it (``config_init``, then the constructor; the tiny model's tokenizer, ``testing=True``: no
+    server is contacted), through its own ``setup`` and ``get_next_item``."""
+
+    def stream(seed: int, n: int = 200) -> list[str]:
+        env_config, servers = OneWordEnv.config_init()
+        assert env_config.steps_per_eval == 0  # setup then starts no evaluation
+        env_config = env_config.model_copy(update={"seed": seed, "tokenizer_name": str(tiny_model)})
+        env = OneWordEnv(env_config, servers, slurm=False, testing=True)
+        asyncio.run(env.setup())
+        return asyncio.run(_items(env, n))
+
+    return stream
 
 
 TRAINING_QUESTIONS = {f"{t.format(s)} {INSTRUCTION}" for t in TEMPLATES for s in SUBJECTS}
 
 
-def test_same_seed_same_question_stream_and_other_seeds_other_streams() -> None:
+def test_same_seed_same_question_stream_and_other_seeds_other_streams(
+    question_stream: Callable[..., list[str]],
+) -> None:
     assert question_stream(0) == question_stream(0)  # a run's envs ask the same questions when restarted
     # the tiny config's two envs (seeds 0 and 1) ask different streams; so does any other seed
     streams = {seed: question_stream(seed) for seed in (0, 1, 7)}
@@ -72,7 +82,9 @@ def test_same_seed_same_question_stream_and_other_seeds_other_streams() -> None:
     assert streams[0][:20] != streams[1][:20]  # not merely the same stream shifted late
 
 
-def test_questions_are_template_subject_pairs_ending_with_the_instruction_and_vary() -> None:
+def test_questions_are_template_subject_pairs_ending_with_the_instruction_and_vary(
+    question_stream: Callable[..., list[str]],
+) -> None:
     stream = question_stream(0)
     assert all(q.endswith(" " + INSTRUCTION) for q in stream)
     assert set(stream) <= TRAINING_QUESTIONS
@@ -82,7 +94,7 @@ def test_questions_are_template_subject_pairs_ending_with_the_instruction_and_va
     assert len(set(stream)) >= 40
 
 
-def test_held_out_subjects_never_appear_in_training_questions() -> None:
+def test_held_out_subjects_never_appear_in_training_questions(question_stream: Callable[..., list[str]]) -> None:
     asked = [q for seed in (0, 1, 7) for q in question_stream(seed)]
     assert not [q for q in asked if any(h in q for h in HELD_OUT_SUBJECTS)]
     assert not [q for q in TRAINING_QUESTIONS if any(h in q for h in HELD_OUT_SUBJECTS)]

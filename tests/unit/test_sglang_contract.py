@@ -17,7 +17,6 @@ import inspect
 import sys
 import types
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput
 
 from recipe.atropos.endpoint.backends import Completion, RayReplicaBackend, SamplingParams
+from tests.factories import CONFIG_DIR
 
 SERVER_MODULE = "verl.workers.rollout.sglang_rollout.async_sglang_server"
 PROMPT = [1, 2, 3]
@@ -142,9 +142,20 @@ def run_backend(server_class: type, params: SamplingParams) -> tuple[Completion,
     return completion, handle, engine
 
 
-def test_sglang_is_a_registered_verl_rollout_served_by_this_module(sglang_server: types.ModuleType) -> None:
-    assert "sglang" in RolloutReplicaRegistry._registry
-    assert issubclass(sglang_server.SGLangReplica, sglang_server.RolloutReplica)
+def test_sglang_is_a_registered_verl_rollout_served_by_this_module(
+    sglang_server: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl's registry resolves ``actor_rollout_ref.rollout.name=sglang`` to this module's replica class."""
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)  # verl's loader sets and deletes it: restored after
+    before = set(sys.modules)
+    try:
+        replica = RolloutReplicaRegistry.get("sglang")
+    finally:  # where vLLM is missing, verl's loader puts stand-in vllm modules in sys.modules: none may outlive this
+        for name in set(sys.modules) - before:
+            if name == "vllm" or name.startswith("vllm."):
+                del sys.modules[name]
+    assert replica is sglang_server.SGLangReplica
+    assert issubclass(replica, sglang_server.RolloutReplica)
 
 
 def test_our_generate_call_binds_to_verls_sglang_server_signature(sglang_server: types.ModuleType) -> None:
@@ -181,7 +192,7 @@ def test_gpu_config_with_sglang_passes_and_vllm_http_with_sglang_is_refused() ->
     from recipe.atropos.config.checks import check_atropos_config
     from recipe.atropos.launcher.config import load_config
 
-    gpu = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_gpu.yaml"
+    gpu = CONFIG_DIR / "atropos_grpo_gpu.yaml"
     config = load_config(gpu, ["actor_rollout_ref.rollout.name=sglang"])
     check_atropos_config(config)
     assert config.atropos.inference.backend == "ray"
