@@ -1,2 +1,3 @@
-"""The Atropos API process behind validation (``python -m recipe.atropos.guard.app``): ``app`` (the ASGI wrapper and
-its command line) and ``state`` (counters, rejected groups, the queue kept across a clean stop)."""
+"""The Atropos API process behind validation (``python -m recipe.atropos.guard.app``): ``app`` (its command line),
+``routes`` (the FastAPI routes in front of atroposlib's app), ``wire`` (how a body is read and a group checked),
+``journal`` (accepted groups on disk until acknowledged) and ``state`` (counters, rejected groups, the journal)."""

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+
 from recipe.atropos.records import append_jsonl, read_jsonl, write_atomic, write_json_atomic
 from recipe.atropos.schema import GROUP_ID_KEY
 
@@ -98,8 +100,8 @@ class GroupJournal:
                 if not line.endswith(b"\n"):
                     break  # a line cut short by a kill: never answered 200, so never accepted
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                    row = pydantic_core.from_json(line)
+                except ValueError:
                     break
                 seq = int(row["seq"])
                 self.next_seq = max(self.next_seq, seq + 1)
@@ -159,7 +161,7 @@ class GroupJournal:
             gid = self.group_id(seq)
             group["group_overrides"] = {**(group.get("group_overrides") or {}), GROUP_ID_KEY: gid}
             row = {"id": gid, "seq": seq, "env_id": group.get("env_id"), "size": len(group["tokens"]), "group": group}
-            lines.append((seq, (json.dumps(row) + "\n").encode(), row))
+            lines.append((seq, pydantic_core.to_json(row) + b"\n", row))
             ids.append(gid)
         with open(self.groups_file, "ab") as fh:
             offset = fh.tell()
@@ -176,17 +178,25 @@ class GroupJournal:
     def take(self, room_sequences: int, *, at_least_one: bool) -> list[dict[str, Any]]:
         """Groups from the front of the backlog holding at most ``room_sequences`` sequences (at least one group with
         ``at_least_one``), read back from disk and now in memory."""
-        out = []
+        return [self.read(seq) for seq in self.take_seqs(room_sequences, at_least_one=at_least_one)]
+
+    def take_seqs(self, room_sequences: int, *, at_least_one: bool) -> list[int]:
+        """:meth:`take` without reading the groups back (a caller that still holds them; else :meth:`read`)."""
+        out: list[int] = []
         while self.backlog:
             entry = self.entries[self.backlog[0]]
             if entry.size > room_sequences and not (at_least_one and not out):
                 break
-            self.backlog.popleft()
+            out.append(self.backlog.popleft())
             self._move(entry, MEMORY)
             room_sequences -= entry.size
-            self._reader.seek(entry.offset)
-            out.append(json.loads(self._reader.read(entry.length))["group"])
         return out
+
+    def read(self, seq: int) -> dict[str, Any]:
+        """The group of unacknowledged ``seq`` as journaled (its id in ``group_overrides``), parsed from disk."""
+        entry = self.entries[seq]
+        self._reader.seek(entry.offset)
+        return pydantic_core.from_json(self._reader.read(entry.length))["group"]
 
     def handed_out(self, ids: Iterable[str]) -> int:
         """Groups answered in a ``GET /batch``: memory -> out. Returns how many were known."""
