@@ -1,12 +1,14 @@
 """The guard's FastAPI app in-process (Starlette's TestClient, atroposlib's app mounted under it, state reset per
 test): a body is read once (gzip, JSON) and the group parsed from it is what atroposlib queues, with the journal's id;
 a group that waited on disk is queued from its journal line; typed bodies answer as before; every path the guard does
-not change is atroposlib's."""
+not change is atroposlib's; concurrent posts share one fsync, and none is answered before the fsync covering it."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from atroposlib.api import server
 from fastapi.testclient import TestClient
 from starlette.datastructures import State
 
+from recipe.atropos.guard.journal import GroupCommit, GroupJournal
 from recipe.atropos.guard.routes import build_app
 from recipe.atropos.guard.state import GuardState
 from recipe.atropos.schema import GROUP_ID_KEY
@@ -108,3 +111,30 @@ def test_every_other_path_is_atroposlibs(guard) -> None:
     assert client.get("/info").json() == {"batch_size": BATCH, "max_token_len": 64}
     assert client.get("/status").json() == {"current_step": 0, "queue_size": 0}
     assert client.get("/wandb_info").json() == {"group": "g", "project": "p"}
+
+
+def test_concurrent_posts_share_one_fsync_and_each_answer_waits_for_it(tmp_path: Path) -> None:
+    journal = GroupJournal(tmp_path)
+    commit = GroupCommit(journal)
+    covered: list[int] = []  # lines in the file as each fsync starts (what it makes durable)
+    finished: list[int] = []
+
+    def sync() -> None:
+        covered.append(len((tmp_path / "groups.jsonl").read_bytes().splitlines()))
+        time.sleep(0.05)  # a slow disk: the other posts are written meanwhile
+        finished.append(1)
+
+    journal.sync = sync  # type: ignore[method-assign]
+
+    async def post(first: int) -> int:
+        journal.append([group(first=first)], durable=False)
+        await commit.durable(commit.wrote())
+        return len(finished)  # fsyncs finished when this post could be answered
+
+    async def five_posts() -> list[int]:
+        first = asyncio.create_task(post(10))
+        await asyncio.sleep(0.01)  # its fsync is running
+        return await asyncio.gather(first, *(post(f) for f in (20, 30, 40, 50)))
+
+    assert asyncio.run(five_posts()) == [1, 2, 2, 2, 2]
+    assert covered == [1, 5]  # the first post's fsync, then one for the four written while it ran

@@ -12,8 +12,10 @@ the group itself (:data:`recipe.atropos.schema.GROUP_ID_KEY`).
 
 Invariants:
 
-- :meth:`GroupJournal.append` returns only once the groups are fsynced; an acknowledged group leaves the journal
-  (compaction drops it from ``groups.jsonl`` later), an unacknowledged one never does;
+- an accepted group is fsynced before the API answers: :meth:`GroupJournal.append` fsyncs before it returns, or
+  (the guard's way) writes only, and :class:`GroupCommit` runs one fsync in a worker thread for all the appends
+  written meanwhile; an acknowledged group leaves the journal (compaction drops it from ``groups.jsonl`` later), an
+  unacknowledged one never does;
 - each unacknowledged group is in exactly one place: the *backlog* (on disk only), atroposlib's *memory* (its queue,
   buffers or formed batches), or *out* (answered in a ``GET /batch``, awaiting the trainer's ack);
 - a journal opened again (a restarted API, after SIGKILL too) puts every unacknowledged group in the backlog, in the
@@ -26,6 +28,7 @@ in between leaves acks of ids no longer in the file: harmless).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -152,8 +155,10 @@ class GroupJournal:
         return int(seq) if name == self.name and seq.isdigit() else None
 
     # ---- the life of a group ------------------------------------------------------------------------------------
-    def append(self, groups: list[dict[str, Any]]) -> list[str]:
-        """Give each group an id (in its ``group_overrides``), write them durably, put them in the backlog."""
+    def append(self, groups: list[dict[str, Any]], *, durable: bool = True) -> list[str]:
+        """Give each group an id (in its ``group_overrides``), write them, put them in the backlog. With ``durable``
+        they are fsynced when this returns; without, :meth:`sync` (or :class:`GroupCommit`) must run before anyone is
+        told they are (a killed process loses nothing written, a power loss would)."""
         lines, ids = [], []
         for group in groups:
             seq = self.next_seq
@@ -166,14 +171,25 @@ class GroupJournal:
         with open(self.groups_file, "ab") as fh:
             offset = fh.tell()
             fh.write(b"".join(line for _, line, _ in lines))
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         for seq, line, row in lines:
             self.entries[seq] = Entry(offset, len(line), row["size"], row["env_id"])
             self._count(self.entries[seq], +1)
             self.backlog.append(seq)
             offset += len(line)
         return ids
+
+    def sync(self) -> None:
+        """fsync ``groups.jsonl``: every line appended before this call is on disk when it returns. Safe in a worker
+        thread while the event loop appends or compacts: the file is opened by path, and a compaction meanwhile wrote
+        and fsynced every unacknowledged line into the file that replaced it."""
+        fd = os.open(self.groups_file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def take(self, room_sequences: int, *, at_least_one: bool) -> list[dict[str, Any]]:
         """Groups from the front of the backlog holding at most ``room_sequences`` sequences (at least one group with
@@ -266,6 +282,39 @@ class GroupJournal:
             out[f"{where}_groups"], out[f"{where}_sequences"] = groups, sequences
         out["backlog_sequences_by_env"] = {k: v for k, v in self.backlog_by_env.items() if v}
         return out
+
+
+class GroupCommit:
+    """One fsync for the appends of concurrent requests, run in a worker thread: the event loop checks and writes other
+    posts meanwhile, and every append written before an fsync started is durable when that fsync returns.
+
+    ``await commit.durable(commit.wrote())`` after ``journal.append(groups, durable=False)`` returns once those groups
+    are on disk (an fsync error is raised to every waiter whose groups it should have covered)."""
+
+    def __init__(self, journal: GroupJournal) -> None:
+        self.journal = journal
+        self.written = 0  # appends so far
+        self.synced = 0  # appends covered by a finished fsync
+        self._fsync: asyncio.Task[None] | None = None
+
+    def wrote(self) -> int:
+        """Count an append just written; its number for :meth:`durable`."""
+        self.written += 1
+        return self.written
+
+    async def durable(self, append: int) -> None:
+        while self.synced < append:
+            if self._fsync is None:
+                self._fsync = asyncio.create_task(self._sync())
+            await asyncio.shield(self._fsync)
+
+    async def _sync(self) -> None:
+        upto = self.written  # as the fsync starts: the appends of the posts that ran before this task covered too
+        try:
+            await asyncio.to_thread(self.journal.sync)
+            self.synced = max(self.synced, upto)
+        finally:
+            self._fsync = None
 
 
 def journal_ids(directory: str | Path) -> tuple[set[str], set[str]]:

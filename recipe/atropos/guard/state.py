@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from recipe.atropos.guard.journal import GroupJournal
+from recipe.atropos.guard.journal import GroupCommit, GroupJournal
 from recipe.atropos.records import RejectedGroupLog
 from recipe.atropos.schema import GroupValidationError
 
@@ -65,6 +65,7 @@ class GuardState:
             self.starts = int(old.get("starts", 0)) + 1
             self.refused_requests = int(old.get("refused_requests", 0))
         self.journal = GroupJournal(journal_dir or tempfile.mkdtemp(prefix="atropos_guard_journal_"))
+        self.commit = GroupCommit(self.journal)
         self.resumed_groups = len(self.journal.entries)  # unacknowledged groups found at start
         self.save()
 
@@ -121,9 +122,11 @@ class GuardState:
         env["last_post"] = time.time()
         return env
 
-    def accept(self, groups: list[dict[str, Any]]) -> list[str]:
-        """Journal ``groups`` (durable when this returns) and count them; their ids."""
-        ids = self.journal.append(groups)
+    async def accept(self, groups: list[dict[str, Any]]) -> list[str]:
+        """Journal ``groups`` (durable when this returns: one fsync, off the event loop, shared with the posts written
+        meanwhile) and count them; their ids."""
+        ids = self.journal.append(groups, durable=False)
+        await self.commit.durable(self.commit.wrote())
         self.counts["accepted_groups"] += len(groups)
         self.counts["accepted_sequences"] += sum(len(g["tokens"]) for g in groups)
         for group in groups:
