@@ -87,6 +87,24 @@ def test_a_body_that_does_not_gunzip_is_refused_as_body_counted_and_kept(guard, 
     assert json.loads(kept)["group"] == "not gzip"
 
 
+def test_a_post_cut_by_a_disconnect_is_dropped_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.app, "state", State())
+    state = GuardState(vocab_size=VOCAB, batch_size=BATCH, journal_dir=str(tmp_path / "journal"))
+    messages = [{"type": "http.request", "body": b'{"tokens": [[1, 2', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/scored_data", "headers": [], "query_string": b""}
+    asyncio.run(build_app(state)(scope | {"client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}, receive, send))
+    assert sent[0]["status"] == 400  # never read: the client is gone
+    assert state.counters()["rejected_groups"] == 0 and state.counters()["journal_groups"] == 0
+
+
 def test_a_nan_literal_is_read_and_refused_naming_the_field(guard) -> None:
     client, _ = guard
     body = json.dumps({**group(), "scores": [float("nan"), 0.0, 1.0, 0.0]})  # Python's json writes NaN

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from recipe.atropos.access import Network, NetworkAllowListMiddleware, Refusals
 from recipe.atropos.guard.state import GuardState, api_state, current_batch_size, queue_report
@@ -123,6 +124,9 @@ class ApiGuard:
         field of the first bad one, each bad one counted and kept in the rejected-groups file."""
         try:
             payload = await request.json()
+        except ClientDisconnect:  # an env killed in the middle of its post: nothing received, nobody to answer
+            logger.warning("a client disconnected before its %s body was whole; nothing kept", request.url.path)
+            return Response(status_code=400)
         except (*BAD_GZIP, ValueError) as exc:
             error = GroupValidationError("body", f"not a JSON document ({exc})")
             self.state.reject(request.raw_body[:2000].decode(errors="replace"), error)
