@@ -67,7 +67,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recipe.atropos.runtime.assets import build_tiny_model, resolve_model_path  # noqa: E402
+from recipe.atropos.setup.assets import build_tiny_model, resolve_model_path  # noqa: E402
 
 QUESTIONS = [
     "Write a long story about a dragon who learns to bake bread.",
@@ -400,8 +400,8 @@ def run_hf_cpu(args: argparse.Namespace, model: str) -> list[str]:
     import ray
     from transformers import AutoTokenizer
 
+    from recipe.atropos.cpu.hf_cpu import HFCPURolloutServer
     from recipe.atropos.endpoint.backends import RayReplicaBackend
-    from recipe.atropos.runtime.rollout import HFCPURolloutServer
 
     tok = AutoTokenizer.from_pretrained(model)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

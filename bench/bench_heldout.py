@@ -28,7 +28,7 @@ from pathlib import Path
 from bench_loop import ROOT, SYSTEM_PROMPT, run_native, run_ours
 
 from recipe.atropos.envs.one_word_env import held_out_questions
-from recipe.atropos.runtime.assets import resolve_model_path
+from recipe.atropos.setup.assets import resolve_model_path
 
 DEMO = ROOT / "recipe" / "atropos" / "config" / "atropos_grpo_cpu_demo.yaml"
 EVAL_QUESTIONS, EVAL_SAMPLES = 8, 4  # one_word_env's defaults (eval_questions, eval_samples_per_question)

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recipe.atropos.envs.one_word_env import question  # noqa: E402
-from recipe.atropos.runtime import cpu_runtime_env, cpu_runtime_overrides  # noqa: E402
-from recipe.atropos.runtime.assets import build_tiny_model, resolve_model_path  # noqa: E402
+from recipe.atropos.setup.assets import build_tiny_model, resolve_model_path  # noqa: E402
+from recipe.atropos.setup.cpu_runtime import cpu_runtime_env, cpu_runtime_overrides  # noqa: E402
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # as in atropos_grpo_cpu_demo.yaml
 REWARD_FN = '''

@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for both runs")
     args = parser.parse_args()
     out = args.out or ROOT / "outputs" / f"bench-lora-{datetime.now():%Y%m%d-%H%M%S}"
-    from recipe.atropos.runtime.assets import resolve_model_path
+    from recipe.atropos.setup.assets import resolve_model_path
 
     model = resolve_model_path("embedded:SmolLM2-135M-Instruct")
     print(f"bench-lora: {model}, {args.steps} steps each, output {out}", flush=True)

@@ -100,7 +100,7 @@ def main() -> None:
         args.out = ROOT / "outputs" / f"bench_placement_{datetime.now():%Y%m%d_%H%M%S}"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.model == "tiny" and args.model_path is None:
-        from recipe.atropos.runtime.assets import build_tiny_model
+        from recipe.atropos.setup.assets import build_tiny_model
 
         args.model_path = str(build_tiny_model(args.out / "tiny_model"))
     config = bench_config(args.model, args.out)

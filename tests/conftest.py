@@ -17,7 +17,7 @@ import pytest
 
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv
-from recipe.atropos.runtime.assets import build_tiny_model
+from recipe.atropos.setup.assets import build_tiny_model
 from tests.helpers import FIXTURE_PIDS, Launch, http_ok, launcher_factory, no_processes_left, wait_until
 
 # Offline, quiet, deterministic defaults for every test process.

@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.atropos.runtime import cpu_runtime_env, cpu_runtime_overrides
-from recipe.atropos.runtime.assets import build_tiny_model
+from recipe.atropos.setup.assets import build_tiny_model
+from recipe.atropos.setup.cpu_runtime import cpu_runtime_env, cpu_runtime_overrides
 
 REWARD_FN = '''
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):

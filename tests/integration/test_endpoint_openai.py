@@ -351,8 +351,8 @@ def test_routes_and_envs_counted_in_health(endpoint: InferenceEndpoint, tiny_mod
 def hf_cpu_backend(tiny_model: Path) -> Iterator[Any]:
     import ray
 
+    from recipe.atropos.cpu.hf_cpu import HFCPURolloutServer
     from recipe.atropos.endpoint.backends import RayReplicaBackend
-    from recipe.atropos.runtime.rollout import HFCPURolloutServer
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:

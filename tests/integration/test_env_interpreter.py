@@ -33,7 +33,7 @@ from recipe.atropos.launcher.env_python import DEFAULT_VENV, TRANSFORMERS_PIN, v
 from recipe.atropos.launcher.envs import EnvProbeError, EnvServers, env_argv, env_environ, probe_envs
 from recipe.atropos.launcher.preflight import PreflightError, check_envs
 from recipe.atropos.launcher.processes import ManagedProcess
-from recipe.atropos.runtime.assets import portable_tokenizer, prepare_smollm2, save_portable_tokenizer
+from recipe.atropos.setup.assets import portable_tokenizer, prepare_smollm2, save_portable_tokenizer
 from recipe.atropos.transport.client import AtroposClient
 from tests.helpers import wait_until
 
@@ -147,7 +147,7 @@ def test_the_demo_tokenizer_saved_by_transformers_5_reads_the_same_under_4(tmp_p
     """The demo's SmolLM2 tokenizer as ``prepare_smollm2`` saves it (from the GGUF, by transformers 5)."""
     from transformers import AutoTokenizer
 
-    from recipe.atropos.runtime.assets import smollm2_gguf_path
+    from recipe.atropos.setup.assets import smollm2_gguf_path
 
     try:
         gguf = smollm2_gguf_path()

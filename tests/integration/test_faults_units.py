@@ -16,8 +16,8 @@ from recipe.atropos.launcher.config import load_config
 from recipe.atropos.launcher.preflight import PreflightError, run_preflight, typed_config
 from recipe.atropos.launcher.processes import free_port
 from recipe.atropos.launcher.supervisor import Launcher
-from recipe.atropos.runtime.assets import model_vocab_size
 from recipe.atropos.schema import validate_group
+from recipe.atropos.setup.assets import model_vocab_size
 from recipe.atropos.transport.client import AtroposClient
 from tests.helpers import launcher_argv
 from tests.integration.test_client import group

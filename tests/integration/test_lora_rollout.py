@@ -13,8 +13,8 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 from verl.utils.fsdp_utils import collect_lora_params, replace_lora_wrapper
 
-from recipe.atropos.runtime.lora import lora_delta, lora_layers
-from recipe.atropos.runtime.rollout import HFGenerator
+from recipe.atropos.cpu.hf_cpu import HFGenerator
+from recipe.atropos.cpu.hf_cpu_lora import lora_delta, lora_layers
 
 
 def lora_actor(model_dir: Path, target_modules: object = "all-linear") -> torch.nn.Module:

@@ -17,11 +17,17 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from recipe.atropos.config import AtroposConfig
+from recipe.atropos.cpu.hf_cpu import HFCPURolloutServer, HFGenerator, SamplingKey
+from recipe.atropos.cpu.platform import PlatformCPU, dedupe_backend
 from recipe.atropos.endpoint.backends import RayReplicaBackend
 from recipe.atropos.endpoint.server import InferenceEndpoint
-from recipe.atropos.runtime import apply_cpu_runtime, cpu_runtime_env, cpu_runtime_overrides, should_use_cpu_runtime
-from recipe.atropos.runtime.platform import PlatformCPU, dedupe_backend
-from recipe.atropos.runtime.rollout import HFCPURolloutServer, HFGenerator, SamplingKey
+from recipe.atropos.setup.cpu_runtime import (
+    apply_cpu_runtime,
+    cpu_runtime_env,
+    cpu_runtime_overrides,
+    should_use_cpu_runtime,
+)
 
 
 def test_platform_answers() -> None:
@@ -48,12 +54,12 @@ def test_duplicate_gloo_backend_is_collapsed() -> None:
 def test_runtime_switches() -> None:
     assert should_use_cpu_runtime("cpu") and not should_use_cpu_runtime("cuda")
     assert should_use_cpu_runtime("auto") == (not torch.cuda.is_available())
-    with pytest.raises(ValueError, match="atropos.runtime"):
-        should_use_cpu_runtime("tpu")
+    with pytest.raises(ValueError, match="atropos.runtime='tpu'"):
+        AtroposConfig(runtime="tpu")  # the typed config is where the value is checked
     env = cpu_runtime_env(["my.module"])
     assert env["VERL_USE_EXTERNAL_MODULES"].split(",") == [
-        "recipe.atropos.runtime.platform",
-        "recipe.atropos.runtime.rollout",
+        "recipe.atropos.cpu.platform",
+        "recipe.atropos.cpu.hf_cpu",
         "my.module",
     ]
     assert "++actor_rollout_ref.rollout.name=hf_cpu" in cpu_runtime_overrides()

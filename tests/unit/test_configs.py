@@ -15,9 +15,9 @@ from verl.utils.config import validate_config
 
 from recipe.atropos.config import AtroposConfig, atropos_config, check_atropos_config
 from recipe.atropos.launcher.config import load_config
-from recipe.atropos.runtime import CPU_SETTINGS
-from recipe.atropos.runtime.gpu import FLASH_ATTN_INSTALL, check_gpu_runtime, flash_attn_importable, needs_flash_attn
-from recipe.atropos.runtime.placement import is_split, rollout_devices, trainer_devices
+from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS
+from recipe.atropos.setup.gpu import FLASH_ATTN_INSTALL, check_gpu_runtime, flash_attn_importable, needs_flash_attn
+from recipe.atropos.setup.placement import is_split, rollout_devices, trainer_devices
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 # Primary configs (the base sets no Hydra search path and is only extended).

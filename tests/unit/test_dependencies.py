@@ -10,7 +10,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from recipe.atropos.runtime.gpu import FLASH_ATTN_INSTALL
+from recipe.atropos.setup.gpu import FLASH_ATTN_INSTALL
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

@@ -10,7 +10,8 @@ import pytest
 
 from recipe.atropos.config.checks import check_atropos_config
 from recipe.atropos.launcher.config import load_config
-from recipe.atropos.runtime import apply_cpu_runtime, cpu_runtime_env, lora_as_adapter
+from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime, cpu_runtime_env
+from recipe.atropos.setup.weight_sync import lora_as_adapter
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 LORA = ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16"]

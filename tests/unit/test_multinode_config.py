@@ -1,5 +1,5 @@
 """Multi-node settings: launcher roles and their URLs, the access knobs' start-up refusals, the cluster attach's
-Ray settings (recipe.atropos.launcher.roles, recipe.atropos.access, recipe.atropos.runtime.cluster)."""
+Ray settings (recipe.atropos.launcher.roles, recipe.atropos.access, recipe.atropos.setup.cluster)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from recipe.atropos.config import atropos_config, check_atropos_config
 from recipe.atropos.launcher.config import load_config
 from recipe.atropos.launcher.envs import EnvServers
 from recipe.atropos.launcher.roles import RemoteTrainer, local_host, role_plan
-from recipe.atropos.runtime import CPU_SETTINGS, apply_cpu_runtime, cpu_runtime_env
-from recipe.atropos.runtime.cluster import CLUSTER_DECIDES, cluster_settings, ray_init_kwargs
+from recipe.atropos.setup.cluster import CLUSTER_DECIDES, cluster_settings, ray_init_kwargs
+from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS, apply_cpu_runtime, cpu_runtime_env
 
 TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
 MODEL = "actor_rollout_ref.model.path=/m"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe.atropos.runtime.assets import build_tiny_model
 from recipe.atropos.schema import GroupValidationError
+from recipe.atropos.setup.assets import build_tiny_model
 from recipe.atropos.sources.jsonl import JsonlGroupSource, OfflineDataError, offline_training_steps
 from recipe.atropos.transport.client import AtroposClient
 

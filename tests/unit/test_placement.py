@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 
 from recipe.atropos.config import check_atropos_config
 from recipe.atropos.launcher.config import load_config
-from recipe.atropos.runtime import apply_cpu_runtime
-from recipe.atropos.runtime.placement import GLOO_BACKEND, GLOO_MODULE, is_split, rollout_devices, trainer_devices
-from recipe.atropos.trainer.placement import HybridEngineFlag, swap_holds_requests
+from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime
+from recipe.atropos.setup.placement import is_split, rollout_devices, trainer_devices
+from recipe.atropos.setup.weight_sync import GLOO_BACKEND, GLOO_MODULE
+from recipe.atropos.trainer.split_workers import HybridEngineFlag, swap_holds_requests
 
 TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
 SPLIT = ["actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.nnodes=1"]

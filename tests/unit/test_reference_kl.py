@@ -40,7 +40,7 @@ import recipe.atropos.algos.losses  # noqa: F401  (registers the advantage_weigh
 from recipe.atropos.config import atropos_config
 from recipe.atropos.config.checks import share_rollout_correction_with_actor
 from recipe.atropos.launcher.config import load_config
-from recipe.atropos.runtime import CPU_SETTINGS
+from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS
 from recipe.atropos.trainer import RayAtroposTrainer
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
 
@@ -236,7 +236,7 @@ def test_reference_engine_shards_on_cpu() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    import recipe.atropos.runtime.platform  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports in every worker)
+    import recipe.atropos.cpu.platform  # noqa: F401  (what VERL_USE_EXTERNAL_MODULES imports in every worker)
 
     if torch.accelerator.is_available():
         pytest.skip("an accelerator is present: pinned memory works and nothing is changed")

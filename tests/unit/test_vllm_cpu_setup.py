@@ -18,8 +18,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from recipe.atropos.config import AtroposConfig
 from recipe.atropos.launcher.config import load_config
-from recipe.atropos.runtime import CPU_SETTINGS, VLLM_CPU_MODULE, apply_cpu_runtime, cpu_rollout_settings
+from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS, VLLM_CPU_MODULE, apply_cpu_runtime, cpu_rollout_settings
 from tools.repack_vllm_wheel import repack
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -94,8 +95,8 @@ def test_cpu_rollout_defaults_to_hf_cpu_and_rejects_unknown_values() -> None:
     config = load_config(CONFIG, [])
     assert config.atropos.cpu_rollout == "hf_cpu"
     assert cpu_rollout_settings("hf_cpu") == CPU_SETTINGS
-    with pytest.raises(ValueError, match="atropos.cpu_rollout='sglang': use 'hf_cpu'"):
-        cpu_rollout_settings("sglang")
+    with pytest.raises(ValueError, match="atropos.cpu_rollout='sglang': use one of 'hf_cpu', 'vllm'"):
+        AtroposConfig(cpu_rollout="sglang")
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the error where vLLM is missing")

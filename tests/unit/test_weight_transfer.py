@@ -12,8 +12,8 @@ import pytest
 import torch
 from verl.checkpoint_engine import CheckpointEngineRegistry
 
-from recipe.atropos.runtime.placement import GLOO_BACKEND, GLOO_MODULE
-from recipe.atropos.runtime.weight_transfer import GlooCheckpointEngine, Root
+from recipe.atropos.cpu.weight_transfer import GlooCheckpointEngine, Root
+from recipe.atropos.setup.weight_sync import GLOO_BACKEND, GLOO_MODULE
 
 
 def free_port() -> int:

@@ -18,12 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 from verl.base_config import BaseConfig
 
 from recipe.atropos.access import check_exposure, parse_networks
-from recipe.atropos.runtime import CPU_ROLLOUTS, RUNTIMES
 
 SOURCES = ("api", "jsonl")
 BACKENDS = ("ray", "vllm_http")
 NORMALIZATIONS = ("none", "batch")
 ROLES = ("all", "services", "trainer")  # atropos.launcher.role
+RUNTIMES = ("auto", "cpu", "cuda")  # atropos.runtime (recipe.atropos.setup.cpu_runtime.should_use_cpu_runtime)
+CPU_ROLLOUTS = ("hf_cpu", "vllm")  # atropos.cpu_rollout (recipe.atropos.setup.cpu_runtime.cpu_rollout_settings)
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...], hint: str = "") -> None:

@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from recipe.atropos.access import API_KEY_ENV, check_exposure, inference_token
 from recipe.atropos.algos.losses import POLICY_LOSS_NAME as ADVANTAGE_WEIGHTED_CE
 from recipe.atropos.config.atropos_config import AtroposConfig, atropos_config
-from recipe.atropos.runtime import lora_as_adapter
-from recipe.atropos.runtime.placement import check_split_config
+from recipe.atropos.setup.placement import is_split
+from recipe.atropos.setup.weight_sync import lora_as_adapter
 
 VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
 
@@ -95,6 +95,30 @@ def check_lora_config(config: DictConfig, atropos: AtroposConfig) -> None:
             "atropos.inference.backend=vllm_http with a LoRA adapter push: verl applies the adapter on its own "
             "generate path only, and vLLM's OpenAI server would serve the base model (a request naming the base "
             "model gets no LoRA). Use atropos.inference.backend=ray, or actor_rollout_ref.model.lora.merge=true"
+        )
+
+
+def check_split_config(config: DictConfig, max_policy_lag: int | None, lora_adapter: bool) -> None:
+    """Refuse split-placement combinations that cannot train correctly; ``ValueError`` names the key and the fix."""
+    if not is_split(config):
+        return
+    rollout = config.actor_rollout_ref.rollout
+    if int(rollout.get("nnodes", 0) or 0) <= 0 or int(rollout.get("n_gpus_per_node", 0) or 0) <= 0:
+        raise ValueError(
+            "actor_rollout_ref.hybrid_engine=false puts the rollout on resources of its own: set "
+            "actor_rollout_ref.rollout.nnodes and actor_rollout_ref.rollout.n_gpus_per_node (e.g. 1 and 2)"
+        )
+    if max_policy_lag == 0:
+        raise ValueError(
+            "atropos.max_policy_lag=0 with a split rollout (actor_rollout_ref.hybrid_engine=false): environments keep "
+            "generating while the actor trains, so every group is at least one update old and none could train. "
+            "Set atropos.max_policy_lag>=1 (with algorithm.rollout_correction) or hybrid_engine=true"
+        )
+    if lora_adapter:
+        raise ValueError(
+            "LoRA with a split rollout sends full weights through the checkpoint engine (verl's "
+            "engine_workers.update_weights passes no LoRA config on that path): set "
+            "actor_rollout_ref.model.lora.merge=true, or hybrid_engine=true to push the adapter"
         )
 
 

@@ -29,12 +29,12 @@ class PreflightError(ValueError):
 
 def check_model_path(path: str) -> None:
     """A local model directory with a config.json, the embedded demo model, or a hub name already cached."""
-    from recipe.atropos.runtime.assets import EMBEDDED_DEMO_MODEL
+    from recipe.atropos.setup.assets import EMBEDDED_DEMO_MODEL
 
     if not path or path == "None":
         raise PreflightError("actor_rollout_ref.model.path is not set: pass actor_rollout_ref.model.path=DIR")
     if path == EMBEDDED_DEMO_MODEL:
-        from recipe.atropos.runtime.assets import default_cache_dir, smollm2_gguf_path
+        from recipe.atropos.setup.assets import default_cache_dir, smollm2_gguf_path
 
         if (default_cache_dir() / "SmolLM2-135M-Instruct" / "config.json").exists():
             return
@@ -146,7 +146,7 @@ def typed_config(config: DictConfig) -> AtroposConfig:
     """The typed ``atropos`` block of ``config`` (:func:`recipe.atropos.config.atropos_config`); a bad key or value is
     a :class:`PreflightError`."""
     if os.environ.get("VERL_PLATFORM") == "cpu":  # inherited from a CPU run: verl would look our platform up on import
-        importlib.import_module("recipe.atropos.runtime.platform")
+        importlib.import_module("recipe.atropos.cpu.platform")
     from recipe.atropos.config import atropos_config
 
     try:

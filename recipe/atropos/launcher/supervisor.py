@@ -63,7 +63,7 @@ from recipe.atropos.launcher.report import (
 from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
 from recipe.atropos.launcher.watch import WAIT_FILE, ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
-from recipe.atropos.runtime.assets import model_vocab_size, resolve_model_path
+from recipe.atropos.setup.assets import model_vocab_size, resolve_model_path
 
 __all__ = ["Launcher", "main"]
 

@@ -10,7 +10,7 @@ token-in/token-out ``generate(prompt_ids, sampling_params, request_id)`` like ve
 within ``batch_wait_s`` of each other run as one left-padded batched ``generate`` in a worker thread; a weight load
 takes the same lock, so no batch ever mixes two policies.
 
-LoRA pushes load through peft (:mod:`recipe.atropos.runtime.lora`); every load records a weight probe
+LoRA pushes load through peft (:mod:`recipe.atropos.cpu.hf_cpu_lora`); every load records a weight probe
 (:meth:`HFGenerator.weight_probe`) that tests compare with the checkpoint.
 """
 
@@ -30,7 +30,7 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
 from verl.workers.rollout.utils import ensure_async_iterator
 
-from recipe.atropos.runtime.lora import load_adapter, load_full, lora_shape, module_fingerprint, wrap_with_lora
+from recipe.atropos.cpu.hf_cpu_lora import load_adapter, load_full, lora_shape, module_fingerprint, wrap_with_lora
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # verl's root config is WARNING; weight loads are news
@@ -148,7 +148,7 @@ class HFGenerator:
 
     def weight_probe(self) -> dict[str, float]:
         """After the last load: loads so far, adapter loads, tensors received, and the probe module's fingerprint
-        (:func:`~recipe.atropos.runtime.lora.module_fingerprint`); ``start_module_weight_checksum`` is that weight
+        (:func:`~recipe.atropos.cpu.hf_cpu_lora.module_fingerprint`); ``start_module_weight_checksum`` is that weight
         checksum after the first complete update (the policy the run started from; after a LoRA base sync, once the
         adapter has arrived too)."""
         return dict(self._probe)

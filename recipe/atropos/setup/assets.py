@@ -3,7 +3,7 @@ what the recipe reads from a model directory (:func:`model_vocab_size`: token id
 
 Used by the launcher (pre-flight, the API guard's vocabulary) and the trainer driver; imports no torch at module level.
 
-CLI: ``python -m recipe.atropos.runtime.assets tiny DIR`` | ``python -m recipe.atropos.runtime.assets smollm2 [DIR]``.
+CLI: ``python -m recipe.atropos.setup.assets tiny DIR`` | ``python -m recipe.atropos.setup.assets smollm2 [DIR]``.
 """
 
 from __future__ import annotations

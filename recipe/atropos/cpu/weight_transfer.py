@@ -9,9 +9,9 @@ it never touches the actor's FSDP group). Other actor ranks take rank -1 and onl
 each full tensor is collective over the actor group).
 
 Selected with ``actor_rollout_ref.rollout.checkpoint_engine.backend=gloo`` and
-``checkpoint_engine.custom_backend_module=recipe.atropos.runtime.weight_transfer`` (verl imports that module in the
+``checkpoint_engine.custom_backend_module=recipe.atropos.cpu.weight_transfer`` (verl imports that module in the
 actor workers and the rollout's ``CheckpointEngineWorker`` before building the engine); the CPU runtime sets both when
-the rollout is split (:func:`recipe.atropos.runtime.placement.apply_split_cpu_settings`).
+the rollout is split (:func:`recipe.atropos.setup.placement.apply_split_cpu_settings`).
 
 Per bucket the root sends a header ``[metadata bytes, bucket bytes, is_last]`` (int64 [3]), the pickled
 :class:`~verl.checkpoint_engine.base.TensorMeta` list (uint8) and the bucket (uint8); tensors larger than a bucket
@@ -41,7 +41,7 @@ from verl.checkpoint_engine.base import (
 )
 from verl.utils.net_utils import get_free_port
 
-from recipe.atropos.runtime.placement import GLOO_BACKEND as BACKEND
+from recipe.atropos.setup.weight_sync import GLOO_BACKEND as BACKEND
 
 ALIGN = 16  # bytes: every tensor starts at a multiple of this within a bucket
 

@@ -28,7 +28,7 @@ from verl.trainer.ppo.utils import Role
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.rollout.llm_server import LLMServerManager
 
-from recipe.atropos.runtime.placement import is_split
+from recipe.atropos.setup.placement import is_split
 
 logger = logging.getLogger(__name__)
 

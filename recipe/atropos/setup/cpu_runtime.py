@@ -1,8 +1,11 @@
-"""The CPU runtime for verl 0.9.1: a ``cpu`` platform, the ``hf_cpu`` rollout backend and the settings they need.
+"""Switching a run to the CPU runtime (verl 0.9.1 on CPU): the settings, the environment every verl process needs,
+and which of the recipe's modules verl imports (:mod:`recipe.atropos.cpu`: the ``cpu`` platform, the ``hf_cpu`` or
+``vllm_cpu`` rollout, the ``gloo`` checkpoint engine).
 
-Users never set these switches by hand: ``main_atropos`` (and the launcher) call :func:`apply_cpu_runtime` when
-:func:`should_use_cpu_runtime` says so — no CUDA device, or ``atropos.runtime=cpu``. With a GPU nothing here runs
-and verl's CUDA path (FSDP + vLLM) is untouched.
+Runs in the trainer driver before Ray starts: ``main_atropos`` calls :func:`apply_cpu_runtime` when
+:func:`should_use_cpu_runtime` says so — no CUDA device, or ``atropos.runtime=cpu``; users never set these switches by
+hand. With a GPU nothing here runs and verl's CUDA path (FSDP + vLLM) is untouched. The modules are named here as
+strings and imported by verl's processes (``VERL_USE_EXTERNAL_MODULES``), never by this module's importers.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipe.atropos.runtime.placement import apply_split_cpu_settings, is_split
+from recipe.atropos.setup.cluster import cluster_settings
+from recipe.atropos.setup.placement import apply_split_cpu_settings, is_split
+from recipe.atropos.setup.weight_sync import lora_as_adapter
 
-PLATFORM_MODULE = "recipe.atropos.runtime.platform"
-ROLLOUT_MODULE = "recipe.atropos.runtime.rollout"
-VLLM_CPU_MODULE = "recipe.atropos.runtime.vllm_cpu"
+PLATFORM_MODULE = "recipe.atropos.cpu.platform"
+ROLLOUT_MODULE = "recipe.atropos.cpu.hf_cpu"
+VLLM_CPU_MODULE = "recipe.atropos.cpu.vllm_cpu"
 
 # Ray resources: verl reserves one logical GPU per worker and a few CPUs per actor; on a 2-core box these are
 # logical slots (Ray would otherwise wait forever for resources the machine does not have).
@@ -68,15 +73,12 @@ VLLM_CPU_SETTINGS: tuple[tuple[str, object], ...] = (
     ("actor_rollout_ref.rollout.enforce_eager", True),
     ("actor_rollout_ref.rollout.dtype", "float32"),
 )
-CPU_ROLLOUTS = ("hf_cpu", "vllm")  # atropos.cpu_rollout
-RUNTIMES = ("auto", "cpu", "cuda")  # atropos.runtime
 
 
 def cpu_rollout_settings(cpu_rollout: str = "hf_cpu") -> tuple[tuple[str, object], ...]:
-    """:data:`CPU_SETTINGS`, with the vLLM rollout's settings after them for ``cpu_rollout="vllm"``."""
-    if cpu_rollout not in CPU_ROLLOUTS:
-        raise ValueError(f"atropos.cpu_rollout={cpu_rollout!r}: use 'hf_cpu' (default) or 'vllm'")
-    if cpu_rollout == "hf_cpu":
+    """:data:`CPU_SETTINGS`, with the vLLM rollout's settings after them for ``cpu_rollout="vllm"`` (the value is
+    checked by the typed config, ``atropos.cpu_rollout``)."""
+    if cpu_rollout != "vllm":
         return CPU_SETTINGS
     if importlib.util.find_spec("vllm") is None:
         raise RuntimeError(
@@ -86,16 +88,6 @@ def cpu_rollout_settings(cpu_rollout: str = "hf_cpu") -> tuple[tuple[str, object
     return CPU_SETTINGS + VLLM_CPU_SETTINGS
 
 
-def lora_as_adapter(config: DictConfig) -> bool:
-    """True when the actor trains LoRA (``actor_rollout_ref.model.lora_rank`` or ``lora.rank`` > 0) and verl pushes
-    the adapter tensors to the rollout (``lora.merge`` false, verl's default) rather than weights merged into the
-    base."""
-    model = config.actor_rollout_ref.model
-    lora = model.get("lora") or {}
-    rank = int(model.get("lora_rank", 0) or 0) or int(lora.get("rank", 0) or 0)
-    return rank > 0 and not bool(lora.get("merge", False))
-
-
 def cuda_available() -> bool:
     import torch
 
@@ -103,9 +95,8 @@ def cuda_available() -> bool:
 
 
 def should_use_cpu_runtime(requested: str = "auto") -> bool:
-    """``auto``: only without CUDA; ``cpu``: always; ``cuda``: never."""
-    if requested not in RUNTIMES:
-        raise ValueError(f"atropos.runtime={requested!r}: use 'auto', 'cpu' or 'cuda'")
+    """``auto``: only without CUDA; ``cpu``: always; ``cuda``: never (``atropos.runtime``, checked by the typed
+    config)."""
     return requested == "cpu" or (requested == "auto" and not cuda_available())
 
 
@@ -141,13 +132,12 @@ def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> 
     Sets :data:`CPU_SETTINGS` in ``config``, exports :func:`cpu_runtime_env` (Ray workers started afterwards inherit
     it) and imports the platform and rollout modules here, since this process may have imported verl already.
     With ``atropos.cpu_rollout=vllm`` the rollout is verl's vLLM on vLLM's CPU build (:data:`VLLM_CPU_SETTINGS`;
-    :mod:`recipe.atropos.runtime.vllm_cpu` is then imported by every verl process, not by this one); with a LoRA
+    :mod:`recipe.atropos.cpu.vllm_cpu` is then imported by every verl process, not by this one); with a LoRA
     adapter (:func:`lora_as_adapter`) it also sets ``rollout.load_format=auto``. A split rollout
     (``actor_rollout_ref.hybrid_engine=false``) gets its pool, the ``gloo`` weight engine and thread counts
-    (:func:`~recipe.atropos.runtime.placement.apply_split_cpu_settings`).
+    (:func:`~recipe.atropos.setup.placement.apply_split_cpu_settings`). Attached to a Ray cluster, the cluster's
+    nodes decide the settings :func:`~recipe.atropos.setup.cluster.cluster_settings` names.
     """
-    from recipe.atropos.runtime.cluster import cluster_settings  # attached to a cluster: its nodes decide
-
     cpu_rollout = str(OmegaConf.select(config, "atropos.cpu_rollout", default="hf_cpu"))
     for key, value in cluster_settings(config, cpu_rollout_settings(cpu_rollout)):
         OmegaConf.update(config, key, value, force_add=True)

@@ -5,10 +5,11 @@ rollout pool of ``actor_rollout_ref.rollout.nnodes`` × ``actor_rollout_ref.roll
 the trainer's ``trainer.nnodes`` × ``trainer.n_gpus_per_node``. The replicas keep serving environments while the actor
 computes log-probs, advantages and its update; after each update a checkpoint engine streams the new weights to
 them (``actor_rollout_ref.rollout.checkpoint_engine``: ``nccl`` on GPUs, the recipe's ``gloo`` engine on CPU —
-:mod:`recipe.atropos.runtime.weight_transfer`).
+:mod:`recipe.atropos.cpu.weight_transfer`).
 
-This module holds the keys and the checks; the trainer builds the worker layout
-(:mod:`recipe.atropos.trainer.placement`).
+This module reads the keys and sets the CPU runtime's split settings (the trainer driver, before Ray starts); the
+config checks refuse what cannot train (:func:`recipe.atropos.config.checks.check_split_config`); the trainer builds
+the worker layout (:mod:`recipe.atropos.trainer.split_workers`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-# The recipe's CPU checkpoint engine: its registry name and the module verl imports to register it (named here, not
-# imported: this module is read by config checks that must not import verl's checkpoint engines).
-GLOO_BACKEND = "gloo"
-GLOO_MODULE = "recipe.atropos.runtime.weight_transfer"
+from recipe.atropos.setup.weight_sync import GLOO_BACKEND, GLOO_MODULE
 
 
 def is_split(config: DictConfig) -> bool:
@@ -53,27 +51,3 @@ def apply_split_cpu_settings(config: DictConfig) -> None:
     devices = trainer_devices(config) + rollout_devices(config)
     OmegaConf.update(config, "ray_kwargs.ray_init.num_gpus", devices, force_add=True)
     os.environ.setdefault("ATROPOS_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
-
-
-def check_split_config(config: DictConfig, max_policy_lag: int | None, lora_adapter: bool) -> None:
-    """Refuse split-placement combinations that cannot train correctly; ``ValueError`` names the key and the fix."""
-    if not is_split(config):
-        return
-    rollout = config.actor_rollout_ref.rollout
-    if int(rollout.get("nnodes", 0) or 0) <= 0 or int(rollout.get("n_gpus_per_node", 0) or 0) <= 0:
-        raise ValueError(
-            "actor_rollout_ref.hybrid_engine=false puts the rollout on resources of its own: set "
-            "actor_rollout_ref.rollout.nnodes and actor_rollout_ref.rollout.n_gpus_per_node (e.g. 1 and 2)"
-        )
-    if max_policy_lag == 0:
-        raise ValueError(
-            "atropos.max_policy_lag=0 with a split rollout (actor_rollout_ref.hybrid_engine=false): environments keep "
-            "generating while the actor trains, so every group is at least one update old and none could train. "
-            "Set atropos.max_policy_lag>=1 (with algorithm.rollout_correction) or hybrid_engine=true"
-        )
-    if lora_adapter:
-        raise ValueError(
-            "LoRA with a split rollout sends full weights through the checkpoint engine (verl's "
-            "engine_workers.update_weights passes no LoRA config on that path): set "
-            "actor_rollout_ref.model.lora.merge=true, or hybrid_engine=true to push the adapter"
-        )
