@@ -13,9 +13,9 @@ import requests
 from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.sources.api import ApiGroupSource
 from recipe.atropos.sources.fifo import FifoBatcher
+from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.client import AtroposClient
-from recipe.atropos.transport.spool import GroupSpool
 from tests.factories import group
 
 REGISTRATION = {"batch_size": 2, "max_token_len": 64, "num_steps": 10}

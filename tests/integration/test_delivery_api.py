@@ -17,9 +17,9 @@ from recipe.atropos.launcher.accounting import account_groups
 from recipe.atropos.schema import group_id, validate_group
 from recipe.atropos.sources.api import ApiGroupSource
 from recipe.atropos.sources.fifo import FifoBatcher
+from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import LagMeter, no_ledger
 from recipe.atropos.transport.client import AtroposClient
-from recipe.atropos.transport.spool import GroupSpool
 from tests.factories import group
 
 pytestmark = pytest.mark.timeout(180)

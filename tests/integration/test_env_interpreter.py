@@ -29,8 +29,8 @@ import yaml
 from recipe.atropos.config import EnvConfig, LauncherConfig
 from recipe.atropos.endpoint.backends import Completion, SamplingParams
 from recipe.atropos.endpoint.server import InferenceEndpoint
+from recipe.atropos.launcher.env_entries import EnvProbeError, EnvServers, env_argv, env_environ, probe_envs
 from recipe.atropos.launcher.env_python import DEFAULT_VENV, TRANSFORMERS_PIN, venv_python
-from recipe.atropos.launcher.envs import EnvProbeError, EnvServers, env_argv, env_environ, probe_envs
 from recipe.atropos.launcher.preflight import PreflightError, check_envs
 from recipe.atropos.launcher.processes import ManagedProcess
 from recipe.atropos.setup.assets import portable_tokenizer, prepare_smollm2, save_portable_tokenizer

@@ -16,8 +16,8 @@ from recipe.atropos.guard.journal import GroupJournal, journal_ids
 from recipe.atropos.launcher.accounting import account_groups
 from recipe.atropos.launcher.config import load_config
 from recipe.atropos.schema import group_id, validate_group
+from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import LagMeter
-from recipe.atropos.transport.spool import GroupSpool
 from tests.factories import TINY_CONFIG, group
 
 

@@ -14,7 +14,7 @@ import pytest
 from recipe.atropos.guard.journal import GroupJournal
 from recipe.atropos.schema import GroupValidationError, validate_group
 from recipe.atropos.sources.jsonl import JsonlGroupSource
-from recipe.atropos.transport.spool import GroupSpool
+from recipe.atropos.spool import GroupSpool
 from tests.factories import X, group
 
 # Two sequences of 4 tokens (tests.factories.group); top-2 teacher entries, none at position 0 (vLLM's None).

@@ -18,8 +18,8 @@ import yaml
 from recipe.atropos.config import EnvConfig, LauncherConfig, atropos_config
 from recipe.atropos.launcher import env_python
 from recipe.atropos.launcher.config import LaunchError, load_config
+from recipe.atropos.launcher.env_entries import EnvServers, checked_envs, env_argv, env_environ, env_pythonpath
 from recipe.atropos.launcher.env_probe import cli_class_names
-from recipe.atropos.launcher.envs import EnvServers, checked_envs, env_argv, env_environ, env_pythonpath
 from recipe.atropos.launcher.preflight import PreflightError, check_envs
 from tests.factories import TINY_CONFIG
 

@@ -12,7 +12,7 @@ import pytest
 
 from recipe.atropos.config import EnvConfig, atropos_config
 from recipe.atropos.launcher.config import LaunchError, load_config
-from recipe.atropos.launcher.envs import EnvServers, checked_envs, env_argv, write_env_ids
+from recipe.atropos.launcher.env_entries import EnvServers, checked_envs, env_argv, write_env_ids
 from recipe.atropos.launcher.report import env_lines, fault_line, step_line, summarize, write_run_report
 from recipe.atropos.metrics_file import read_metrics
 from tests.factories import CONFIG_DIR, TINY_CONFIG

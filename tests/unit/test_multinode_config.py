@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from recipe.atropos.access import API_KEY_ENV, is_loopback, parse_networks
 from recipe.atropos.config import atropos_config, check_atropos_config
 from recipe.atropos.launcher.config import load_config
-from recipe.atropos.launcher.envs import EnvServers
+from recipe.atropos.launcher.env_entries import EnvServers
 from recipe.atropos.launcher.roles import RemoteTrainer, local_host, role_plan
 from recipe.atropos.setup.cluster import CLUSTER_DECIDES, cluster_settings, ray_init_kwargs
 from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS, apply_cpu_runtime, cpu_runtime_env

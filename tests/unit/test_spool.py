@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from recipe.atropos.schema import validate_group
-from recipe.atropos.transport.spool import GroupSpool
+from recipe.atropos.spool import GroupSpool
 from tests.factories import group
 
 

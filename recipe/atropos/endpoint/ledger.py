@@ -20,7 +20,7 @@ first, one per trained sequence: a lag is never under-estimated by a newer twin,
 is bounded. Lookups are idempotent (a queued group is looked up at every
 poll): a matched sequence's answer is remembered; a bound is worked out again at each lookup.
 
-With a ``path`` (the trainer keeps it beside the spool: :func:`recipe.atropos.transport.spool.ledger_file`) every
+With a ``path`` (the trainer keeps it beside the spool: :func:`recipe.atropos.spool.ledger_file`) every
 record is also appended to that JSON-lines file as it is made (one ``write`` per line, so a killed trainer loses none),
 and a new ledger on the same path starts with what it holds: a resumed run matches the groups an earlier run's
 endpoint produced. When the file holds twice ``max_entries`` lines it is rewritten with the entries kept (atomically).

@@ -25,7 +25,7 @@ from pathlib import Path
 from recipe.atropos.guard.journal import journal_ids
 from recipe.atropos.records import read_jsonl
 from recipe.atropos.schema import group_id
-from recipe.atropos.transport.spool import spool_ids
+from recipe.atropos.spool import spool_ids
 
 
 @dataclass

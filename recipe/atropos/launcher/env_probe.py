@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run by path: this file's folder (config.py, envs.py, ...) must not shadow the env's own modules.
+    # Run by path: this file's folder (config.py, env_entries.py, ...) must not shadow the env's own modules.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     sys.exit(main())

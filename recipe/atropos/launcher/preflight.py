@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 if TYPE_CHECKING:  # the typed config imports verl: not at import time
     from recipe.atropos.config import AtroposConfig, LauncherConfig
-    from recipe.atropos.launcher.envs import EnvServers
+    from recipe.atropos.launcher.env_entries import EnvServers
 
 
 class PreflightError(ValueError):
@@ -78,9 +78,10 @@ def env_pythons(launcher: LauncherConfig) -> dict[str, tuple[str, str]]:
 
 def check_envs(launcher: LauncherConfig, pythons: Mapping[str, tuple[str, str]] | None = None) -> dict[str, EnvServers]:
     """Each env's script exists, its interpreter runs and imports atroposlib, the env imports there with its
-    ``pythonpath`` (:func:`~recipe.atropos.launcher.envs.probe_envs`, which also reads the servers its
+    ``pythonpath`` (:func:`~recipe.atropos.launcher.env_entries.probe_envs`, which also reads the servers its
     ``config_init`` declares: returned by env name), and the entry's ``servers``/``policy_server``/args fit those.
     ``pythons``: name -> (interpreter, where it was named)."""
+    from recipe.atropos.launcher.env_entries import EnvEntryError, check_servers, probe_envs
     from recipe.atropos.launcher.env_python import (
         ATROPOSLIB_PIN,
         DEFAULT_VENV,
@@ -88,7 +89,6 @@ def check_envs(launcher: LauncherConfig, pythons: Mapping[str, tuple[str, str]] 
         INSTALL_HINT,
         env_python_problem,
     )
-    from recipe.atropos.launcher.envs import EnvEntryError, check_servers, probe_envs
 
     pythons = dict(pythons) if pythons is not None else env_pythons(launcher)
     names = launcher.env_names()

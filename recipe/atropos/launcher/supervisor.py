@@ -31,7 +31,7 @@ from pathlib import Path
 from recipe.atropos.access import inference_token
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
-from recipe.atropos.launcher.envs import (
+from recipe.atropos.launcher.env_entries import (
     ENV_CONFIGS,
     EnvServers,
     checked_envs,
@@ -201,8 +201,9 @@ class Launcher:
         api.wait_http(f"{self.api_url}/status", timeout=60)
 
     def _start_registered_env(self, name: str, timeout: float) -> None:
-        """Start env ``name`` and record the env id it registers as (:mod:`recipe.atropos.launcher.envs`); a trainer
-        that exits meanwhile ends the wait without an id (the caller's next look at the trainer handles its exit)."""
+        """Start env ``name`` and record the env id it registers as (:mod:`recipe.atropos.launcher.env_entries`); a
+        trainer that exits meanwhile ends the wait without an id (the caller's next look at the trainer handles its
+        exit)."""
         proc = self._start(name, self.env_argv(name), env_environ(self.envs[name], self.env_pythons[name][0]))
         env_id = len(self.env_ids)
         if not wait_registered(proc, self.api_url, env_id, timeout, self.children.get("trainer")):

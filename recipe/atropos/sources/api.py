@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 from recipe.atropos.schema import ScoredGroup, group_id
 from recipe.atropos.sources.base import BaseGroupSource
+from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import LagMeter
 from recipe.atropos.transport.client import AtroposAPIError, AtroposClient
-from recipe.atropos.transport.spool import GroupSpool
 from recipe.atropos.waiting import WaitReport
 
 logger = logging.getLogger(__name__)

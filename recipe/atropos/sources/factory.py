@@ -12,9 +12,9 @@ from recipe.atropos.sources.base import GroupSource
 from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.sources.jsonl import make_jsonl_source
 from recipe.atropos.sources.mixture import mixture_from_config
+from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import LagMeter, SequenceLookup
 from recipe.atropos.transport.client import AtroposClient
-from recipe.atropos.transport.spool import GroupSpool
 from recipe.atropos.waiting import WaitReport
 
 

@@ -1,5 +1,7 @@
 """A durable on-disk spool of fetched ScoredData groups: written before use, deleted only once trained and saved.
 
+Written by the trainer driver (its group source); read by the launcher's accounting (:func:`spool_ids`).
+
 ``GET /batch`` pops groups from the API's in-memory queue: a trainer that crashes or is interrupted after fetching
 them would lose them. The group source writes every fetched group here first (one JSON file per group, temporary file
 + fsync + rename), the trainer marks the groups it trained, and files are deleted when a checkpoint that includes that
@@ -32,12 +34,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from recipe.atropos.config import AtroposConfig
 from recipe.atropos.records import append_jsonl, read_jsonl, write_json_atomic
 from recipe.atropos.schema import GroupValidationError, ScoredGroup, group_id, validate_group
 from recipe.atropos.staleness import lag_lower_bound
+
+if TYPE_CHECKING:  # the typed config imports verl: the launcher's accounting reads a spool without it
+    from recipe.atropos.config import AtroposConfig
 
 logger = logging.getLogger(__name__)
 
