@@ -20,19 +20,29 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    # the trainer and how to run it (another recipe: subclass the trainer, override a stage, pass trainer_cls)
     "RayAtroposTrainer": "recipe.atropos.trainer",
+    "run_atropos": "recipe.atropos.main_atropos",
+    # where a step's groups come from
+    "GroupSource": "recipe.atropos.sources",
+    "BaseGroupSource": "recipe.atropos.sources",
+    "make_group_source": "recipe.atropos.sources",
+    "AtroposClient": "recipe.atropos.transport.client",
+    # groups -> DataProto -> advantages -> loss
+    "scored_data_to_dataproto": "recipe.atropos.trainer.dataproto",
+    "combine_advantages": "recipe.atropos.algos.advantages",
+    "CombinedAdvantages": "recipe.atropos.algos.advantages",
+    "normalize_and_clip_advantages": "recipe.atropos.algos.advantages",
     "compute_advantage_weighted_sft_loss": "recipe.atropos.algos.losses",
     "compute_policy_loss_advantage_weighted_ce": "recipe.atropos.algos.losses",
-    "combine_advantages": "recipe.atropos.algos.advantages",
-    "normalize_and_clip_advantages": "recipe.atropos.algos.advantages",
-    "scored_data_to_dataproto": "recipe.atropos.trainer.dataproto",
-    "AtroposClient": "recipe.atropos.transport.client",
-    "GroupSource": "recipe.atropos.sources",
+    # the typed config
     "AtroposConfig": "recipe.atropos.config",
     "atropos_config": "recipe.atropos.config",
+    # the wire schema
     "ScoredGroup": "recipe.atropos.schema",
     "validate_group": "recipe.atropos.schema",
     "GroupValidationError": "recipe.atropos.schema",
+    "IGNORE_INDEX": "recipe.atropos.schema",
 }
 
 __all__ = sorted(_EXPORTS)

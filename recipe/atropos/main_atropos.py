@@ -25,11 +25,11 @@ from ray.exceptions import RayTaskError
 from recipe.atropos.access import API_KEY_ENV, inference_token
 from recipe.atropos.algos import extensions
 from recipe.atropos.config import check_atropos_config
-from recipe.atropos.runtime import apply_cpu_runtime, should_use_cpu_runtime
-from recipe.atropos.runtime.assets import resolve_model_path
-from recipe.atropos.runtime.cluster import pinned_here, ray_init_kwargs
-from recipe.atropos.runtime.gpu import check_gpu_runtime
 from recipe.atropos.schema import GroupValidationError
+from recipe.atropos.setup.assets import resolve_model_path
+from recipe.atropos.setup.cluster import pinned_here, ray_init_kwargs
+from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime, should_use_cpu_runtime
+from recipe.atropos.setup.gpu import check_gpu_runtime
 from recipe.atropos.sources.jsonl import OfflineDataError
 from recipe.atropos.transport.client import AtroposAPIError
 from recipe.atropos.waiting import stop_paragraph
@@ -115,7 +115,7 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     atropos = check_atropos_config(config)
     prepare_runtime(config, atropos.runtime)
     started_ray = False
-    if not ray.is_initialized():  # with ray_kwargs.ray_init.address set: joins that cluster (runtime/cluster.py)
+    if not ray.is_initialized():  # with ray_kwargs.ray_init.address set: joins that cluster (setup/cluster.py)
         ray.init(**ray_init_kwargs(config, get_ppo_ray_runtime_env(config)))
         started_ray = True
     try:

@@ -19,7 +19,10 @@ from recipe.atropos.schema import ScoredGroup
 @runtime_checkable
 class GroupSource(Protocol):
     """Lifecycle, in the trainer's order: ``start`` (before verl's workers) → ``resume`` (after the checkpoint load)
-    → per step ``next_groups`` → ``trained`` → [``checkpointed``] → ``prefetch``."""
+    → per step ``next_groups`` → ``trained`` → [``checkpointed``] → ``prefetch``.
+
+    The trainer builds its source inside verl's ``RayPPOTrainer.__init__`` (``_make_group_source``), before that
+    ``__init__`` returns."""
 
     online: bool  # True: environments generate through the trainer's endpoint, which must serve and take weights
 
@@ -43,6 +46,10 @@ class GroupSource(Protocol):
 
     def metrics(self) -> dict[str, float]:
         """Cumulative counters for the step's metrics."""
+
+    def steps_available(self) -> int | None:
+        """Offline: how many steps the data gives (the run ends there if ``trainer.total_training_steps`` asks for
+        more); None: as many as the trainer asks. Not asked of an online source."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -74,6 +81,9 @@ class BaseGroupSource:
 
     def metrics(self) -> dict[str, float]:
         return {}
+
+    def steps_available(self) -> int | None:
+        return None
 
     def __len__(self) -> int:
         return 0

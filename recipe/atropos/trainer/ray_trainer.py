@@ -35,20 +35,20 @@ from recipe.atropos.endpoint.backends import RayReplicaBackend, VLLMCompletionsB
 from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.metrics_file import append_metrics_row, held_out_points, read_metrics, wait_for_evaluation
-from recipe.atropos.runtime.assets import model_vocab_size
 from recipe.atropos.schema import ScoredGroup
+from recipe.atropos.setup.assets import model_vocab_size
 from recipe.atropos.sources import GroupSource, make_group_source
-from recipe.atropos.sources.jsonl import offline_training_steps
+from recipe.atropos.sources.jsonl import JsonlGroupSource, offline_training_steps
+from recipe.atropos.spool import ledger_file
 from recipe.atropos.trainer.checkpoints import resume_step
 from recipe.atropos.trainer.dataproto import group_score_metrics, scored_data_to_dataproto
-from recipe.atropos.trainer.placement import HybridEngineFlag, init_split_workers, swap_holds_requests
+from recipe.atropos.trainer.split_workers import HybridEngineFlag, init_split_workers, swap_holds_requests
 from recipe.atropos.trainer.step_metrics import (
     OverlapMeter,
     promote_actor_is_metrics,
     rollout_logprob_diff,
     rollout_server_metrics,
 )
-from recipe.atropos.transport.spool import ledger_file
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +93,22 @@ class RayAtroposTrainer(RayPPOTrainer):
         self.source = self._make_group_source()
         self.train_dataloader, self.val_dataloader = self.source, None
         requested = self.config.trainer.get("total_training_steps")
-        if self.source.online:
-            self.total_training_steps = int(requested)
-        else:  # saved groups: the data may end the run first
+        if isinstance(self.source, JsonlGroupSource):  # saved groups: the data may end the run first
             self.total_training_steps = offline_training_steps(requested, self.source)
+        else:
+            available = None if self.source.online else self.source.steps_available()
+            self.total_training_steps = int(requested) if available is None else min(int(requested), available)
         with open_dict(self.config):
             self.config.actor_rollout_ref.actor.optim.total_training_steps = self.total_training_steps
             if "critic" in self.config and "optim" in self.config.critic:
                 self.config.critic.optim.total_training_steps = self.total_training_steps
 
     def _make_group_source(self) -> GroupSource:
-        """Where each step's groups come from (``atropos.source``); override to feed groups another way."""
+        """Where each step's groups come from (``atropos.source``); override to feed groups another way.
+
+        Called inside verl's ``RayPPOTrainer.__init__`` (from ``_create_dataloader``): a subclass's attributes set
+        after ``super().__init__()`` do not exist yet. Set them before calling ``super().__init__()``, or read the
+        config here (``self.config``, ``self.atropos``, ``self.tokenizer`` are set)."""
         return make_group_source(
             self.config,
             self.atropos,
@@ -246,13 +251,42 @@ class RayAtroposTrainer(RayPPOTrainer):
             batch = batch.select_idxs(combined.keep.numpy())
         return batch
 
+    def _hold_rollout(self, timing: dict[str, float]) -> None:
+        """Stop the replicas serving environments while the actor trains. Colocated (the hybrid engine) they share
+        the device with the actor and the next completions must come from the updated weights: the endpoint is
+        drained and paused (new requests wait) and the replicas sleep. Split placement and offline: nothing."""
+        if self.endpoint is None or self.split:
+            return
+        with marked_timer("pause_endpoint", timing):
+            self.endpoint.pause(self.atropos.inference.drain_timeout_s)
+        self.checkpoint_manager.sleep_replicas()
+
+    def _update_policy(self, batch: DataProto, metrics: dict[str, Any], timing: dict[str, float]) -> None:
+        """The actor update (verl's ``_update_actor``) and its metrics; the overlap meter counts the completions the
+        endpoint served meanwhile."""
+        self.overlap.update_started(self._completions_served())
+        with marked_timer("update_actor", timing):
+            actor_output = self._update_actor(batch)
+        self.overlap.update_ended(self._completions_served())
+        metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
+        promote_actor_is_metrics(metrics)
+
+    def _should_save_checkpoint(self) -> bool:
+        """Whether this step ends with a checkpoint: every ``trainer.save_freq`` steps and at the last step."""
+        save_freq = int(self.config.trainer.save_freq)
+        last = self.global_steps == self.total_training_steps
+        return save_freq > 0 and (self.global_steps % save_freq == 0 or last)
+
     def _push_weights(self, metrics: dict[str, float]) -> None:
-        """Weights of the just-trained actor to every replica; the endpoint then serves the new policy version. Split
-        with a rollout that cannot tag completions with their version, the endpoint is drained and held for the
-        transfer; colocated, it has been held since the step's update began."""
+        """Weights of the just-trained actor to every replica. Split with a rollout that cannot tag completions with
+        their version, the endpoint is drained and held for the transfer; colocated, it has been held since
+        ``_hold_rollout``."""
         if self.split and self.swap_holds_requests:
             self.endpoint.pause(self.atropos.inference.drain_timeout_s)
         metrics.update(self.checkpoint_manager.update_weights(self.global_steps) or {})
+
+    def _release_rollout(self) -> None:
+        """The endpoint serves environments again, on the new policy version (``self.global_steps``)."""
         self.endpoint.resume(self.global_steps)
 
     def _completions_served(self) -> float:
@@ -275,10 +309,6 @@ class RayAtroposTrainer(RayPPOTrainer):
         metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing))
         n_gpus = self.resource_pool_manager.get_n_gpus()
         metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing, n_gpus=n_gpus))
-
-    def _write_metrics_line(self, metrics: dict[str, Any]) -> None:
-        if self.atropos.metrics_file:
-            append_metrics_row(Path(self.atropos.metrics_file), {"step": self.global_steps, **metrics})
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -325,37 +355,37 @@ class RayAtroposTrainer(RayPPOTrainer):
             metrics: dict[str, Any] = {}
             timing: dict[str, float] = {}
             with marked_timer("step", timing):
-                with marked_timer("poll", timing):
-                    groups = self._poll_groups(metrics)
-                batch = self._to_dataproto(groups, metrics)
-                # Colocated, envs wait while the actor trains: replicas share the device with it (hybrid engine)
-                # and the next completions must come from the updated weights. Split, they keep generating.
-                if self.endpoint is not None and not self.split:  # None offline
-                    with marked_timer("pause_endpoint", timing):
-                        self.endpoint.pause(self.atropos.inference.drain_timeout_s)
-                    self.checkpoint_manager.sleep_replicas()
-                batch = self._compute_log_probs(batch, metrics, timing)
-                with marked_timer("adv", timing):
-                    batch = self._compute_advantages(batch, metrics)
-                self.overlap.update_started(self._completions_served())
-                with marked_timer("update_actor", timing):
-                    actor_output = self._update_actor(batch)
-                self.overlap.update_ended(self._completions_served())
-                metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
-                promote_actor_is_metrics(metrics)
-                self.source.trained(groups, self.global_steps)
-                save_freq = int(self.config.trainer.save_freq)
-                last = self.global_steps == self.total_training_steps
-                if save_freq > 0 and (self.global_steps % save_freq == 0 or last):
-                    with marked_timer("save_checkpoint", timing):
-                        self._save_checkpoint()
-                if self.endpoint is not None:
-                    with marked_timer("update_weights", timing):
-                        self._push_weights(metrics)
-                self.source.prefetch(self.global_steps)
+                batch = self._train_step(metrics, timing)
             self._collect_step_metrics(batch, timing, metrics)
-            tracking.log(data=metrics, step=self.global_steps)
-            self._write_metrics_line(metrics)
+            self._log_step(tracking, metrics)
             progress.update(1)
             self.global_steps += 1
         progress.close()
+
+    def _train_step(self, metrics: dict[str, Any], timing: dict[str, float]) -> DataProto:
+        """One training step (``self.global_steps``), stage by stage; returns the trained batch. Each stage adds its
+        metrics to ``metrics`` and its seconds to ``timing``."""
+        with marked_timer("poll", timing):
+            groups = self._poll_groups(metrics)
+        batch = self._to_dataproto(groups, metrics)
+        self._hold_rollout(timing)
+        batch = self._compute_log_probs(batch, metrics, timing)
+        with marked_timer("adv", timing):
+            batch = self._compute_advantages(batch, metrics)
+        self._update_policy(batch, metrics, timing)
+        self.source.trained(groups, self.global_steps)
+        if self._should_save_checkpoint():
+            with marked_timer("save_checkpoint", timing):
+                self._save_checkpoint()
+        if self.endpoint is not None:  # None offline: nothing generates, no weights to push
+            with marked_timer("update_weights", timing):
+                self._push_weights(metrics)
+                self._release_rollout()
+        self.source.prefetch(self.global_steps)
+        return batch
+
+    def _log_step(self, tracking: Tracking, metrics: dict[str, Any]) -> None:
+        """The step's metrics to verl's tracking (console, wandb, ...) and to ``atropos.metrics_file``."""
+        tracking.log(data=metrics, step=self.global_steps)
+        if self.atropos.metrics_file:
+            append_metrics_row(Path(self.atropos.metrics_file), {"step": self.global_steps, **metrics})
