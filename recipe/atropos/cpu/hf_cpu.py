@@ -6,9 +6,11 @@ Registered in verl's registries (no verl edit):
   forwards the trainer's weights to the server on every ``checkpoint_manager.update_weights()``).
 
 The server actor (:class:`HFCPURolloutServer`, named ``hf_cpu_rollout_server_<replica rank>``) exposes verl's
-token-in/token-out ``generate(prompt_ids, sampling_params, request_id)`` like verl's vLLM server. Requests that arrive
-within ``batch_wait_s`` of each other run as one left-padded batched ``generate`` in a worker thread; a weight load
-takes the same lock, so no batch ever mixes two policies.
+token-in/token-out ``generate(prompt_ids, sampling_params, request_id)`` like verl's vLLM server, including the
+teacher contract of verl's distillation (``sampling_params["prompt_logprobs"]``: ``extra_fields`` ``prompt_ids`` /
+``prompt_logprobs`` as verl's ``extract_prompt_logprobs`` fills them, :meth:`HFGenerator.prompt_logprobs`).
+Requests that arrive within ``batch_wait_s`` of each other run as one left-padded batched ``generate`` in a worker
+thread; a weight load takes the same lock, so no batch ever mixes two policies.
 
 LoRA pushes load through peft (:mod:`recipe.atropos.cpu.hf_cpu_lora`); every load records a weight probe
 (:meth:`HFGenerator.weight_probe`) that tests compare with the checkpoint.
@@ -159,6 +161,30 @@ class HFGenerator:
         return self._probe_module
 
     @torch.no_grad()
+    def prompt_logprobs(self, prompt_ids: list[int], k: int) -> dict[str, list]:
+        """One forward pass over ``prompt_ids`` [L], log-probs at temperature 1, in verl's teacher contract: row j is
+        the distribution of token j + 1 (L - 1 rows, then a dummy row of zeros, as verl's
+        ``extract_prompt_logprobs``): ``prompt_ids`` / ``prompt_logprobs`` [L][max(k, 1)] the top-k ranked (k = 0:
+        the prompt token itself), and ``prompt_token_logprobs`` [L] the prompt token's own log-prob (the recipe's:
+        vLLM's answer adds it where it is outside the top-k)."""
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [L - 1, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = ids[0, 1:]
+        own = logprobs.gather(1, targets[:, None])  # [L - 1, 1]
+        if k > 0:
+            top = logprobs.topk(k, dim=-1)
+            rank_ids, rank_lps = top.indices.tolist(), top.values.tolist()
+        else:
+            rank_ids, rank_lps = targets[:, None].tolist(), own.tolist()
+        width = max(k, 1)
+        return {
+            "prompt_ids": [*rank_ids, [0] * width],
+            "prompt_logprobs": [*rank_lps, [0.0] * width],
+            "prompt_token_logprobs": [*own.squeeze(1).tolist(), 0.0],
+        }
+
+    @torch.no_grad()
     def generate_batch(
         self, prompts: list[list[int]], key: SamplingKey, max_tokens: list[int], want_logprobs: bool = True
     ) -> list[tuple[list[int], list[float]]]:
@@ -215,6 +241,11 @@ class HFCPURolloutServer:
         self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str, **kwargs: Any
     ) -> TokenOutput:
         params = dict(sampling_params)
+        prompt_rows: dict[str, list] = {}
+        if params.get("prompt_logprobs") is not None:  # verl's teacher contract; the samples follow as usual
+            async with self._lock:
+                k = int(params["prompt_logprobs"])
+                prompt_rows = await asyncio.to_thread(self.generator.prompt_logprobs, list(prompt_ids), k)
         max_tokens = params.get("max_tokens") or params.get("max_new_tokens") or self.generator.response_length
         request = GenerationRequest(
             prompt_ids=list(prompt_ids),
@@ -232,7 +263,7 @@ class HFCPURolloutServer:
             token_ids=token_ids,
             log_probs=log_probs if request.want_logprobs else None,
             stop_reason="completed",
-            extra_fields={"policy_version": version},
+            extra_fields={"policy_version": version, **prompt_rows},
         )
 
     async def _drain(self) -> None:

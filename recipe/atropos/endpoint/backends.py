@@ -5,7 +5,9 @@
 - :class:`VLLMCompletionsBackend` forwards to the replicas' vLLM HTTP servers (``/v1/completions`` with prompt token
   ids, ``logprobs`` and ``return_tokens_as_token_ids``).
 
-Both return a :class:`Completion` whose ``log_probs`` are those of the sampled tokens.
+Both return a :class:`Completion` whose ``log_probs`` are those of the sampled tokens, and answer
+``prompt_logprobs(prompt_ids, k)`` as vLLM does (:data:`PromptLogprobs`): what a teacher endpoint serves to
+atroposlib's ``server.get_logprobs(input_ids=..., top_k=k)``.
 """
 
 from __future__ import annotations
@@ -39,8 +41,36 @@ class Completion:
     policy_version: int | None = None
 
 
+# vLLM's ``prompt_logprobs`` of one prompt: position 0 None (nothing predicts the first token), position p the model's
+# log-probs at p given prompt[:p]: its k most likely tokens, and prompt[p] too when it is not among them.
+PromptLogprobs = list[dict[int, float] | None]
+
+
 class GenerationBackend(Protocol):
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion: ...
+
+
+class PromptLogprobsBackend(Protocol):
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int) -> PromptLogprobs: ...
+
+
+def from_verl_prompt_logprobs(
+    prompt_ids: Sequence[int],
+    ranked_ids: Sequence[Sequence[int]],
+    ranked_lps: Sequence[Sequence[float]],
+    token_lps: Sequence[float],
+    k: int,
+) -> PromptLogprobs:
+    """verl's rollout-server contract (``extra_fields`` ``prompt_ids`` / ``prompt_logprobs``, as its vLLM server's
+    ``extract_prompt_logprobs`` fills them: row j for the token at j + 1, ranked, a dummy last row) with the prompt
+    tokens' own log-probs ``token_lps`` (same rows) → vLLM's :data:`PromptLogprobs`."""
+    out: PromptLogprobs = [None]
+    for p in range(1, len(prompt_ids)):
+        row = p - 1
+        entry = {int(t): float(lp) for t, lp in zip(ranked_ids[row][:k], ranked_lps[row][:k], strict=True)} if k else {}
+        entry.setdefault(int(prompt_ids[p]), float(token_lps[row]))
+        out.append(entry)
+    return out
 
 
 def finish_reason(token_ids: Sequence[int], max_tokens: int, eos_token_ids: Sequence[int]) -> str:
@@ -87,6 +117,27 @@ class RayReplicaBackend:
             finish_reason(out.token_ids, params.max_tokens, self._eos),
             None if version is None else int(version),
         )
+
+    async def _prompt_rows(self, handle: Any, prompt_ids: list[int], k: int) -> dict[str, Any]:
+        sampling = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k, "logprobs": True, "detokenize": False}
+        out = await handle.generate.remote(prompt_ids=prompt_ids, sampling_params=sampling, request_id=uuid.uuid4().hex)
+        fields = out.extra_fields or {}
+        if "prompt_logprobs" not in fields:
+            raise RuntimeError("the rollout server did not answer prompt_logprobs (verl's teacher contract)")
+        return fields
+
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int) -> PromptLogprobs:
+        """verl's teacher contract (``sampling_params["prompt_logprobs"]``, what its teacher manager asks of vLLM and
+        SGLang servers): the top-k rows, and the prompt tokens' own log-probs from the server's
+        ``prompt_token_logprobs`` (hf_cpu) or a second request with ``prompt_logprobs=0``."""
+        handle = next(self._handles)
+        fields = await self._prompt_rows(handle, prompt_ids, k)
+        ranked_ids, ranked_lps = fields["prompt_ids"], fields["prompt_logprobs"]
+        token_lps = fields.get("prompt_token_logprobs")
+        if token_lps is None:
+            own = ranked_lps if k == 0 else (await self._prompt_rows(handle, prompt_ids, 0))["prompt_logprobs"]
+            token_lps = [row[0] for row in own]
+        return from_verl_prompt_logprobs(prompt_ids, ranked_ids, ranked_lps, token_lps, k)
 
 
 class VLLMCompletionsBackend:
@@ -142,12 +193,37 @@ class VLLMCompletionsBackend:
         ids = [int(t.split(":", 1)[1]) for t in tokens]
         return Completion(ids, [float(x) for x in token_logprobs], str(choice.get("finish_reason") or "stop"))
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         url = next(self._urls)
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
-            model = await self.served_model(session, url)
-            async with session.post(f"{url}/v1/completions", json=self.request_body(prompt_ids, params, model)) as r:
-                body = await r.json(content_type=None)
+            body = {**body, "model": await self.served_model(session, url)}
+            async with session.post(f"{url}/v1/completions", json=body) as r:
+                answer = await r.json(content_type=None)
                 if r.status >= 400:
-                    raise RuntimeError(f"vLLM /v1/completions answered {r.status}: {body}")
+                    raise RuntimeError(f"vLLM /v1/completions answered {r.status}: {answer}")
+        return answer
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        body = await self._post(self.request_body(prompt_ids, params))
         return self.parse_choice(body["choices"][0])
+
+    @staticmethod
+    def parse_prompt_logprobs(choice: dict[str, Any]) -> PromptLogprobs:
+        """``choices[i].prompt_logprobs`` of a vLLM completions response (``{"<id>": {"logprob", "rank", ...}}`` per
+        position, None first) as :data:`PromptLogprobs`."""
+        rows = choice.get("prompt_logprobs")
+        if rows is None:
+            raise RuntimeError("vLLM response has no prompt_logprobs: was prompt_logprobs requested?")
+        out: PromptLogprobs = []
+        for row in rows:
+            if row is None:
+                out.append(None)
+                continue
+            out.append({int(t): float(v["logprob"] if isinstance(v, dict) else v) for t, v in row.items()})
+        return out
+
+    async def prompt_logprobs(self, prompt_ids: list[int], k: int) -> PromptLogprobs:
+        """vLLM's own ``prompt_logprobs`` (its OpenAI completions extra parameter): top-k and the prompt token."""
+        body = {"prompt": prompt_ids, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
+        answer = await self._post(body)
+        return self.parse_prompt_logprobs(answer["choices"][0])

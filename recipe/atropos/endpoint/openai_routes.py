@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Annotated, Any, ClassVar
@@ -101,7 +101,8 @@ def _all_tokens(out: Completion) -> list[int]:
 class Job:
     """What one request asks of the endpoint: ``n`` samples of ``prompt_ids`` with ``params``. ``finish`` makes each
     backend completion the one answered (a stop string cuts it); ``ledger_ids`` are the token ids the ledger records
-    for it; ``respond(completions, policy_versions)`` is the answer's body."""
+    for it; ``respond(completions, policy_versions)`` is the answer's body; ``prepare``, when given, runs before the
+    samples under the same policy version (``/generate``'s ``prompt_logprobs``)."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -109,6 +110,7 @@ class Job:
     respond: Callable[[list[Completion], list[int]], dict[str, Any]]
     finish: Callable[[Completion], Completion] = _unchanged
     ledger_ids: Callable[[Completion], list[int]] = _all_tokens
+    prepare: Callable[[], Awaitable[None]] | None = None
 
     def sample_params(self, i: int) -> SamplingParams:
         """The params of the ``i``-th sample: with a seed, ``seed + i`` (vLLM's children of an ``n > 1`` request)."""

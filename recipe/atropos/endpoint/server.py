@@ -5,7 +5,10 @@ http://HOST:PORT/v1``):
 
 - ``POST /generate`` with ``{"prompt": {"prompt_token_ids": [...]}, "n", "max_tokens", "temperature", "top_p",
   "top_k", "logprobs"}``, answered with per-sample ``logprobs`` as ``[[{"<token id>": logprob}], ...]`` and
-  ``finish_reasons`` (atroposlib's ``tokens_and_logprobs_completion`` and ``managed_server``);
+  ``finish_reasons`` (atroposlib's ``tokens_and_logprobs_completion`` and ``managed_server``); with
+  ``"prompt_logprobs": k`` also the prompt's ``prompt_logprobs`` as vLLM gives them (``[null, {"<id>": logprob, ...},
+  ...]``: at each position the k most likely tokens and the prompt's own), which atroposlib's
+  ``server.get_logprobs(input_ids=..., top_k=k)`` reads: an endpoint serving a frozen model is a distillation teacher;
 - ``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models``, OpenAI's API as vLLM serves it
   (``chat_completion`` / ``completion`` of stock environments): :mod:`recipe.atropos.endpoint.openai_routes`;
 - ``GET /health``: the policy version served, ``paused`` while a weight update holds requests back, ``final`` once
@@ -49,6 +52,9 @@ from recipe.atropos.endpoint.traffic import ENV_SCOPE_KEY, EnvRouteMiddleware, T
 logger = logging.getLogger(__name__)
 
 
+MAX_PROMPT_LOGPROBS = 1024  # a teacher's top-k per position (vLLM's own cap is its max_logprobs, 20 by default)
+
+
 class PromptTokens(BaseModel):
     prompt_token_ids: list[int] = Field(min_length=1)
 
@@ -65,6 +71,7 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = -1
     logprobs: int | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
 
 
 class PhaseLaps:
@@ -311,6 +318,8 @@ class InferenceEndpoint:
             raise RouteError(499, "client disconnected before generation")
         laps.lap("gate wait")
         try:
+            if job.prepare is not None:  # under the same policy version as the samples
+                await job.prepare()
             samples = [self.backend.generate(job.prompt_ids, job.sample_params(i)) for i in range(job.n)]
             generated = await asyncio.gather(*samples)
             laps.lap("backend generate")
@@ -344,7 +353,20 @@ class InferenceEndpoint:
         params = SamplingParams(
             max_tokens=self._max_tokens(req.max_tokens), temperature=req.temperature, top_p=req.top_p, top_k=req.top_k
         )
-        return Job(prompt_ids, params, req.n, lambda outs, versions: self._response(prompt_ids, outs, versions))
+        if req.prompt_logprobs is None:
+            return Job(prompt_ids, params, req.n, lambda outs, versions: self._response(prompt_ids, outs, versions))
+        if not hasattr(self.backend, "prompt_logprobs"):
+            raise RouteError(422, f"prompt_logprobs: this endpoint's backend ({type(self.backend).__name__}) has none")
+        k, answer = req.prompt_logprobs, {}  # answer: {"prompt_logprobs": PromptLogprobs} once prepared
+
+        async def prepare() -> None:
+            answer["prompt_logprobs"] = await self.backend.prompt_logprobs(prompt_ids, k)
+
+        def respond(outs: list[Completion], versions: list[int]) -> dict[str, Any]:
+            rows = [None if e is None else {str(t): lp for t, lp in e.items()} for e in answer["prompt_logprobs"]]
+            return {**self._response(prompt_ids, outs, versions), "prompt_logprobs": rows}
+
+        return Job(prompt_ids, params, req.n, respond, prepare=prepare)
 
     def _prompt_ids(self, req: GenerateRequest) -> list[int]:
         if isinstance(req.prompt, PromptTokens):
