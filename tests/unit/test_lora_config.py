@@ -4,7 +4,6 @@ would leave the rollout on the base model (``check_lora_config``), and the CPU r
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -12,13 +11,13 @@ from recipe.atropos.config.checks import check_atropos_config
 from recipe.atropos.launcher.config import load_config
 from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime, cpu_runtime_env
 from recipe.atropos.setup.weight_sync import lora_as_adapter
+from tests.factories import CONFIG_DIR, TINY_CONFIG
 
-CONFIGS = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config"
 LORA = ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16"]
 
 
 def tiny(*overrides: str):
-    return load_config(CONFIGS / "atropos_grpo_tiny.yaml", ["actor_rollout_ref.model.path=/m", *overrides])
+    return load_config(TINY_CONFIG, ["actor_rollout_ref.model.path=/m", *overrides])
 
 
 @pytest.mark.parametrize(
@@ -85,11 +84,11 @@ def flat(tree: object, prefix: str = "") -> dict[str, object]:
 
 
 def test_the_lora_demo_is_the_cpu_demo_plus_lora() -> None:
-    """Hydra cannot extend the demo (a primary config), so the LoRA demo repeats its keys: held equal here."""
+    """The LoRA demo extends the demo: only the LoRA keys and the experiment's name differ."""
     from omegaconf import OmegaConf
 
     demo, lora = (
-        flat(OmegaConf.to_container(load_config(CONFIGS / f"{name}.yaml", []), resolve=True))
+        flat(OmegaConf.to_container(load_config(CONFIG_DIR / f"{name}.yaml", []), resolve=True))
         for name in ("atropos_grpo_cpu_demo", "atropos_grpo_cpu_demo_lora")
     )
     differ = {k for k in demo.keys() | lora.keys() if demo.get(k, "<missing>") != lora.get(k, "<missing>")}
@@ -104,4 +103,4 @@ def test_the_lora_demo_is_the_cpu_demo_plus_lora() -> None:
     }
     assert (lora["actor_rollout_ref.model.lora_rank"], lora["actor_rollout_ref.model.lora_alpha"]) == (16, 32)
     assert lora["actor_rollout_ref.model.target_modules"] == "all-linear"
-    check_atropos_config(load_config(CONFIGS / "atropos_grpo_cpu_demo_lora.yaml", []))
+    check_atropos_config(load_config(CONFIG_DIR / "atropos_grpo_cpu_demo_lora.yaml", []))
