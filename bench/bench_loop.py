@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recipe.atropos.envs.one_word_env import question  # noqa: E402
+from recipe.atropos.rundir import RunDir  # noqa: E402
 from recipe.atropos.setup.assets import build_tiny_model, resolve_model_path  # noqa: E402
 from recipe.atropos.setup.cpu_runtime import cpu_runtime_env, cpu_runtime_overrides  # noqa: E402
 
@@ -176,8 +177,8 @@ def native_argv(args: argparse.Namespace, model: str, out: Path) -> list[str]:
         "trainer.test_freq=-1",
         f"trainer.total_training_steps={args.steps}",
         "trainer.save_freq=-1",
-        f"trainer.default_local_dir={out / 'checkpoints'}",
-        f"hydra.run.dir={out / 'hydra'}",
+        f"trainer.default_local_dir={RunDir(out).checkpoints}",
+        f"hydra.run.dir={RunDir(out).hydra}",
     ]
 
 
@@ -248,7 +249,7 @@ def run_ours(
     if code != 0:
         text = (out / "launcher.log").read_text(errors="replace")
         raise SystemExit(f"our loop failed ({code}); last lines of {out / 'launcher.log'}:\n{text[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in RunDir(out).metrics_file.read_text().splitlines() if line.strip()]
     return [r for r in rows if "source" not in r], wall, [r for r in rows if "source" in r]
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import psutil
 from bench_loop import ROOT, launcher_argv, run_logged
 
+from recipe.atropos.rundir import RunDir
+
 CONFIGS = ROOT / "recipe" / "atropos" / "config"
 RUNS = {"full": CONFIGS / "atropos_grpo_cpu_demo.yaml", "lora": CONFIGS / "atropos_grpo_cpu_demo_lora.yaml"}
 ACTOR_PROC = "ray::WorkerDict"  # verl's fused actor/rollout/ref worker
@@ -160,7 +162,7 @@ def run_one(name: str, config: Path, model: str, out: Path, args: argparse.Names
     if code != 0:
         text = (run_dir / "launcher.log").read_text(errors="replace")
         raise SystemExit(f"{name} run failed ({code}); last lines of {run_dir / 'launcher.log'}:\n{text[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in RunDir(run_dir).metrics_file.read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "source" not in r]
     evals = [r for r in rows if "source" in r and any(k.endswith("/held_out_success") for k in r)]
     trainable, total = trainable_parameters(model, config)

@@ -34,6 +34,8 @@ from pathlib import Path
 import yaml
 from bench_loop import ROOT, launcher_argv, run_logged
 
+from recipe.atropos.rundir import RunDir
+
 CONFIGS = ROOT / "recipe" / "atropos" / "config"
 SPLIT = ["actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.nnodes=1"]
 SPLIT += ["actor_rollout_ref.rollout.n_gpus_per_node=1"]
@@ -77,7 +79,7 @@ def run_one(name: str, config: Path, threads: int, overrides: list[str], args: a
     if code != 0:
         text = (run_dir / "launcher.log").read_text(errors="replace")
         raise SystemExit(f"{name} run failed ({code}); last lines of {run_dir / 'launcher.log'}:\n{text[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in RunDir(run_dir).metrics_file.read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "source" not in r]
     measured = steps[1:] or steps
     result = {"run_dir": str(run_dir), "wall_s": wall, "steps": len(steps)}

@@ -22,6 +22,7 @@ import requests
 
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.processes import ManagedProcess, run_api_argv, stop_process_tree, tail
+from recipe.atropos.rundir import RunDir
 from tests.factories import CONFIG_DIR, TINY_CONFIG
 
 # Set (to a token unique to the test) in the environment of every process a test under `no_leftovers` starts and
@@ -57,9 +58,9 @@ def trainer_argv(model: Path, run_dir: Path, *overrides: str, config_name: str =
         "--config-name",
         config_name,
         f"actor_rollout_ref.model.path={model}",
-        f"atropos.metrics_file={run_dir / 'metrics.jsonl'}",
-        f"trainer.default_local_dir={run_dir / 'checkpoints'}",
-        f"hydra.run.dir={run_dir / 'hydra'}",
+        f"atropos.metrics_file={RunDir(run_dir).metrics_file}",
+        f"trainer.default_local_dir={RunDir(run_dir).checkpoints}",
+        f"hydra.run.dir={RunDir(run_dir).hydra}",
         *overrides,
     ]
 
@@ -314,7 +315,7 @@ def checkpoint_state(run_dir: Path, step: int) -> dict:
     """The actor's weights in a run's checkpoint of ``step`` (rank 0 of one), FSDP DTensors made whole."""
     import torch  # only the tests that read checkpoints pay for it
 
-    path = run_dir / "checkpoints" / f"global_step_{step}" / "actor" / "model_world_size_1_rank_0.pt"
+    path = RunDir(run_dir).checkpoints / f"global_step_{step}" / "actor" / "model_world_size_1_rank_0.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
 

@@ -7,7 +7,7 @@ them would lose them. The group source writes every fetched group here first (on
 + fsync + rename), the trainer marks the groups it trained, and files are deleted when a checkpoint that includes that
 training is saved (right away when the run saves no checkpoints). A resumed run takes the spooled groups back, oldest
 first; those past the policy-lag cap go to ``stale.jsonl`` with the reason (kept for offline use, counted), never
-silently dropped. Layout under ``<trainer.default_local_dir>/spool/``::
+silently dropped. Layout under ``<trainer.default_local_dir>/spool/`` (names: :class:`recipe.atropos.rundir.SpoolDir`)::
 
     pending/<seq>.json   {"seq", "fetched_step", "group": ScoredData}
     stale.jsonl          one line per group set aside, with "reason"
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe.atropos.records import append_jsonl, read_jsonl, write_json_atomic
+from recipe.atropos.rundir import SpoolDir
+from recipe.atropos.rundir import spool_dir as spool_path
 from recipe.atropos.schema import GroupValidationError, ScoredGroup, group_id, validate_group
 from recipe.atropos.staleness import lag_lower_bound
 
@@ -53,25 +55,26 @@ def spool_dir(atropos: AtroposConfig, trainer_cfg: Any) -> Path | None:
     """``atropos.spool.dir``, else ``<trainer.default_local_dir>/spool``; None when the spool is off."""
     if not atropos.spool.enable:
         return None
-    return Path(atropos.spool.dir or Path(str(trainer_cfg.default_local_dir)) / "spool")
+    return spool_path(str(trainer_cfg.default_local_dir), atropos.spool.dir)
 
 
 def ledger_file(atropos: AtroposConfig, trainer_cfg: Any) -> Path | None:
     """Where the completion ledger is kept beside the spool (None: spool off, the ledger lives in memory only)."""
     directory = spool_dir(atropos, trainer_cfg)
-    return None if directory is None else directory / "ledger.jsonl"
+    return None if directory is None else SpoolDir(directory).ledger
 
 
 class GroupSpool:
     """Fetched groups on disk until trained; see the module docstring."""
 
     def __init__(self, directory: str | Path, *, delete_on_checkpoint: bool = True) -> None:
-        self.dir = Path(directory)
-        self.pending_dir = self.dir / "pending"
+        self.files = SpoolDir(directory)
+        self.dir = self.files.root
+        self.pending_dir = self.files.pending
         self.pending_dir.mkdir(parents=True, exist_ok=True)
-        self.stale_file = self.dir / "stale.jsonl"
-        self.counters_file = self.dir / "counters.json"
-        self.trained_file = self.dir / "trained.jsonl"
+        self.stale_file = self.files.stale
+        self.counters_file = self.files.counters
+        self.trained_file = self.files.trained
         self.delete_on_checkpoint = delete_on_checkpoint
         self.counters = dict.fromkeys(COUNTERS, 0)
         if self.counters_file.exists():
@@ -109,7 +112,7 @@ class GroupSpool:
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
     def _path(self, seq: int) -> Path:
-        return self.pending_dir / f"{seq:010d}.json"
+        return self.files.pending_file(seq)
 
     def _save_counters(self) -> None:
         self._save_counters_removing([])
@@ -234,15 +237,15 @@ class GroupSpool:
 
 def spool_ids(directory: str | Path) -> tuple[set[str], dict[str, str], set[str]]:
     """Guard ids in the spool at ``directory``: (trained and saved, set aside -> reason, pending), from its files."""
-    directory = Path(directory)
-    trained = {i for row in read_jsonl(directory / "trained.jsonl") for i in row.get("ids", [])}
+    files = SpoolDir(directory)
+    trained = {i for row in read_jsonl(files.trained) for i in row.get("ids", [])}
     set_aside = {}
-    for row in read_jsonl(directory / "stale.jsonl"):
+    for row in read_jsonl(files.stale):
         gid = group_id(row.get("group") or {})
         if gid:
             set_aside[gid] = str(row.get("reason", ""))
     pending = set()
-    for path in (directory / "pending").glob("*.json"):
+    for path in files.pending.glob("*.json"):
         try:
             gid = group_id(json.loads(path.read_text()).get("group") or {})
         except (OSError, ValueError):

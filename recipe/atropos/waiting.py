@@ -33,6 +33,7 @@ from typing import Any
 import requests
 
 from recipe.atropos.records import write_json_atomic
+from recipe.atropos.rundir import RunDir
 
 __all__ = ["STOPPED", "WaitReport", "describe_wait", "find_stop", "read_wait", "stop_paragraph", "wait_line"]
 
@@ -288,7 +289,7 @@ def describe_wait(
     line = wait_line(step, waited_s, guard=guard, status=status, health=health, env_names=names, env_notes=env_notes)
     if not checks:
         return line
-    logs = Path(env_ids_file).parent / "logs" if env_ids_file else None  # the launcher's <run_dir>/logs
+    logs = RunDir(Path(env_ids_file).parent).logs if env_ids_file else None  # env_ids.json's run directory
     check = check_line(guard=guard, status=status, health=health, env_names=names, waited_s=waited_s, logs_dir=logs)
     return f"{line}\n{check}"
 

@@ -25,6 +25,7 @@ import requests
 from recipe.atropos.access import API_KEY_ENV
 from recipe.atropos.launcher.processes import ManagedProcess, free_port
 from recipe.atropos.metrics_file import read_metrics, trainer_rows
+from recipe.atropos.rundir import RunDir
 from tests.helpers import host_address, launcher_argv, wait_exit, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -160,16 +161,16 @@ def test_two_node_cluster_trainer_and_services_launchers(
     assert refused.status_code == 403
 
     assert wait_exit(trainer, 900) == 0
-    rows = trainer_rows(read_metrics(trainer_run / "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [1, 2, 3], (trainer_run / "logs" / "trainer.log").read_text()[-3000:]
+    rows = trainer_rows(read_metrics(RunDir(trainer_run).metrics_file))
+    assert [r["step"] for r in rows] == [1, 2, 3], RunDir(trainer_run).trainer_log.read_text()[-3000:]
     assert rows[-1]["atropos/endpoint/unauthorized_requests"] >= 1
     assert wait_exit(services, 120) == 0  # the trainer's endpoint went away: API and envs stopped
-    assert json.loads((services_run / "api_guard_stats.json").read_text())["refused_requests"] >= 1
-    assert json.loads((services_run / "env_ids.json").read_text()) == {"0": "one_word", "1": "one_word_pairs"}
+    assert json.loads(RunDir(services_run).guard_stats.read_text())["refused_requests"] >= 1
+    assert json.loads(RunDir(services_run).env_ids.read_text()) == {"0": "one_word", "1": "one_word_pairs"}
 
     view = cluster_view(address, env)  # the cluster outlives the trainer; dead actors keep their node in the table
     assert len(view["alive"]) == 2 and view["worker_nodes"] == view["alive"], view
-    trainer_log = (trainer_run / "logs" / "trainer.log").read_text()
+    trainer_log = RunDir(trainer_run).trainer_log.read_text()
     assert "Started a local Ray instance" not in trainer_log  # it joined the cluster
     for proc in (worker, head):
         proc.stop(timeout=30)

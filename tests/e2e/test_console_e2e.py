@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from recipe.atropos.rundir import RunDir
 from tests.helpers import Launch
 
 pytestmark = pytest.mark.timeout(700)
@@ -69,7 +70,7 @@ def test_the_console_says_why_step_1_waits_and_names_each_envs_fault(launch) -> 
     waited = before_exit[: before_exit.rfind("waiting ")]
     assert "env equal: Error" not in waited and "env gs: Error" not in waited
     # the trainer's poll-timeout error repeats the line
-    trainer_log = (run.run_dir / "logs" / "trainer.log").read_text(errors="replace")
+    trainer_log = RunDir(run.run_dir).trainer_log.read_text(errors="replace")
     assert re.search(TIMEOUT, trainer_log), trainer_log[-4000:]
     # ... in one readable paragraph, which the launcher shows as the reason the run ended (no Ray/Hydra traceback)
     assert "atropos-verl: the trainer stopped: no batch from" in console

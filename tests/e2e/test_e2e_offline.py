@@ -11,6 +11,7 @@ import pytest
 
 from recipe.atropos.launcher.processes import ManagedProcess, tail
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from tests.helpers import trainer_argv, wait_exit
 
 REPLIES = ("Blue", "It is blue", "Paris", "A cat")
@@ -80,7 +81,7 @@ def test_offline_training_from_atroposlib_jsonl_resumes_at_the_next_unread_group
     no_leftovers.append(second.start())
     assert wait_exit(second, 420) == 0, tail(second.log_path, 80)
 
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(RunDir(tmp_path).metrics_file)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
         step = int(row["step"])

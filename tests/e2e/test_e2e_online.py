@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from tests.helpers import Launch, launcher_factory, no_processes_left
 
 pytestmark = pytest.mark.timeout(900)  # the first test also waits for the run
@@ -43,7 +44,7 @@ def online_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> It
             "atropos.final_eval_wait_s=900",
         )
         assert run.wait_exit(840) == 0, run.log_text()[-6000:]
-        yield run, read_metrics(run.run_dir / "metrics.jsonl")
+        yield run, read_metrics(RunDir(run.run_dir).metrics_file)
 
 
 def test_every_step_trains_a_full_batch_of_the_current_policys_groups(online_run: tuple[Launch, list[dict]]) -> None:
@@ -70,7 +71,7 @@ def test_both_advantage_paths_ran(online_run: tuple[Launch, list[dict]]) -> None
 
 def test_envs_at_025_075_hold_their_weights_though_the_025_env_is_faster(online_run: tuple[Launch, list[dict]]) -> None:
     run, rows = online_run
-    assert json.loads((run.run_dir / "env_ids.json").read_text()) == {"0": "one_word", "1": "one_word_pairs"}
+    assert json.loads(RunDir(run.run_dir).env_ids.read_text()) == {"0": "one_word", "1": "one_word_pairs"}
     trained = {n: sum(r[f"atropos/env/{n}/sequences"] for r in rows) for n in ENVS}
     received = {n: rows[-1][f"atropos/env/{n}/received_fraction"] for n in trained}
     logger.info("trained sequences %s; fractions the API delivered %s", trained, received)
@@ -90,7 +91,7 @@ def test_envs_at_025_075_hold_their_weights_though_the_025_env_is_faster(online_
 def test_the_launcher_reports_the_run(online_run: tuple[Launch, list[dict]]) -> None:
     run, _ = online_run
     assert f"step {STEPS}/{STEPS} | mean score" in run.log_text()
-    assert "mean score first 5 steps" in (run.run_dir / "summary.txt").read_text()
-    assert (run.run_dir / "metrics.png").stat().st_size > 0
-    logs = {p.name for p in (run.run_dir / "logs").iterdir()}
-    assert logs >= {"run-api.log", "trainer.log", "one_word.log", "one_word_pairs.log"}
+    assert "mean score first 5 steps" in RunDir(run.run_dir).summary.read_text()
+    assert RunDir(run.run_dir).metrics_plot.stat().st_size > 0
+    logs = {p.name for p in RunDir(run.run_dir).logs.iterdir()}
+    assert logs >= {RunDir(run.run_dir).log(name).name for name in ("run-api", "trainer", "one_word", "one_word_pairs")}

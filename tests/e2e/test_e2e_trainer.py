@@ -19,6 +19,7 @@ import requests
 
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, stop_process_tree, tail
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from tests.helpers import http_ok, trainer_argv, wait_exit, wait_until
 
 ENV_MODULE = "recipe.atropos.envs.one_word_env"
@@ -33,7 +34,7 @@ KL_METRICS = ("actor/kl_loss", "actor/kl_coef", "actor/reward_kl_penalty", "acto
 
 def trainer_process(run_dir: Path, model: Path, api_url: str, port: int, *overrides: str) -> ManagedProcess:
     argv = trainer_argv(model, run_dir, f"atropos.api_url={api_url}", f"atropos.inference.port={port}", *overrides)
-    return ManagedProcess("trainer", argv, run_dir / "trainer.log")
+    return ManagedProcess("trainer", argv, RunDir(run_dir).trainer_log)
 
 
 def env_process(run_dir: Path, model: Path, api_url: str, port: int, name: str = "env") -> ManagedProcess:
@@ -85,8 +86,8 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     env = env_process(tmp_path, tiny_model, run_api.url, port).start()
     no_leftovers.append(env)
 
-    latest = tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt"
-    metrics = tmp_path / "metrics.jsonl"
+    latest = RunDir(tmp_path).checkpoints / "latest_checkpointed_iteration.txt"
+    metrics = RunDir(tmp_path).metrics_file
 
     def step_1_done() -> bool:  # its checkpoint, and its metrics row (written after the checkpoint and the push)
         return latest.exists() and int(latest.read_text() or 0) >= 1 and bool(read_metrics(metrics))
@@ -111,16 +112,16 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     wait_until(registered, 120, "registration with the API", proc=second)
     # No env is running yet, so no batch was built: the API's step is exactly the one the trainer registered.
     assert requests.get(f"{run_api.url}/status", timeout=5).json()["current_step"] == saved
-    n_before = len(read_metrics(tmp_path / "metrics.jsonl"))
+    n_before = len(read_metrics(RunDir(tmp_path).metrics_file))
     no_leftovers.append(env_process(tmp_path, tiny_model, run_api.url, port, name="env2").start())
     assert wait_exit(second, timeout=400) == 0, tail(second.log_path, 80)
 
-    rows_after = read_metrics(tmp_path / "metrics.jsonl")[n_before:]
+    rows_after = read_metrics(RunDir(tmp_path).metrics_file)[n_before:]
     assert [r["step"] for r in rows_after] == list(range(saved + 1, 4))
     assert all("rollout_corr/rollout_is_mean" in r for r in rows_after), sorted(rows_after[0])
 
     # The reference model and both KL terms, every step, before and after the resume.
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(RunDir(tmp_path).metrics_file)
     assert [r["step"] for r in rows][0] == 1
     for row in rows:
         assert row["timing_s/ref"] > 0  # reference log-probs every step

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from tests.helpers import Launch, launcher_factory, no_processes_left
 
 pytestmark = pytest.mark.timeout(900)
@@ -63,7 +64,7 @@ def patterns_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=12",
         )
         assert run.wait_exit(840) == 0, run.log_text()[-8000:]
-        yield run, read_metrics(run.run_dir / "metrics.jsonl")
+        yield run, read_metrics(RunDir(run.run_dir).metrics_file)
 
 
 def test_every_pattern_trains_in_every_step(patterns_run: tuple[Launch, list[dict]]) -> None:

@@ -30,6 +30,7 @@ from recipe.atropos.launcher.accounting import GroupAccount
 from recipe.atropos.launcher.processes import tail
 from recipe.atropos.launcher.report import group_account
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir, SpoolDir
 from tests.factories import CONFIG_DIR, TINY_CONFIG
 from tests.helpers import Launch, checkpoint_state, launcher_factory, no_processes_left, wait_until
 
@@ -42,9 +43,9 @@ def read_json(path: Path) -> dict:
 
 def spool_counters(run_dir: Path) -> dict:
     """The spool's counters and pending files: nothing fetched is lost (``written == deleted + stale + pending``)."""
-    spool_dir = run_dir / "checkpoints" / "spool"
-    spool = read_json(spool_dir / "counters.json")
-    spool["pending"] = len(list((spool_dir / "pending").glob("*.json"))) if spool_dir.exists() else 0
+    spool_dir = RunDir(run_dir).spool().root
+    spool = read_json(SpoolDir(spool_dir).counters)
+    spool["pending"] = len(list(SpoolDir(spool_dir).pending.glob("*.json"))) if spool_dir.exists() else 0
     return spool
 
 
@@ -61,7 +62,7 @@ def account(run_dir: Path, *, finished: bool = True) -> GroupAccount:
     assert acc.posted == acc.trained + acc.set_aside_total + acc.pending + acc.lost
     assert acc.trained > 0
     if finished:
-        assert acc.line() in (run_dir / "summary.txt").read_text()
+        assert acc.line() in RunDir(run_dir).summary.read_text()
     return acc
 
 
@@ -151,7 +152,7 @@ def split_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Ite
         headers = {"Content-Type": "application/json"}
         codes = [requests.post(f"{url}/scored_data", data=json.dumps(b), headers=headers).status_code for b in bad]
         assert run.wait_exit(800) == 0, tail(run.log, 80)
-    rows = read_metrics(run.run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run.run_dir).metrics_file)
     evals = [r for r in rows if r.get("source") == "env:one_word"]
     yield SplitRun(run, [r for r in rows if "source" not in r], evals, codes)
 
@@ -163,17 +164,17 @@ def test_env_crash_and_bad_groups_after_step_1_the_run_finishes_and_loses_nothin
     run, rows = split_run.run, split_run.rows
     assert split_run.codes == [422, 422, 422, 422]
     assert [int(r["step"]) for r in rows] == list(range(1, SPLIT_STEPS + 1))
-    state = read_json(run.run_dir / "launcher_state.json")
+    state = read_json(RunDir(run.run_dir).launcher_state)
     assert state["env_restarts"] == {"one_word_pairs": 1}, state
-    guard = read_json(run.run_dir / "api_guard_stats.json")
+    guard = read_json(RunDir(run.run_dir).guard_stats)
     # An env killed in the middle of a POST leaves the guard a truncated body, refused as `body` (at most one: the
     # env sends one group at a time). Only that may come beside the four groups posted here.
     truncated = guard["rejected"].get("body", 0)
     assert truncated <= 1, guard
     assert {k: v for k, v in guard["rejected"].items() if k != "body"} == {"tokens": 2, "scores": 1, "group_size": 1}
-    assert len((run.run_dir / "rejected_groups.jsonl").read_text().splitlines()) == 4 + truncated
+    assert len(RunDir(run.run_dir).rejected_groups.read_text().splitlines()) == 4 + truncated
     counts = "body 1, group_size 1" if truncated else "group_size 1"
-    assert f"rejected {4 + truncated} ({counts}, scores 1, tokens 2" in (run.run_dir / "summary.txt").read_text()
+    assert f"rejected {4 + truncated} ({counts}, scores 1, tokens 2" in RunDir(run.run_dir).summary.read_text()
     assert_nothing_fetched_lost(spool_counters(run.run_dir))
     acc = account(run.run_dir)
     assert acc.set_aside["rejected by the API (tokens)"] == 2 and acc.set_aside["rejected by the API (scores)"] == 1
@@ -197,9 +198,9 @@ def test_bypass_mode_with_a_split_rollout_trains_end_to_end(split_run: SplitRun,
     assert evals and evals[0]["step"] == 0 and evals[0]["eval/one_word/held_out_samples"] == 8
     # ... and the last one measured the final policy: the trainer kept serving it until the env had (final_eval_wait_s)
     assert evals[-1]["step"] == SPLIT_STEPS, [e["step"] for e in evals]
-    assert "no environment evaluated the final policy" not in (run_dir / "logs" / "trainer.log").read_text()
+    assert "no environment evaluated the final policy" not in RunDir(run_dir).trainer_log.read_text()
     assert all(0.0 <= r["eval/one_word/held_out_success"] <= 1.0 for r in evals)
-    assert (run_dir / "summary.txt").read_text().startswith("held-out success ")
+    assert RunDir(run_dir).summary.read_text().startswith("held-out success ")
     for row in rows:
         assert "timing_s/old_log_prob" not in row  # skipped: the rollout's log-probs are the behaviour policy
         assert 0.0 < row["atropos/is_weight_mean"] <= 2.0 and row["atropos/is_weight_max"] <= 2.0
@@ -207,7 +208,7 @@ def test_bypass_mode_with_a_split_rollout_trains_end_to_end(split_run: SplitRun,
         lags = [row["atropos/policy_lag_0"], row["atropos/policy_lag_1"], row["atropos/policy_lag_2plus"]]
         assert sum(lags) == pytest.approx(1.0)
     # ---- split placement ---------------------------------------------------------------------------------------
-    trainer_log = (run_dir / "logs" / "trainer.log").read_text()
+    trainer_log = RunDir(run_dir).trainer_log.read_text()
     assert "split placement: actor on 1 x 1 devices, 1 rollout replica(s) on 1 x 1, weights via gloo" in trainer_log
     payload, n_tensors = model_bytes(tiny_model)
     for row in rows:
@@ -257,8 +258,8 @@ def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_los
     # kill must poll the restarted API (with a deeper surplus they can all be served from groups fetched before it, and
     # nothing re-registers). Memory bound of one batch: further groups wait in the journal's backlog on disk.
     run = launch(*args, "atropos.mixture_max_pending_batches=1", "atropos.guard.max_queued_sequences=8")
-    latest = run.run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
-    metrics = run.run_dir / "metrics.jsonl"
+    latest = RunDir(run.run_dir).checkpoints / "latest_checkpointed_iteration.txt"
+    metrics = RunDir(run.run_dir).metrics_file
 
     def checkpoint() -> int:
         return int(latest.read_text() or 0) if latest.exists() else 0
@@ -273,7 +274,7 @@ def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_los
 
     run.wait_for(holds_unfetched, 300, "groups waiting in the API")
     kill(api)
-    at_kill = read_json(run.run_dir / "api_guard_stats.json")  # saved at every change: the state at the kill
+    at_kill = read_json(RunDir(run.run_dir).guard_stats)  # saved at every change: the state at the kill
     assert at_kill["journal_groups"] >= 1, at_kill
 
     def trained_on_after_the_restart() -> bool:
@@ -292,11 +293,11 @@ def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_los
     assert run.wait_exit(120) == 130
     rows = read_metrics(metrics)
     assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
-    state = read_json(run.run_dir / "launcher_state.json")  # written as the launcher stops, Ctrl-C included
+    state = read_json(RunDir(run.run_dir).launcher_state)  # written as the launcher stops, Ctrl-C included
     assert state["api_restarts"] == 1
     assert rows[-1]["atropos/reregistrations"] >= 1.0
     assert rows[-1]["atropos/api_restarts"] == 1.0
-    guard = read_json(run.run_dir / "api_guard_stats.json")
+    guard = read_json(RunDir(run.run_dir).guard_stats)
     assert guard["starts"] == at_kill["starts"] + 1, (guard, at_kill)
     # what the killed API held unacknowledged was served again by the next one (its journal), none lost
     assert guard["resumed_groups"] == at_kill["journal_groups"], (guard, at_kill)
@@ -305,7 +306,7 @@ def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_los
     step = checkpoint()
     assert step <= total - 4, f"the first launch stopped at checkpoint {step}: no room for the resumes that follow"
     # the checkpoint left by the stop is usable: the actor's shard and its HF config
-    actor = run.run_dir / "checkpoints" / f"global_step_{step}" / "actor"
+    actor = RunDir(run.run_dir).checkpoints / f"global_step_{step}" / "actor"
     assert any(actor.glob("model_world_size_*_rank_0.pt"))
     assert (actor / "huggingface" / "config.json").exists()
     mid = account(run.run_dir, finished=False)
@@ -368,7 +369,7 @@ def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_los
     assert_nothing_fetched_lost(spool)
     assert spool["recovered"] >= 1
     acc = account(run.run_dir)
-    guard = read_json(run.run_dir / "api_guard_stats.json")
+    guard = read_json(RunDir(run.run_dir).guard_stats)
     table_row(
         "Ctrl-C, trainer SIGKILL, launcher SIGKILL, each resumed",
         int(rows[-1]["step"]),

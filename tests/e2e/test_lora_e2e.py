@@ -22,6 +22,7 @@ import torch
 
 from recipe.atropos.launcher.processes import tail
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from tests.helpers import checkpoint_state
 
 pytestmark = pytest.mark.timeout(1200)
@@ -63,7 +64,7 @@ def effective_weight(state: dict[str, torch.Tensor], module: str) -> torch.Tenso
 
 def export_adapter(run_dir: Path, step: int, out: Path) -> Path:
     """verl's own export: ``python -m verl.model_merger merge --backend fsdp`` writes ``<out>/lora_adapter``."""
-    actor = run_dir / "checkpoints" / f"global_step_{step}" / "actor"
+    actor = RunDir(run_dir).checkpoints / f"global_step_{step}" / "actor"
     cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp"]
     subprocess.run([*cmd, "--local_dir", str(actor), "--target_dir", str(out)], check=True, capture_output=True)
     return out / "lora_adapter"
@@ -78,9 +79,9 @@ def test_lora_pushes_reach_the_rollout_checkpoint_resume_and_plain_peft(
     # ---- a 2-step run, a checkpoint after each step ------------------------------------------------------------
     run = launch(*COMMON, "trainer.total_training_steps=2")
     code = run.wait_exit(600)
-    trainer_log = run.run_dir / "logs" / "trainer.log"
+    trainer_log = RunDir(run.run_dir).trainer_log
     assert code == 0, tail(run.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
-    rows = read_metrics(run.run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run.run_dir).metrics_file)
     assert [r["step"] for r in rows] == [1, 2]
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -104,14 +105,16 @@ def test_lora_pushes_reach_the_rollout_checkpoint_resume_and_plain_peft(
         seen.append(row["rollout/0/probe_module_weight_checksum"])
         assert row["atropos/rollout_logprob_diff_max"] < 0.05  # rollout and actor compute the same policy
     assert len(set(seen)) == len(seen)  # every push changed the rollout's weights
-    meta = json.loads((run.run_dir / "checkpoints" / "global_step_2" / "actor" / "lora_train_meta.json").read_text())
+    meta = json.loads(
+        (RunDir(run.run_dir).checkpoints / "global_step_2" / "actor" / "lora_train_meta.json").read_text()
+    )
     assert meta["r"] == 8 and meta["lora_alpha"] == 16
 
     # ---- resume to step 3 ---------------------------------------------------------------------------------------
     resumed = launch(*COMMON, "trainer.total_training_steps=3", log=tmp_path / "launcher_resumed.log")
     code = resumed.wait_exit(600)
     assert code == 0, tail(resumed.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
-    rows = read_metrics(run.run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run.run_dir).metrics_file)
     assert [r["step"] for r in rows] == [1, 2, 3]
     last = rows[-1]
     # a fresh rollout server: its first complete policy was the step-2 checkpoint's adapter, then step 3's push
@@ -154,9 +157,9 @@ def test_lora_adapter_reaches_vllms_lora_layers_every_step(launch) -> None:
     layers (PunicaWrapperCPU) every step, and every generate carries it."""
     run = launch(*COMMON, "trainer.total_training_steps=2", "atropos.cpu_rollout=vllm")
     code = run.wait_exit(840)
-    trainer_log = run.run_dir / "logs" / "trainer.log"
+    trainer_log = RunDir(run.run_dir).trainer_log
     assert code == 0, tail(run.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
-    rows = read_metrics(run.run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run.run_dir).metrics_file)
     assert [r["step"] for r in rows] == [1, 2]
     b_sums = []
     for row in rows:

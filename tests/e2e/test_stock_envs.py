@@ -24,6 +24,7 @@ import pytest
 
 from recipe.atropos.launcher.env_python import PROJECT_ROOT, default_env_python
 from recipe.atropos.metrics_file import read_metrics, trainer_rows
+from recipe.atropos.rundir import RunDir
 from tests.factories import CONFIG_DIR
 from tests.helpers import Launch, launcher_factory, no_processes_left
 
@@ -86,7 +87,7 @@ def stock_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Launch
             config=STOCK_CONFIG,
         )
         assert run.wait_exit(2200) == 0, run.log_text()[-8000:]
-        yield run, trainer_rows(read_metrics(run.run_dir / "metrics.jsonl"))
+        yield run, trainer_rows(read_metrics(RunDir(run.run_dir).metrics_file))
 
 
 def test_blackjack_trains_three_steps_on_its_own_groups(stock_run: tuple[Launch, list[dict]]) -> None:
@@ -115,6 +116,6 @@ def test_reasoning_gym_trains_or_the_console_names_why(stock_run: tuple[Launch, 
     equal-score filter returns None at debug level, so only the counts can tell: completions served, nothing posted)."""
     run, rows = stock_run
     trained = sum(r.get("atropos/env/reasoning_gym/sequences", 0) for r in rows)
-    (line,) = [x for x in (run.run_dir / "summary.txt").read_text().splitlines() if x.startswith("env reasoning_gym:")]
+    (line,) = [x for x in RunDir(run.run_dir).summary.read_text().splitlines() if x.startswith("env reasoning_gym:")]
     print(f"\n{line}")
     assert trained > 0 or line.endswith("see its log"), run.log_text()[-8000:]

@@ -21,6 +21,7 @@ import torch
 
 from recipe.atropos.launcher.processes import tail
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from tests.helpers import checkpoint_state
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -80,10 +81,10 @@ def test_verl_vllm_rollout_runs_the_loop_on_cpu(tiny_model: Path, launch) -> Non
     )
     run_dir = run.run_dir
     code = run.wait_exit(840)
-    trainer_log = run_dir / "logs" / "trainer.log"
+    trainer_log = RunDir(run_dir).trainer_log
     assert code == 0, tail(run.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run_dir).metrics_file)
     check_every_sync_reached_vllm(rows, run_dir, tiny_model)
     for row in rows:
         assert row["atropos/policy_lag_unknown"] == 0 and row["atropos/policy_lag_max"] == 0
@@ -119,10 +120,10 @@ def test_verl_vllm_rollout_split_from_the_actor(tiny_model: Path, launch) -> Non
     )
     run_dir = run.run_dir
     code = run.wait_exit(840)
-    trainer_log = run_dir / "logs" / "trainer.log"
+    trainer_log = RunDir(run_dir).trainer_log
     assert code == 0, tail(run.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
     assert "1 rollout replica(s) on 1 x 1, weights via gloo" in trainer_log.read_text()
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run_dir).metrics_file)
     check_every_sync_reached_vllm(rows, run_dir, tiny_model)
     for row in rows:
         assert "timing_s/pause_endpoint" not in row  # nothing held while the actor computed

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from recipe.atropos.endpoint.ledger import CompletionLedger
+from recipe.atropos.rundir import SpoolDir
 from recipe.atropos.sources.api import ApiGroupSource
 from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.spool import GroupSpool
@@ -38,7 +39,7 @@ def post(url: str, first: int) -> None:
 
 
 def pending_firsts(spool_dir: Path) -> list[int]:
-    files = sorted((spool_dir / "pending").glob("*.json"))
+    files = sorted(SpoolDir(spool_dir).pending.glob("*.json"))
     return [json.loads(f.read_text())["group"]["tokens"][0][0] for f in files]
 
 
@@ -56,7 +57,7 @@ def test_spool_lag_cap_prefetch_and_resume(make_run_api, tmp_path: Path) -> None
     metrics: dict[str, float] = {}
     (got,) = source.next_groups(1, metrics)
     assert got.tokens[0][0] == 10 and pending_firsts(spool_dir) == [10]
-    assert json.loads(next((spool_dir / "pending").glob("*.json")).read_text())["fetched_step"] == 1
+    assert json.loads(next(SpoolDir(spool_dir).pending.glob("*.json")).read_text())["fetched_step"] == 1
     assert metrics["atropos/polls"] >= 1 and metrics["atropos/policy_lag_unknown"] == 2.0
     source.trained([got], 1)
     source.checkpointed(1)

@@ -24,6 +24,7 @@ from recipe.atropos.envs.one_word_env import (
     OneWordEnvConfig,
     held_out_questions,
 )
+from recipe.atropos.rundir import RunDir
 
 
 class ScriptedReplies:
@@ -55,7 +56,7 @@ def test_evaluate_writes_held_out_success_and_generation_counts(tiny_model: Path
     endpoint = InferenceEndpoint(
         backend, port=0, max_tokens_cap=8, eos_token_ids=[tok.eos_token_id], tokenizer=tok, policy_version=3
     ).start()
-    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file = RunDir(tmp_path).metrics_file
     try:
         config = OneWordEnvConfig(
             tokenizer_name=str(tiny_model),

@@ -33,6 +33,7 @@ from recipe.atropos.launcher.env_entries import EnvProbeError, EnvServers, env_a
 from recipe.atropos.launcher.env_python import DEFAULT_VENV, TRANSFORMERS_PIN, venv_python
 from recipe.atropos.launcher.preflight import PreflightError, check_envs
 from recipe.atropos.launcher.processes import ManagedProcess
+from recipe.atropos.rundir import RunDir
 from recipe.atropos.setup.assets import portable_tokenizer, prepare_smollm2, save_portable_tokenizer
 from recipe.atropos.transport.client import AtroposClient
 from tests.helpers import wait_until
@@ -337,7 +338,7 @@ def test_each_layout_serves_and_posts_trainable_groups_from_the_env_interpreter(
                 max_policy_lag=2,
                 python=ENVS_PY,
                 servers=probed[name],
-                config_dir=tmp_path / "env_configs",
+                config_dir=RunDir(tmp_path).env_configs,
             )
             proc = ManagedProcess(name, argv, tmp_path / f"{name}.log", env=env_environ(env, ENVS_PY)).start()
             no_leftovers.append(proc)

@@ -16,6 +16,7 @@ from recipe.atropos.launcher.config import load_config
 from recipe.atropos.launcher.preflight import PreflightError, run_preflight, typed_config
 from recipe.atropos.launcher.processes import free_port
 from recipe.atropos.launcher.supervisor import Launcher
+from recipe.atropos.rundir import RunDir
 from recipe.atropos.schema import validate_group
 from recipe.atropos.setup.assets import model_vocab_size
 from recipe.atropos.transport.client import AtroposClient
@@ -114,7 +115,7 @@ def test_launcher_start_up_failure_is_one_line_exit_2_before_any_service(tmp_pat
     errors = [line for line in run.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "actor_rollout_ref.model.path=/no/such/model" in errors[0]
     assert "Traceback" not in run.stderr
-    assert not (tmp_path / "r" / "logs").exists()  # nothing was started
+    assert not RunDir(tmp_path / "r").logs.exists()  # nothing was started
 
 
 def test_launcher_with_an_unknown_key_is_one_line_exit_2() -> None:
@@ -127,7 +128,7 @@ def test_launcher_with_an_unknown_key_is_one_line_exit_2() -> None:
 
 
 def test_resuming_a_finished_run_says_so_and_exits_0(tiny_model: Path, tmp_path: Path) -> None:
-    ckpt = tmp_path / "r" / "checkpoints"
+    ckpt = RunDir(tmp_path / "r").checkpoints
     ckpt.mkdir(parents=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
     run = run_launcher(f"actor_rollout_ref.model.path={tiny_model}", f"atropos.launcher.run_dir={tmp_path / 'r'}")
@@ -151,9 +152,9 @@ def test_sigint_works_when_inherited_as_ignored(tiny_model: Path, tmp_path: Path
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (tmp_path / "r" / "logs" / "trainer.log").exists():
+    while time.monotonic() < deadline and not RunDir(tmp_path / "r").trainer_log.exists():
         time.sleep(0.5)
-    assert (tmp_path / "r" / "logs" / "trainer.log").exists()
+    assert RunDir(tmp_path / "r").trainer_log.exists()
     proc.send_signal(signal.SIGINT)
     try:
         output, _ = proc.communicate(timeout=90)
@@ -189,7 +190,7 @@ def test_launcher_restarts_a_dead_api_on_the_same_port_then_the_envs(
     finally:
         launcher.stop_all()  # no envs or trainer: records the API's final counters, then stops it
     assert again.poll() is not None
-    assert json.loads((tmp_path / "r" / "api_final_stats.json").read_text())["starts"] == 2
+    assert json.loads(RunDir(tmp_path / "r").api_final_stats.read_text())["starts"] == 2
 
 
 # ---- the step the trainer registers at, before its workers start ----------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from recipe.atropos.launcher.config import LaunchError
 from recipe.atropos.launcher.processes import ManagedProcess
 from recipe.atropos.launcher.supervisor import Launcher
+from recipe.atropos.rundir import RunDir
 from tests.factories import CONFIG_DIR, TINY_CONFIG
 from tests.helpers import http_ok, wait_until
 
@@ -57,14 +58,14 @@ def test_a_dying_env_stops_the_run_naming_it(
     try:
         # the launcher's children (the processes supervise() watches): its guarded API, started from its command line,
         # a stand-in trainer and the dying envs
-        api = ManagedProcess("run-api", launcher.api_argv(), run_dir / "logs" / "run-api.log").start()
+        api = ManagedProcess("run-api", launcher.api_argv(), RunDir(run_dir).log("run-api")).start()
         launcher.children["run-api"] = api
         wait_until(http_ok(f"{launcher.api_url}/status"), 60, "the API", proc=api)
         stand_in = ManagedProcess("trainer", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "t.log")
         launcher.children["trainer"] = stand_in.start()
         first = next(iter(launcher.envs))  # the tiny config's first env is the first one supervision looks at
         for name in launcher.envs:
-            launcher.children[name] = ManagedProcess(name, dies, run_dir / "logs" / f"{name}.log").start()
+            launcher.children[name] = ManagedProcess(name, dies, RunDir(run_dir).log(name)).start()
         with pytest.raises(LaunchError, match=f"{first} exited with code 3") as error:
             launcher.supervise()
         assert "env failed to start" in str(error.value)  # the log tail names the cause

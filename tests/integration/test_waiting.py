@@ -22,8 +22,9 @@ from transformers import AutoTokenizer
 from recipe.atropos.endpoint.backends import Completion, SamplingParams
 from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.endpoint.server import InferenceEndpoint
-from recipe.atropos.launcher.watch import WAIT_FILE, ConsoleWatch
+from recipe.atropos.launcher.watch import ConsoleWatch
 from recipe.atropos.main_atropos import stop_reason
+from recipe.atropos.rundir import RunDir
 from recipe.atropos.sources.api import ApiGroupSource
 from recipe.atropos.sources.fifo import FifoBatcher
 from recipe.atropos.staleness import LagMeter
@@ -53,7 +54,7 @@ def test_the_wait_line_and_the_poll_timeout_name_each_env_the_queue_and_the_endp
     api = make_run_api(guard={"vocab_size": 1000, "batch_size": 8}).start()
     endpoint = InferenceEndpoint(Echo(), port=0, max_tokens_cap=4, policy_version=0).start()
     try:
-        env_ids_file, wait_file = tmp_path / "env_ids.json", tmp_path / "trainer_wait.json"
+        env_ids_file, wait_file = RunDir(tmp_path).env_ids, RunDir(tmp_path).wait_file
         waits = WaitReport(api.url, endpoint.url, str(env_ids_file), str(wait_file))
         source = ApiGroupSource(
             AtroposClient(api.url, vocab_size=1000),
@@ -132,8 +133,8 @@ def test_an_env_whose_calls_fail_is_named_with_its_failing_calls_and_errors_not_
         run_dir, logs = tmp_path, {"blackjack": tmp_path / "blackjack.log", "math": tmp_path / "math.log"}
         for log in logs.values():
             log.write_text("an earlier run's line: LLM API error: old\n")
-        env_ids_file, wait_file = run_dir / "env_ids.json", run_dir / WAIT_FILE
-        console = ConsoleWatch(run_dir, logs, api_url=api.url, inference_url=endpoint.url, interval_s=1)
+        env_ids_file, wait_file = RunDir(run_dir).env_ids, RunDir(run_dir).wait_file
+        console = ConsoleWatch(RunDir(run_dir), logs, api_url=api.url, inference_url=endpoint.url, interval_s=1)
         source = ApiGroupSource(
             AtroposClient(api.url, vocab_size=1000),
             FifoBatcher(batch_size=8),
@@ -203,11 +204,12 @@ def test_an_env_whose_calls_fail_is_named_with_its_failing_calls_and_errors_not_
             "generates but posts no group: it drops them itself"
         )
         assert re.search(
-            rf"each env's log in {re.escape(str(run_dir / 'logs'))}; docs/atropos.rst, \"Using stock Atropos "
+            rf"each env's log in {re.escape(str(RunDir(run_dir).logs))}; docs/atropos.rst, \"Using stock Atropos "
             r'environments"; raise atropos.poll_timeout_s \(waited \d+ s\) only if the envs are just slow\.$',
             check,
         )
-        trainer_log = run_dir / "trainer.log"
+        trainer_log = RunDir(run_dir).trainer_log
+        trainer_log.parent.mkdir(exist_ok=True)
         trainer_log.write_text(f"(AtroposTaskRunner pid=7) INFO registered\n{paragraph}\n")
         reason = console.trainer_stopped(trainer_log)
         print(reason)
@@ -289,12 +291,12 @@ def test_the_launcher_shows_the_trainers_paragraph_as_the_reason_the_run_ended(t
         f"import sys; print('(AtroposTaskRunner pid=9) INFO step'); print({paragraph!r}, file=sys.stderr); sys.exit(1)"
     )
     # the stand-in takes the trainer's place among the launcher's children (the processes supervise() watches)
-    trainer = ManagedProcess("trainer", [sys.executable, "-c", code], tmp_path / "logs" / "trainer.log").start()
+    trainer = ManagedProcess("trainer", [sys.executable, "-c", code], RunDir(tmp_path).trainer_log).start()
     launcher.children["trainer"] = trainer
     try:
         wait_until(lambda: trainer.poll() is not None, 30, "the stand-in trainer to exit")
         with pytest.raises(LaunchError) as error:
             launcher.supervise()
-        assert str(error.value) == f"trainer exited with code 1 (log: {tmp_path / 'logs' / 'trainer.log'}): {paragraph}"
+        assert str(error.value) == f"trainer exited with code 1 (log: {RunDir(tmp_path).trainer_log}): {paragraph}"
     finally:
         launcher.stop_all()

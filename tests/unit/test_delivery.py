@@ -15,6 +15,7 @@ from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.guard.journal import GroupJournal, journal_ids
 from recipe.atropos.launcher.accounting import account_groups
 from recipe.atropos.launcher.config import load_config
+from recipe.atropos.rundir import SpoolDir
 from recipe.atropos.schema import group_id, validate_group
 from recipe.atropos.spool import GroupSpool
 from recipe.atropos.staleness import LagMeter
@@ -83,7 +84,7 @@ def test_take_fills_memory_up_to_the_bound_and_out_groups_requeue_at_the_front(t
 
 
 def test_the_ledger_on_disk_gives_a_resumed_run_exact_lags(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.jsonl"
+    path = SpoolDir(tmp_path).ledger
     ledger = CompletionLedger(max_entries=2, path=path)
     ledger.record([1, 2], [3], 0)
     ledger.record([1, 2], [4], 1)
@@ -105,7 +106,7 @@ def test_spool_resume_uses_the_exact_lag_and_drops_redelivered_groups(tmp_path: 
     journal = GroupJournal(tmp_path / "journal")
     raws = groups(10, 20)
     ids = journal.append(raws)
-    ledger = CompletionLedger(path=tmp_path / "ledger.jsonl")
+    ledger = CompletionLedger(path=SpoolDir(tmp_path / "spool").ledger)
     for raw, version in zip(raws, (0, 3), strict=True):
         for tokens in raw["tokens"]:
             ledger.record(tokens[:2], tokens[2:], version)
@@ -113,12 +114,12 @@ def test_spool_resume_uses_the_exact_lag_and_drops_redelivered_groups(tmp_path: 
     for raw in raws:  # fetched during step 4 (lower bound of the lag at step 6: 2)
         spool.put(validate_group(raw), fetched_step=4)
     assert spool.put(validate_group(raws[0]), fetched_step=4) is None  # delivered again: dropped
-    lag = LagMeter(CompletionLedger(path=tmp_path / "ledger.jsonl").sequence_version, max_policy_lag=2)
+    lag = LagMeter(CompletionLedger(path=SpoolDir(tmp_path / "spool").ledger).sequence_version, max_policy_lag=2)
     again = GroupSpool(tmp_path / "spool")
     assert again.put(validate_group(raws[1]), fetched_step=5) is None  # the seen ids survive a restart
     kept = again.resume(5, 2, lag.lags)  # step 6 trains version 5: lags 5 (version 0) and 2 (version 3)
     assert [group_id(g) for g in kept] == [ids[1]]
-    (aside,) = [json.loads(line) for line in (tmp_path / "spool" / "stale.jsonl").read_text().splitlines()]
+    (aside,) = [json.loads(line) for line in (SpoolDir(tmp_path / "spool").stale).read_text().splitlines()]
     assert aside["reason"] == "on resume at step 5: policy lag 5 > 2"
     assert again.counters["duplicates"] == 2  # cumulative over the runs sharing the spool
 

@@ -15,6 +15,7 @@ from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.env_entries import EnvServers, checked_envs, env_argv, write_env_ids
 from recipe.atropos.launcher.report import env_lines, fault_line, step_line, summarize, write_run_report
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from tests.factories import CONFIG_DIR, TINY_CONFIG
 
 
@@ -99,13 +100,13 @@ def test_the_launcher_gives_each_env_this_runs_endpoints_and_lag_cap(tmp_path: P
 
 
 def test_env_ids_file_maps_id_to_name_as_json(tmp_path: Path) -> None:
-    write_env_ids(tmp_path / "env_ids.json", {0: "one_word", 1: "one_word_pairs"})
-    assert json.loads((tmp_path / "env_ids.json").read_text()) == {"0": "one_word", "1": "one_word_pairs"}
-    assert [p.name for p in tmp_path.iterdir()] == ["env_ids.json"]  # no temporary file left
+    write_env_ids(RunDir(tmp_path).env_ids, {0: "one_word", 1: "one_word_pairs"})
+    assert json.loads(RunDir(tmp_path).env_ids.read_text()) == {"0": "one_word", "1": "one_word_pairs"}
+    assert [p.name for p in tmp_path.iterdir()] == [RunDir(tmp_path).env_ids.name]  # no temporary file left
 
 
 def test_summary_and_step_line_from_a_metrics_file(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
+    path = RunDir(tmp_path).metrics_file
     scores = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     path.write_text("".join(f'{{"step": {i + 1}, "atropos/mean_score": {s}}}\n' for i, s in enumerate(scores)) + "{")
     rows = read_metrics(path)  # the half-written last line is skipped
@@ -115,38 +116,36 @@ def test_summary_and_step_line_from_a_metrics_file(tmp_path: Path) -> None:
 
 
 def test_fault_line_counts_restarts_and_rejections(tmp_path: Path) -> None:
-    assert fault_line(tmp_path, 0, 0) == ""  # no faults, no guard stats: no line
+    assert fault_line(RunDir(tmp_path), 0, 0) == ""  # no faults, no guard stats: no line
     stats = {"accepted_groups": 12, "rejected": {"tokens": 2, "scores": 1}}
-    (tmp_path / "api_guard_stats.json").write_text(json.dumps(stats))
-    assert fault_line(tmp_path, 1, 3) == (
+    RunDir(tmp_path).guard_stats.write_text(json.dumps(stats))
+    assert fault_line(RunDir(tmp_path), 1, 3) == (
         f"faults: api restarts 1, env restarts 3, groups accepted 12, rejected 3 (scores 1, tokens 2; kept in "
-        f"{tmp_path / 'rejected_groups.jsonl'})"
+        f"{RunDir(tmp_path).rejected_groups})"
     )
 
 
 def test_run_report_writes_the_summary_and_the_plot(tmp_path: Path) -> None:
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = RunDir(tmp_path).metrics_file
     metrics.write_text("".join(json.dumps({"step": i, "atropos/mean_score": 0.5}) + "\n" for i in (1, 2)))
-    summary = write_run_report(tmp_path, metrics, "tiny", api_restarts=1, env_restarts=0)
+    summary = write_run_report(RunDir(tmp_path), "tiny", api_restarts=1, env_restarts=0)
     assert summary.splitlines() == [
         "mean score first 2 steps 0.500 -> last 2 steps 0.500 (2 steps)",
-        fault_line(tmp_path, 1, 0),
+        fault_line(RunDir(tmp_path), 1, 0),
     ]
-    assert (tmp_path / "summary.txt").read_text() == summary + "\n"
-    assert (tmp_path / "metrics.png").stat().st_size > 0
+    assert RunDir(tmp_path).summary.read_text() == summary + "\n"
+    assert RunDir(tmp_path).metrics_plot.stat().st_size > 0
     empty = tmp_path / "empty"
-    assert write_run_report(empty, empty / "metrics.jsonl", "tiny", 0, 0) == "no steps recorded"
-    assert not (empty / "metrics.png").exists()
+    assert write_run_report(RunDir(empty), "tiny", 0, 0) == "no steps recorded"
+    assert not RunDir(empty).metrics_plot.exists()
 
 
 def test_env_lines_say_which_env_posted_nothing_and_why(tmp_path: Path) -> None:
     """blackjack (ids 0 and 2: restarted) posts and trains; reasoning generates but posts nothing (drops its groups
     itself); dead got no completion at all. Figures from the guard's stats, env_ids.json and the trainer's rows."""
-    (tmp_path / "env_ids.json").write_text(
-        json.dumps({"0": "blackjack", "1": "reasoning", "2": "blackjack", "3": "dead"})
-    )
+    RunDir(tmp_path).env_ids.write_text(json.dumps({"0": "blackjack", "1": "reasoning", "2": "blackjack", "3": "dead"}))
     guard = {"envs": {"0": {"received": 3, "rejected": 1}, "2": {"received": 2, "rejected": 0}}}
-    (tmp_path / "api_guard_stats.json").write_text(json.dumps(guard))
+    RunDir(tmp_path).guard_stats.write_text(json.dumps(guard))
     rows = [
         {
             "step": 1,
@@ -163,7 +162,7 @@ def test_env_lines_say_which_env_posted_nothing_and_why(tmp_path: Path) -> None:
             "atropos/endpoint/env/dead/failed_calls": 7.0,
         },
     ]
-    blackjack, reasoning, dead = env_lines(tmp_path, rows)
+    blackjack, reasoning, dead = env_lines(RunDir(tmp_path), rows)
     assert (
         blackjack
         == "env blackjack: posted 5 groups (1 rejected), trained 24 sequences, 40 completions served, 0 failed calls"
@@ -181,4 +180,4 @@ def test_env_lines_say_which_env_posted_nothing_and_why(tmp_path: Path) -> None:
     assert dead.endswith(
         "it got no completion from the endpoint (its calls fail, or it fails before calling): see its log"
     )
-    assert env_lines(tmp_path / "none", rows) == []
+    assert env_lines(RunDir(tmp_path / "none"), rows) == []

@@ -9,6 +9,7 @@ import pytest
 
 from recipe.atropos.launcher.report import plot_metrics, step_line, summarize
 from recipe.atropos.metrics_file import held_out_points, read_metrics, trainer_rows
+from recipe.atropos.rundir import RunDir
 
 
 def mixed_rows(tmp_path: Path) -> list[dict]:
@@ -20,7 +21,7 @@ def mixed_rows(tmp_path: Path) -> list[dict]:
             lines.append({"step": 2, "source": "env:a", "eval/a/held_out_success": 0.5})
             lines.append({"step": 2, "source": "env:b", "eval/b/held_out_success": 0.75})
     lines.append({"step": 6, "source": "env:a", "eval/a/held_out_success": 0.875, "eval/a/held_out_samples": 32})
-    path = tmp_path / "metrics.jsonl"
+    path = RunDir(tmp_path).metrics_file
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return read_metrics(path)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from recipe.atropos.rundir import SpoolDir
 from recipe.atropos.schema import validate_group
 from recipe.atropos.spool import GroupSpool
 from tests.factories import group
@@ -49,7 +50,7 @@ def test_resume_sets_aside_groups_past_the_lag_cap_with_the_reason(tmp_path: Pat
     again = GroupSpool(tmp_path)
     back = again.resume(step=5, max_policy_lag=2)
     assert [g.tokens[0][0] for g in back] == [new.tokens[0][0]]
-    stale = [json.loads(line) for line in (tmp_path / "stale.jsonl").read_text().splitlines()]
+    stale = [json.loads(line) for line in SpoolDir(tmp_path).stale.read_text().splitlines()]
     assert len(stale) == 1 and "policy lag >= 5 > 2" in stale[0]["reason"]
     assert stale[0]["group"]["tokens"] == old.tokens  # kept, usable offline
     assert again.metrics()["atropos/spool_stale"] == 1.0
@@ -61,7 +62,7 @@ def test_groups_dropped_as_stale_by_the_trainer_are_set_aside_not_lost(tmp_path:
     for g in (a, b, c):
         spool.put(g, fetched_step=1)
     spool.trained([a], step=1, carried=[c])  # b was neither trained nor carried: the lag cap dropped it
-    stale = [json.loads(line) for line in (tmp_path / "stale.jsonl").read_text().splitlines()]
+    stale = [json.loads(line) for line in SpoolDir(tmp_path).stale.read_text().splitlines()]
     assert [s["seq"] for s in stale] == [1]  # b, the second group written
     assert spool.pending_count() == 2  # a (awaiting a checkpoint) and c
 
@@ -78,7 +79,7 @@ def test_spool_files_are_whole_json_and_no_temporary_file_is_left(tmp_path: Path
     spool = GroupSpool(tmp_path)
     for g in groups(4):
         spool.put(g, fetched_step=2)
-    files = sorted((tmp_path / "pending").iterdir())
+    files = sorted(SpoolDir(tmp_path).pending.iterdir())
     assert [f.name for f in files] == [f"{i:010d}.json" for i in range(4)]
     assert all(json.loads(f.read_text())["fetched_step"] == 2 for f in files)
     assert set(json.loads(files[0].read_text())["group"]) == set(groups(1)[0].model_dump())  # the wire group only
@@ -112,7 +113,7 @@ def test_a_kill_between_counting_and_deleting_loses_no_account(tmp_path: Path, m
         pass
     monkeypatch.undo()
     again = GroupSpool(tmp_path)
-    counters = json.loads((tmp_path / "counters.json").read_text())
+    counters = json.loads(SpoolDir(tmp_path).counters.read_text())
     assert counters["written"] == 3 and counters["deleted"] == 2 and counters["stale"] == 0
     assert again.pending_count() == 1  # only the carried group is left, and it comes back
     assert [g.tokens[0][0] for g in again.resume(step=1, max_policy_lag=None)] == [20]

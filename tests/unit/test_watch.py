@@ -19,6 +19,7 @@ from recipe.atropos.launcher.watch import (
     error_line,
     exception_lines,
 )
+from recipe.atropos.rundir import RunDir
 from recipe.atropos.waiting import STOPPED, check_line, failed_calls, find_stop, wait_line
 
 
@@ -107,12 +108,12 @@ def test_wait_line_wording() -> None:
 
 def test_wait_watch_prints_every_interval_while_the_wait_file_names_a_step(tmp_path: Path) -> None:
     now = [1000.0]
-    wait_file = tmp_path / "trainer_wait.json"
+    wait_file = RunDir(tmp_path).wait_file
     watch = WaitWatch(
         wait_file,
         api_url="http://127.0.0.1:9",  # nothing listens: the line says so
         inference_url="http://127.0.0.1:9",
-        env_ids_file=tmp_path / "env_ids.json",
+        env_ids_file=RunDir(tmp_path).env_ids,
         interval_s=30,
         clock=lambda: now[0],
     )
@@ -332,7 +333,7 @@ def test_the_stop_paragraph_is_found_in_a_trainers_log_and_ray_errors_are_unwrap
     assert stop_reason(from_ray(KeyError("tokens"))) is None  # a bug: its traceback stays
     assert stop_reason(RuntimeError("boom")) is None
     # the trainer's log: Ray's lines, the paragraph, then whatever the interpreter prints as it exits
-    log = tmp_path / "logs" / "trainer.log"  # where the launcher has the trainer write
+    log = RunDir(tmp_path).trainer_log  # where the launcher has the trainer write
     log.parent.mkdir()
     log.write_text(f"(AtroposTaskRunner pid=1) INFO step\n{paragraph}\n(raylet) shutting down\n")
     assert find_stop(log.read_text()) == paragraph.strip()
@@ -343,7 +344,7 @@ def test_the_stop_paragraph_is_found_in_a_trainers_log_and_ray_errors_are_unwrap
     env_log = tmp_path / "blackjack.log"
     env_log.write_text("")
     console = ConsoleWatch(
-        tmp_path, {"blackjack": env_log}, api_url="http://127.0.0.1:9", inference_url="", interval_s=30
+        RunDir(tmp_path), {"blackjack": env_log}, api_url="http://127.0.0.1:9", inference_url="", interval_s=30
     )
     env_log.write_text(f"[Seed: 5] LLM API error: {FUTURE}\n" * 2)
     console.lines()

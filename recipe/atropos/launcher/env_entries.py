@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # the typed config imports verl: not at import time
 logger = logging.getLogger("atropos_launcher")
 
 ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-ENV_CONFIGS = "env_configs"  # <run_dir>/env_configs/<name>.yaml: the --config of a multi-server env
 PROBE_SCRIPT = Path(env_probe.__file__).resolve()
 PROBE_TIMEOUT_S = 300.0
 REQUIREMENTS_HINT = "python -m recipe.atropos.launcher.env_python --requirements REQUIREMENTS.txt"

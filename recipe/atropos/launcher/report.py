@@ -21,32 +21,26 @@ from recipe.atropos.metrics_file import (
     trainer_rows,
 )
 from recipe.atropos.records import write_atomic, write_json_atomic
-
-# Files of the run directory the guarded API (and the trainer) write and the report reads.
-GUARD_STATS = "api_guard_stats.json"
-REJECTED_GROUPS = "rejected_groups.jsonl"
-API_JOURNAL = "api_journal"
-TRAINER_REJECTED = "rejected_groups_trainer.jsonl"
-API_FINAL_STATS = "api_final_stats.json"  # the guarded API's counters when the run ended (what it still holds)
+from recipe.atropos.rundir import RunDir
 
 logger = logging.getLogger("atropos_launcher")
 
 
-def record_final_api_stats(api_url: str, run_dir: Path) -> None:
+def record_final_api_stats(api_url: str, run_dir: RunDir) -> None:
     """Save the guarded API's ``GET /guard/stats`` as the run ends (what it still holds: not trained, not lost) to
-    :data:`API_FINAL_STATS`; a warning when it does not answer."""
+    ``api_final_stats.json``; a warning when it does not answer."""
     try:
         stats = requests.get(f"{api_url}/guard/stats", timeout=5).json()
     except (requests.RequestException, ValueError) as exc:
         logger.warning("could not read the API's final counters: %s", exc)
         return
-    write_json_atomic(run_dir / API_FINAL_STATS, stats)
+    write_json_atomic(run_dir.api_final_stats, stats)
 
 
-def write_launcher_state(run_dir: Path, api_restarts: int, env_restarts: dict[str, int]) -> None:
+def write_launcher_state(run_dir: RunDir, api_restarts: int, env_restarts: dict[str, int]) -> None:
     """The launcher's restarts (``launcher_state.json``), written as it stops."""
     state = {"api_restarts": api_restarts, "env_restarts": dict(env_restarts)}
-    write_json_atomic(run_dir / "launcher_state.json", state)
+    write_json_atomic(run_dir.launcher_state, state)
 
 
 def step_line(row: dict[str, Any], total_steps: int) -> str:
@@ -118,9 +112,9 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: Path, title: str = "GRPO o
     return out_png
 
 
-def fault_line(run_dir: Path, api_restarts: int, env_restarts: int) -> str:
+def fault_line(run_dir: RunDir, api_restarts: int, env_restarts: int) -> str:
     """One line: API/env restarts and groups the guarded API rejected ('' when there were none)."""
-    stats_file = Path(run_dir) / GUARD_STATS
+    stats_file = run_dir.guard_stats
     guard = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     rejected = guard.get("rejected") or {}
     if not (api_restarts or env_restarts or rejected):
@@ -129,15 +123,15 @@ def fault_line(run_dir: Path, api_restarts: int, env_restarts: int) -> str:
     return (
         f"faults: api restarts {api_restarts}, env restarts {env_restarts}, groups accepted "
         f"{guard.get('accepted_groups', 0)}, rejected {sum(rejected.values())} ({by_field}; kept in "
-        f"{Path(run_dir) / REJECTED_GROUPS})"
+        f"{run_dir.rejected_groups})"
     )
 
 
-def env_lines(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+def env_lines(run_dir: RunDir, rows: list[dict[str, Any]]) -> list[str]:
     """One line per env of the run (names from ``env_ids.json``): groups the guarded API received from it (rejected),
     sequences trained (env mixtures), completions the endpoint generated for it and its failed calls; for an env that
     posted nothing, why (``[]`` without the run's env ids)."""
-    names_file, stats_file = Path(run_dir) / "env_ids.json", Path(run_dir) / GUARD_STATS
+    names_file, stats_file = run_dir.env_ids, run_dir.guard_stats
     names = json.loads(names_file.read_text()) if names_file.exists() else {}
     guard = (json.loads(stats_file.read_text()) if stats_file.exists() else {}).get("envs") or {}
     train = trainer_rows(rows)
@@ -164,20 +158,18 @@ def env_lines(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def group_account(run_dir: Path, spool_dir: str | Path | None = None) -> GroupAccount | None:
+def group_account(run_dir: RunDir, spool_dir: str | Path | None = None) -> GroupAccount | None:
     """Where every group of the run went (:mod:`recipe.atropos.launcher.accounting`); None without the guard's
     journal (plain ``run-api``) or the trainer's spool on this host. ``spool_dir``: ``atropos.spool.dir`` when set
     (default ``checkpoints/spool``)."""
-    run_dir = Path(run_dir)
-    spool = Path(spool_dir) if spool_dir else run_dir / "checkpoints" / "spool"
-    if not (run_dir / API_JOURNAL).exists() or not spool.exists():
+    spool = run_dir.spool(spool_dir).root
+    if not run_dir.api_journal.exists() or not spool.exists():
         return None  # plain run-api, or the trainer's spool on another host (atropos.launcher.role=services)
-    return account_groups(run_dir / API_JOURNAL, run_dir / GUARD_STATS, spool, run_dir / TRAINER_REJECTED)
+    return account_groups(run_dir.api_journal, run_dir.guard_stats, spool, run_dir.trainer_rejected)
 
 
 def write_run_report(
-    run_dir: Path,
-    metrics_file: Path,
+    run_dir: RunDir,
     title: str,
     api_restarts: int,
     env_restarts: int,
@@ -186,10 +178,10 @@ def write_run_report(
     """The closing summary, the ``groups: posted P, trained T, set aside S, pending N, lost L`` line (guarded API),
     plus the fault line when there were faults; also kept in ``<run_dir>/summary.txt``; ``<run_dir>/metrics.png`` when
     any row was recorded."""
-    rows = read_metrics(metrics_file)
+    rows = read_metrics(run_dir.metrics_file)
     summary = "\n".join([summarize(rows), *env_lines(run_dir, rows)])
     if rows:
-        logger.info("plot: %s", plot_metrics(rows, Path(run_dir) / "metrics.png", title=title))
+        logger.info("plot: %s", plot_metrics(rows, run_dir.metrics_plot, title=title))
     account = group_account(run_dir, spool_dir)
     if account is not None:
         summary = f"{summary}\n{account.line()}"
@@ -203,5 +195,5 @@ def write_run_report(
     faults = fault_line(run_dir, api_restarts, env_restarts)
     if faults:
         summary = f"{summary}\n{faults}"
-    write_atomic(Path(run_dir) / "summary.txt", summary + "\n")
+    write_atomic(run_dir.summary, summary + "\n")
     return summary

@@ -32,7 +32,6 @@ from recipe.atropos.access import inference_token
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.env_entries import (
-    ENV_CONFIGS,
     EnvServers,
     checked_envs,
     env_argv,
@@ -52,17 +51,15 @@ from recipe.atropos.launcher.processes import (
     tail,
 )
 from recipe.atropos.launcher.report import (
-    API_JOURNAL,
-    GUARD_STATS,
-    REJECTED_GROUPS,
     record_final_api_stats,
     step_line,
     write_launcher_state,
     write_run_report,
 )
 from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
-from recipe.atropos.launcher.watch import WAIT_FILE, ConsoleWatch
+from recipe.atropos.launcher.watch import ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.rundir import RunDir
 from recipe.atropos.setup.assets import model_vocab_size, resolve_model_path
 
 __all__ = ["Launcher", "main"]
@@ -90,14 +87,12 @@ class Launcher:
         self.env_pythons = env_pythons(lcfg) if self.envs else {}
         self.env_servers: dict[str, EnvServers] = {}
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(lcfg.run_dir or f"outputs/{self.config.trainer.experiment_name}-{stamp}").resolve()
+        self.run_dir = RunDir(Path(lcfg.run_dir or f"outputs/{self.config.trainer.experiment_name}-{stamp}").resolve())
         self.api_port = lcfg.api_port or free_port()
         self.inference_port = lcfg.inference_port or free_port()
         self.plan = role_plan(self.atropos, self.api_port, self.inference_port)  # what runs here (launcher/roles.py)
         self.api_url, self.inference_url = self.plan.api_url, self.plan.inference_url
-        self.metrics_file = self.run_dir / "metrics.jsonl"
         self.children: dict[str, ManagedProcess] = {}
-        self.env_ids_file = self.run_dir / "env_ids.json"
         self.env_ids: dict[int, str] = {}  # API env id → env name, as each env registered
         self.restarts: dict[str, int] = {}
         self.api_restarts = 0
@@ -105,7 +100,7 @@ class Launcher:
         self.remote_trainer: RemoteTrainer | None = None  # role=services: the trainer elsewhere
         self.console = ConsoleWatch(  # why a step waits, which env raised what (recipe.atropos.launcher.watch)
             self.run_dir,
-            {name: self._log(name) for name in self.envs},
+            {name: self.run_dir.log(name) for name in self.envs},
             api_url=self.api_url,
             inference_url=self.inference_url,
             interval_s=lcfg.wait_report_s,
@@ -119,16 +114,13 @@ class Launcher:
         """The step this run directory already finished at (checkpoint >= total steps), else None."""
         if str(self.config.trainer.get("resume_mode", "auto")) == "disable":
             return None
-        step = finished_step(self.run_dir / "checkpoints")
+        step = finished_step(self.run_dir.checkpoints)
         total = int(self.config.trainer.total_training_steps)
         return step if step is not None and step >= total else None
 
     # ---- services ---------------------------------------------------------------------------------------
-    def _log(self, name: str) -> Path:
-        return self.run_dir / "logs" / f"{name}.log"
-
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
-        proc = ManagedProcess(name, argv, self._log(name), env=env, die_with_parent=True).start()  # dies with us
+        proc = ManagedProcess(name, argv, self.run_dir.log(name), env=env, die_with_parent=True).start()  # dies with us
         self.children[name] = proc
         raise_if_stopped()  # a Ctrl-C that landed while forking (stop_all stops this child too)
         return proc
@@ -146,16 +138,16 @@ class Launcher:
             f"actor_rollout_ref.model.path={self.model}",
             f"atropos.api_url={self.api_url}",
             f"atropos.inference.port={self.inference_port}",
-            f"atropos.metrics_file={self.metrics_file}",
-            *([f"atropos.env_ids_file={self.env_ids_file}"] if self.plan.runs_envs else []),
-            f"atropos.wait_file={self.run_dir / WAIT_FILE}",
-            f"trainer.default_local_dir={self.run_dir / 'checkpoints'}",
+            f"atropos.metrics_file={self.run_dir.metrics_file}",
+            *([f"atropos.env_ids_file={self.run_dir.env_ids}"] if self.plan.runs_envs else []),
+            f"atropos.wait_file={self.run_dir.wait_file}",
+            f"trainer.default_local_dir={self.run_dir.checkpoints}",
             *(
-                [f"atropos.rejected_groups_file={self.run_dir / 'rejected_groups_trainer.jsonl'}"]
+                [f"atropos.rejected_groups_file={self.run_dir.trainer_rejected}"]
                 if not self.atropos.rejected_groups_file
                 else []
             ),
-            f"hydra.run.dir={self.run_dir / 'hydra'}",  # not ./outputs/<date>/<time>
+            f"hydra.run.dir={self.run_dir.hydra}",  # not ./outputs/<date>/<time>
         ]
 
     def env_argv(self, name: str) -> list[str]:
@@ -176,7 +168,7 @@ class Launcher:
             api_key=inference_token(self.atropos.inference.api_key),
             python=python,
             servers=self.env_servers[name],
-            config_dir=self.run_dir / ENV_CONFIGS,
+            config_dir=self.run_dir.env_configs,
         )
 
     def api_argv(self) -> list[str]:
@@ -188,9 +180,9 @@ class Launcher:
             self.api_port,
             vocab_size=model_vocab_size(self.model),
             batch_size=int(self.config.data.train_batch_size),
-            rejected_file=self.run_dir / REJECTED_GROUPS,
-            stats_file=self.run_dir / GUARD_STATS,
-            journal_dir=self.run_dir / API_JOURNAL,
+            rejected_file=self.run_dir.rejected_groups,
+            stats_file=self.run_dir.guard_stats,
+            journal_dir=self.run_dir.api_journal,
             max_queued_sequences=self.atropos.max_queued_sequences(int(self.config.data.train_batch_size)),
             host=lcfg.api_host,
             allow=lcfg.api_allow,
@@ -209,7 +201,7 @@ class Launcher:
         if not wait_registered(proc, self.api_url, env_id, timeout, self.children.get("trainer")):
             return
         self.env_ids[env_id] = name
-        write_env_ids(self.env_ids_file, self.env_ids)
+        write_env_ids(self.run_dir.env_ids, self.env_ids)
         logger.info("%s registered as env id %d", name, env_id)
 
     def _start_envs(self) -> None:
@@ -238,7 +230,7 @@ class Launcher:
     def start_all(self) -> None:
         timeout = self.atropos.launcher.startup_timeout_s
         self.model = resolve_model_path(str(self.config.actor_rollout_ref.model.path))
-        os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.metrics_file)  # envs append held-out evals here
+        os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.run_dir.metrics_file)  # envs append held-out evals here
         if self.plan.runs_api:
             self._start_api()
         if not self.plan.runs_trainer:  # role=services: the trainer runs elsewhere
@@ -279,7 +271,7 @@ class Launcher:
         printed = 0
         while True:
             raise_if_stopped()
-            rows = read_metrics(self.metrics_file)
+            rows = read_metrics(self.run_dir.metrics_file)
             for row in rows[printed:]:
                 print(step_line(row, total), flush=True)
             printed = len(rows)
@@ -315,7 +307,7 @@ class Launcher:
         title = str(self.config.trainer.experiment_name)
         restarts = sum(self.restarts.values())
         spool = self.atropos.spool.dir
-        return write_run_report(self.run_dir, self.metrics_file, title, self.api_restarts, restarts, spool_dir=spool)
+        return write_run_report(self.run_dir, title, self.api_restarts, restarts, spool_dir=spool)
 
     def run(self) -> int:
         try:
@@ -326,15 +318,15 @@ class Launcher:
         done = self.finished()
         if done is not None:
             print(
-                f"{self.run_dir} already finished: checkpoint at step {done} of trainer.total_training_steps="
+                f"{self.run_dir.root} already finished: checkpoint at step {done} of trainer.total_training_steps="
                 f"{int(self.config.trainer.total_training_steps)}; nothing to do (raise total_training_steps to train "
                 "on, or use a new atropos.launcher.run_dir)",
                 flush=True,
             )
             return 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        start_watchdog(self._log("watchdog"))  # SIGKILLs what a SIGKILLed launcher leaves behind
-        print(f"run directory: {self.run_dir} (logs in {self.run_dir / 'logs'})", flush=True)
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        start_watchdog(self.run_dir.log("watchdog"))  # SIGKILLs what a SIGKILLed launcher leaves behind
+        print(f"run directory: {self.run_dir.root} (logs in {self.run_dir.logs})", flush=True)
         try:
             self.start_all()
             self.supervise()

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from recipe.atropos.rundir import RunDir
 from recipe.atropos.waiting import describe_wait, find_stop, get_json, read_wait, served_to
 
 __all__ = ["ConsoleWatch", "EnvLogWatch", "WaitWatch", "error_kind", "error_line", "exception_lines"]
 
-WAIT_FILE = "trainer_wait.json"  # under the run directory; the launcher passes it as atropos.wait_file
 MAX_PER_ENV = 5
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 # atroposlib.envs.base.BaseEnv logs these exceptions with their message only, and goes on with the next item.
@@ -261,18 +261,18 @@ class ConsoleWatch:
     """Both watches of one run; :meth:`lines` is what to print now (what an earlier run left is not reported)."""
 
     def __init__(
-        self, run_dir: Path, env_logs: dict[str, Path], *, api_url: str, inference_url: str, interval_s: float
+        self, run_dir: RunDir, env_logs: dict[str, Path], *, api_url: str, inference_url: str, interval_s: float
     ) -> None:
         self.inference_url = inference_url
         self._health: tuple[float, dict | None] = (float("-inf"), None)  # (when asked, /health's last answer)
-        self.trainer_log = run_dir / "logs" / "trainer.log"  # the launcher's name for it
+        self.trainer_log = run_dir.trainer_log
         self.trainer_log_start = _size(self.trainer_log)  # what an earlier run wrote there is not this run's reason
         self.envs = EnvLogWatch(env_logs, served=self.served)
         self.waits = WaitWatch(
-            run_dir / WAIT_FILE,
+            run_dir.wait_file,
             api_url=api_url,
             inference_url=inference_url,
-            env_ids_file=run_dir / "env_ids.json",
+            env_ids_file=run_dir.env_ids,
             interval_s=interval_s,
             notes=self.envs.notes,
         )
