@@ -66,7 +66,7 @@ class GuardRoute(APIRoute):
 
 def json_response(payload: Any, status_code: int = 200, background: BackgroundTask | None = None) -> Response:
     """``payload`` serialised by pydantic-core (FastAPI's ``jsonable_encoder`` walks every token of a batch)."""
-    body = pydantic_core.to_json(payload)
+    body = pydantic_core.to_json(payload, fallback=str)  # as json.dumps(default=str) did
     return Response(body, status_code=status_code, media_type="application/json", background=background)
 
 
