@@ -47,7 +47,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import DistillationConfig
 
 from recipe.atropos.algos.distillation import teacher_masked_distillation_ppo_loss
-from recipe.atropos.schema import IGNORE_INDEX, ScoredGroup
+from recipe.atropos.schema import IGNORE_INDEX, ScoredGroup, validate_group
 from recipe.atropos.trainer.dataproto import first_trained_position
 
 ENV_TEACHER = "atropos-env-distill-fields"  # the stand-in teacher's model_path: never started, never read
@@ -253,13 +253,14 @@ def teacher_tensors(
 
 
 def attach_teacher(
-    batch: DataProto, groups: Sequence[ScoredGroup], plan: EnvDistillation, pad_token_id: int
+    batch: DataProto, groups: Sequence[ScoredGroup | dict[str, Any]], plan: EnvDistillation, pad_token_id: int
 ) -> dict[str, float]:
     """Put ``teacher_ids``, ``teacher_logprobs`` and ``teacher_mask`` of ``groups`` (the groups ``batch`` was built
     from, in order) into ``batch``; returns the step's ``atropos/distill/*`` counts."""
     P, R = batch.batch["prompts"].shape[1], batch.batch["responses"].shape[1]
+    parsed = [g if isinstance(g, ScoredGroup) else validate_group(g) for g in groups]
     built = teacher_tensors(
-        groups, max_prompt_length=P, max_response_length=R, pad_token_id=pad_token_id, top_k=plan.top_k
+        parsed, max_prompt_length=P, max_response_length=R, pad_token_id=pad_token_id, top_k=plan.top_k
     )
     batch.batch["teacher_ids"] = built.ids
     batch.batch["teacher_logprobs"] = built.logprobs
