@@ -10,15 +10,13 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from recipe.atropos.guard.app import guard_argv
-from recipe.atropos.launcher.processes import ManagedProcess, free_port, run_api_argv
+from recipe.atropos.launcher.processes import ManagedProcess, free_port
 from recipe.atropos.setup.assets import build_tiny_model
-from tests.helpers import FIXTURE_PIDS, Launch, http_ok, launcher_factory, no_processes_left, wait_until
+from tests.helpers import Launch, RunApi, launcher_factory, no_processes_left
 
 # Offline, quiet, deterministic defaults for every test process.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,33 +73,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if _tier_seconds:
         times = ", ".join(f"{t} {_tier_seconds[t]:.1f} s" for t in TIERS if t in _tier_seconds)
         terminalreporter.write_line(f"time per tier: {times}")
-
-
-@dataclass
-class RunApi:
-    """A running `run-api` child process; `stop()`/`start()` simulate the API going down and coming back."""
-
-    port: int
-    log_dir: Path
-    proc: ManagedProcess | None = None
-    # Serve the guarded API (recipe.atropos.guard.app) with these options instead of plain `run-api`.
-    guard: dict | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> RunApi:
-        argv = run_api_argv(self.port) if self.guard is None else guard_argv(self.port, **self.guard)
-        self.proc = ManagedProcess("run-api", argv, self.log_dir / "run_api.log").start()
-        FIXTURE_PIDS.add(self.proc.popen.pid)  # a fixture's API outlives the test that restarted it
-        wait_until(http_ok(f"{self.url}/status"), 60, "run-api to answer", proc=self.proc)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
 
 
 @pytest.fixture()

@@ -15,13 +15,13 @@ from recipe.atropos.launcher.env_entries import EnvServers
 from recipe.atropos.launcher.roles import RemoteTrainer, local_host, role_plan
 from recipe.atropos.setup.cluster import CLUSTER_DECIDES, cluster_settings, ray_init_kwargs
 from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS, apply_cpu_runtime, cpu_runtime_env
+from tests.factories import TINY_CONFIG
 
-TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
 MODEL = "actor_rollout_ref.model.path=/m"
 
 
 def typed(*overrides: str):
-    return atropos_config(load_config(TINY, [MODEL, *overrides]))
+    return atropos_config(load_config(TINY_CONFIG, [MODEL, *overrides]))
 
 
 def test_loopback_and_networks() -> None:
@@ -42,12 +42,12 @@ def test_api_beyond_loopback_needs_an_allow_list_and_the_guard() -> None:
 
 def test_endpoint_beyond_loopback_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    config = load_config(TINY, [MODEL, "atropos.inference.host=0.0.0.0"])
+    config = load_config(TINY_CONFIG, [MODEL, "atropos.inference.host=0.0.0.0"])
     with pytest.raises(ValueError, match=r"set atropos.inference.api_key \(or \$ATROPOS_INFERENCE_API_KEY\)"):
         check_atropos_config(config)
     monkeypatch.setenv(API_KEY_ENV, "t")
     check_atropos_config(config)
-    keyed = load_config(TINY, [MODEL, "atropos.inference.host=0.0.0.0", "atropos.inference.api_key=k"])
+    keyed = load_config(TINY_CONFIG, [MODEL, "atropos.inference.host=0.0.0.0", "atropos.inference.api_key=k"])
     monkeypatch.delenv(API_KEY_ENV)
     check_atropos_config(keyed)
 
@@ -112,7 +112,7 @@ def test_the_launcher_services_role_runs_no_trainer(tmp_path: Path) -> None:
     from recipe.atropos.launcher.supervisor import Launcher
 
     services = Launcher(
-        TINY,
+        TINY_CONFIG,
         [
             MODEL,
             f"atropos.launcher.run_dir={tmp_path}",
@@ -127,7 +127,7 @@ def test_the_launcher_services_role_runs_no_trainer(tmp_path: Path) -> None:
     assert flags[flags.index("--openai.base_url") + 1] == "http://10.0.0.5:8001/env/one_word/v1"
     assert flags[flags.index("--openai.api_key") + 1] == "tok"  # the endpoint's token goes to every env
     trainer = Launcher(
-        TINY,
+        TINY_CONFIG,
         [
             MODEL,
             f"atropos.launcher.run_dir={tmp_path}",

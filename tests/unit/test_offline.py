@@ -17,8 +17,7 @@ from recipe.atropos.schema import GroupValidationError
 from recipe.atropos.setup.assets import build_tiny_model
 from recipe.atropos.sources.jsonl import JsonlGroupSource, OfflineDataError, offline_training_steps
 from recipe.atropos.transport.client import AtroposClient
-
-X = -100
+from tests.factories import TINY_CONFIG, X
 
 
 def group(gid: int, size: int, score: float = 0.0) -> dict:
@@ -185,25 +184,23 @@ def test_config_checks_for_offline_mode(tmp_path: Path) -> None:
     from recipe.atropos.launcher.config import load_config
     from recipe.atropos.sources.jsonl import make_jsonl_source
 
-    tiny = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
     path = write(tmp_path / "g.jsonl", [group(g, 4) for g in range(1, 5)])
     common = ["actor_rollout_ref.model.path=/m", "atropos.source=jsonl", f"atropos.jsonl_paths=[{path}]"]
-    config = load_config(tiny, [*common, "trainer.total_training_steps=null", "atropos.offline.epochs=3"])
+    config = load_config(TINY_CONFIG, [*common, "trainer.total_training_steps=null", "atropos.offline.epochs=3"])
     atropos = check_atropos_config(config)  # epochs end the run: no total_training_steps needed
     source = make_jsonl_source(atropos, batch_size=int(config.data.train_batch_size))
     assert source.epochs == 3 and source.batch_size == 8 and offline_training_steps(None, source) == 6
     with pytest.raises(ValueError, match="total_training_steps is required"):
-        check_atropos_config(load_config(tiny, [*common, "trainer.total_training_steps=null"]))
+        check_atropos_config(load_config(TINY_CONFIG, [*common, "trainer.total_training_steps=null"]))
     with pytest.raises(ValueError, match="needs atropos.jsonl_paths"):
-        check_atropos_config(load_config(tiny, ["actor_rollout_ref.model.path=/m", "atropos.source=jsonl"]))
+        check_atropos_config(load_config(TINY_CONFIG, ["actor_rollout_ref.model.path=/m", "atropos.source=jsonl"]))
     with pytest.raises(ValueError, match="atropos.source='disk'"):
-        check_atropos_config(load_config(tiny, ["actor_rollout_ref.model.path=/m", "atropos.source=disk"]))
+        check_atropos_config(load_config(TINY_CONFIG, ["actor_rollout_ref.model.path=/m", "atropos.source=disk"]))
 
 
 def test_the_launcher_refuses_offline_mode_naming_the_entry_point() -> None:
     from recipe.atropos.launcher.config import LaunchError
     from recipe.atropos.launcher.supervisor import Launcher
 
-    tiny = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
     with pytest.raises(LaunchError, match="recipe.atropos.main_atropos"):
-        Launcher(tiny, ["atropos.source=jsonl", "atropos.jsonl_paths=[x.jsonl]"])
+        Launcher(TINY_CONFIG, ["atropos.source=jsonl", "atropos.jsonl_paths=[x.jsonl]"])

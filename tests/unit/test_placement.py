@@ -3,8 +3,6 @@ runs it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
@@ -14,13 +12,13 @@ from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime
 from recipe.atropos.setup.placement import is_split, rollout_devices, trainer_devices
 from recipe.atropos.setup.weight_sync import GLOO_BACKEND, GLOO_MODULE
 from recipe.atropos.trainer.split_workers import HybridEngineFlag, swap_holds_requests
+from tests.factories import TINY_CONFIG
 
-TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
 SPLIT = ["actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.nnodes=1"]
 
 
 def tiny(*overrides: str):
-    return load_config(TINY, ["actor_rollout_ref.model.path=/nonexistent", *overrides])
+    return load_config(TINY_CONFIG, ["actor_rollout_ref.model.path=/nonexistent", *overrides])
 
 
 def test_colocated_is_the_default_and_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:

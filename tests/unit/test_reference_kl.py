@@ -43,9 +43,7 @@ from recipe.atropos.launcher.config import load_config
 from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS
 from recipe.atropos.trainer import RayAtroposTrainer
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
-
-TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
-X = -100  # untrained position
+from tests.factories import TINY_CONFIG, X
 
 ACTOR = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -0.7, -9.0]])
 REF = torch.tensor([[-1.2, -0.5, -1.0], [-0.1, -1.0, -0.2]])
@@ -75,7 +73,7 @@ def group(advantages: list[list[float]] | None = None) -> dict:
 
 def as_run(*overrides: str) -> DictConfig:
     """The tiny config as main_atropos runs it on CPU, with ``overrides``."""
-    config = load_config(TINY, ["actor_rollout_ref.model.path=/nonexistent/tiny", *overrides])
+    config = load_config(TINY_CONFIG, ["actor_rollout_ref.model.path=/nonexistent/tiny", *overrides])
     for key, value in CPU_SETTINGS:
         OmegaConf.update(config, key, value, force_add=True)
     share_rollout_correction_with_actor(config)  # as RayAtroposTrainer.__init__ does
@@ -147,6 +145,8 @@ def test_actor_kl_loss_metric_by_hand(kl_loss_type: str, expected: float) -> Non
 def stub_trainer(config: DictConfig) -> RayAtroposTrainer:
     """A RayAtroposTrainer without workers: the attributes verl's __init__ sets for KL, and log-prob passes that
     return ``ACTOR`` (old) and ``REF`` (reference)."""
+    # Private state, no public way: RayPPOTrainer.__init__ needs Ray worker groups and a resource pool, so the stages
+    # are called on a trainer built without it, and its worker calls (_compute_ref/old_log_prob) are replaced.
     trainer = object.__new__(RayAtroposTrainer)
     trainer.config = config
     trainer.atropos = atropos_config(config)

@@ -21,12 +21,11 @@ from omegaconf import OmegaConf
 from recipe.atropos.config import AtroposConfig
 from recipe.atropos.launcher.config import load_config
 from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS, VLLM_CPU_MODULE, apply_cpu_runtime, cpu_rollout_settings
+from tests.factories import TINY_CONFIG
 from tools.repack_vllm_wheel import repack
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 requires_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM's CPU build (make vllm-env)")
-
-CONFIG = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
 
 
 # ---- the wheel repack behind `make vllm-env` --------------------------------------------------------------
@@ -92,7 +91,7 @@ def test_repack_refuses_another_wheel(tmp_path: Path) -> None:
 
 # ---- atropos.cpu_rollout --------------------------------------------------------------------------------
 def test_cpu_rollout_defaults_to_hf_cpu_and_rejects_unknown_values() -> None:
-    config = load_config(CONFIG, [])
+    config = load_config(TINY_CONFIG, [])
     assert config.atropos.cpu_rollout == "hf_cpu"
     assert cpu_rollout_settings("hf_cpu") == CPU_SETTINGS
     with pytest.raises(ValueError, match="atropos.cpu_rollout='sglang': use one of 'hf_cpu', 'vllm'"):
@@ -112,7 +111,7 @@ def test_cpu_rollout_vllm_selects_verls_vllm_replica_without_sleep_mode(monkeypa
 
     # apply_cpu_runtime exports the runtime's variables: keep them out of the processes later tests start
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"})
-    config = load_config(CONFIG, ["atropos.cpu_rollout=vllm"])
+    config = load_config(TINY_CONFIG, ["atropos.cpu_rollout=vllm"])
     apply_cpu_runtime(config)
     rollout = config.actor_rollout_ref.rollout
     assert rollout.name == "vllm_cpu" and rollout.dtype == "float32" and rollout.enforce_eager
