@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import requests
 
 from recipe.atropos.guard.app import guard_argv
 from recipe.atropos.launcher.processes import ManagedProcess, run_api_argv, stop_process_tree, tail
+from recipe.atropos.polling import poll_until
 from recipe.atropos.rundir import RunDir
 from tests.factories import CONFIG_DIR, TINY_CONFIG
 
@@ -82,16 +82,17 @@ def wait_until(
     passing, fails the test (AssertionError) with the tail of ``log`` (default: ``proc.log_path``)."""
     if log is None:
         log = getattr(proc, "log_path", None)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ready_while_running() -> bool:
         if ready():
-            return
+            return True
         code = None if proc is None else proc.poll()
         if code is not None:
             raise AssertionError(f"exited with code {code} before {what}:\n{tail(log, 80) if log else ''}")
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timeout after {timeout:.0f} s waiting for {what}:\n{tail(log, 80) if log else ''}")
-        time.sleep(interval)
+        return False
+
+    if not poll_until(ready_while_running, timeout, interval):
+        raise AssertionError(f"timeout after {timeout:.0f} s waiting for {what}:\n{tail(log, 80) if log else ''}")
 
 
 def wait_exit(proc: ManagedProcess, timeout: float) -> int:
@@ -110,18 +111,6 @@ def http_ok(url: str) -> Callable[[], bool]:
             return False
 
     return answers
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
-    """Deprecated (kept for tests/integration/test_launcher.py until it uses the ``launch`` fixture): ``wait_until``,
-    then SIGTERM to ``proc`` when it failed."""
-    try:
-        wait_until(predicate, timeout, what, proc=proc, log=log)
-    except AssertionError:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(60)
-        raise
 
 
 # ---- a run-api process -----------------------------------------------------------------------------------------
@@ -245,7 +234,6 @@ def left_behind(before: set[int], grace_s: float = 30.0, tag: str | None = None,
     """Command lines of the processes still alive after ``grace_s`` (zombies ignored) among this process's
     descendants not in ``before`` and, with ``tag``, the processes carrying it (except ``before`` and theirs).
     ``kill``: stop those found (whole trees), so a failed test does not leave them to the next one."""
-    deadline = time.monotonic() + grace_s
 
     def excluded() -> set[int]:
         out = set(before)
@@ -270,10 +258,13 @@ def left_behind(before: set[int], grace_s: float = 30.0, tag: str | None = None,
                 continue
         return out
 
-    left = alive()
-    while left and time.monotonic() < deadline:
-        time.sleep(1)
-        left = alive()
+    left: list[psutil.Process] = []
+
+    def none_left() -> bool:
+        left[:] = alive()
+        return not left
+
+    poll_until(none_left, grace_s, 1.0)
     names = []
     for p in left:
         try:

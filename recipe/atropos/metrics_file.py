@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from recipe.atropos.polling import poll_until
 from recipe.atropos.records import append_jsonl, read_jsonl
 
 SCORE = "atropos/mean_score"
@@ -59,10 +60,8 @@ def held_out_points(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
 def wait_for_evaluation(path: Path, version: int, timeout_s: float, poll_s: float = 1.0) -> bool:
     """Wait until an environment's evaluation of policy ``version`` (or later) is in the metrics file ``path``;
     False after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if any(step >= version for step, _ in held_out_points(read_metrics(path))):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)
+
+    def evaluated() -> bool:
+        return any(step >= version for step, _ in held_out_points(read_metrics(path)))
+
+    return bool(poll_until(evaluated, timeout_s, poll_s))

@@ -20,7 +20,7 @@ from recipe.atropos.rundir import RunDir
 from recipe.atropos.schema import validate_group
 from recipe.atropos.setup.assets import model_vocab_size
 from recipe.atropos.transport.client import AtroposClient
-from tests.helpers import launcher_argv
+from tests.helpers import launcher_argv, wait_until
 from tests.integration.test_client import group
 
 TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
@@ -138,7 +138,6 @@ def test_resuming_a_finished_run_says_so_and_exits_0(tiny_model: Path, tmp_path:
 
 def test_sigint_works_when_inherited_as_ignored(tiny_model: Path, tmp_path: Path, no_leftovers: list) -> None:
     """A launcher started with SIGINT ignored (a script's background job) still stops on SIGINT."""
-    import time
 
     port = free_port()
     argv = launcher_argv(
@@ -151,10 +150,7 @@ def test_sigint_works_when_inherited_as_ignored(tiny_model: Path, tmp_path: Path
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not RunDir(tmp_path / "r").trainer_log.exists():
-        time.sleep(0.5)
-    assert RunDir(tmp_path / "r").trainer_log.exists()
+    wait_until(RunDir(tmp_path / "r").trainer_log.exists, 120, "the trainer's log", proc=proc)
     proc.send_signal(signal.SIGINT)
     try:
         output, _ = proc.communicate(timeout=90)

@@ -28,6 +28,7 @@ from recipe.atropos.setup.cpu_runtime import (
     cpu_runtime_overrides,
     should_use_cpu_runtime,
 )
+from tests.helpers import wait_until
 
 
 def test_platform_answers() -> None:
@@ -204,8 +205,11 @@ def test_endpoint_pause_waits_for_in_flight_requests(rollout_server: ray.actor.A
         served = endpoint.stats["completions"]
         thread = threading.Thread(target=requests.post, args=(f"{endpoint.url}/generate",), kwargs={"json": body})
         thread.start()
-        while ray.get(rollout_server.stats.remote())["n_requests"] < seen + 4:  # the request is in flight
-            time.sleep(0.005)
+
+        def in_flight() -> bool:  # the request reached the rollout server
+            return ray.get(rollout_server.stats.remote())["n_requests"] >= seen + 4
+
+        wait_until(in_flight, 60, "the request in flight", interval=0.005)
         endpoint.pause()  # returns only once the in-flight request has its 4 completions
         # (counted, not read from the ledger: the ledger keys distinct sequences, and 4 samples of a random tiny model
         # can repeat one)
@@ -232,9 +236,7 @@ def test_a_request_abandoned_during_a_weight_update_is_never_generated(
         with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and closes its connection
             requests.post(f"{endpoint.url}/generate", json=body, timeout=1.0)
         endpoint.resume(1)
-        deadline = time.monotonic() + 10
-        while endpoint.stats["abandoned_requests"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: endpoint.stats["abandoned_requests"] >= 1, 10, "the abandoned request", interval=0.05)
         assert endpoint.stats["abandoned_requests"] == 1
         assert ray.get(rollout_server.stats.remote())["n_requests"] == seen  # nothing reached the rollout server
         assert endpoint.stats["completions"] == 0

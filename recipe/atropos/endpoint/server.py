@@ -48,6 +48,7 @@ from recipe.atropos.endpoint.backends import Completion, GenerationBackend, Samp
 from recipe.atropos.endpoint.ledger import CompletionLedger
 from recipe.atropos.endpoint.openai_routes import Job, OpenAIRoutes, RouteError, error_body
 from recipe.atropos.endpoint.traffic import ENV_SCOPE_KEY, EnvRouteMiddleware, Traffic
+from recipe.atropos.polling import poll_until
 
 logger = logging.getLogger(__name__)
 
@@ -424,13 +425,13 @@ class InferenceEndpoint:
         return self
 
     def _wait_started(self, timeout: float) -> None:
-        deadline = threading.Event()
-        for _ in range(int(timeout / 0.05)):
-            if self._server.started:
-                return
-            if not self._thread.is_alive():
+        def serving() -> bool:
+            if not self._server.started and not self._thread.is_alive():
                 raise RuntimeError(f"inference endpoint failed to start on {self.host}:{self.port} (port in use?)")
-            deadline.wait(0.05)
+            return bool(self._server.started)
+
+        if poll_until(serving, timeout, 0.05):
+            return
         raise TimeoutError(f"inference endpoint did not start within {timeout} s on {self.host}:{self.port}")
 
     def _call(self, coro: Any, timeout: float | None) -> Any:

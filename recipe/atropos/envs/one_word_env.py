@@ -34,6 +34,7 @@ import aiohttp
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, EvalHandlingEnum, ScoredDataGroup
 from pydantic import Field
 
+from recipe.atropos.polling import poll_until_async
 from recipe.atropos.records import append_jsonl
 
 INSTRUCTION = "Answer in exactly one word."
@@ -255,11 +256,13 @@ class OneWordEnv(BaseEnv):
 
     async def _wait_for_endpoint(self, timeout_s: float = 1800.0) -> None:
         """Envs may start before the trainer's endpoint (the launcher overlaps their start-ups): wait for /health."""
-        deadline = time.monotonic() + timeout_s
-        while await self._policy_version(quiet=True) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the inference endpoint did not answer /health within {timeout_s} s")
-            await asyncio.sleep(0.2)  # a local GET: the evaluation at start-up begins as soon as the endpoint is up
+
+        async def answers() -> bool:
+            return await self._policy_version(quiet=True) is not None
+
+        # a local GET every 0.2 s: the evaluation at start-up begins as soon as the endpoint is up
+        if not await poll_until_async(answers, timeout_s, 0.2):
+            raise TimeoutError(f"the inference endpoint did not answer /health within {timeout_s} s")
 
     async def _policy_version(self, quiet: bool = False, wait_unpaused_s: float = 0.0) -> int | None:
         """The version of the weights the trainer's endpoint serves now (its ``/health``), None if unknown.
@@ -267,14 +270,17 @@ class OneWordEnv(BaseEnv):
         ``wait_unpaused_s`` > 0: first wait (up to that long) while the endpoint is paused for a weight update, so
         the version read is the one the next requests will be served by.
         """
-        deadline = time.monotonic() + wait_unpaused_s
-        while True:
+        health: dict[str, Any] | None = None
+
+        async def settled() -> bool:  # not paused, or no version to read
+            nonlocal health
             health = await self._health(quiet)
-            if health is None or "policy_version" not in health:
-                return None
-            if not health.get("paused") or time.monotonic() >= deadline:
-                return int(health["policy_version"])
-            await asyncio.sleep(0.2)
+            return health is None or "policy_version" not in health or not health.get("paused")
+
+        await poll_until_async(settled, wait_unpaused_s, 0.2)
+        if health is None or "policy_version" not in health:
+            return None
+        return int(health["policy_version"])
 
     async def _health(self, quiet: bool = False) -> dict[str, Any] | None:
         """The trainer's endpoint ``GET /health`` (policy version, paused, final), None if it does not answer."""

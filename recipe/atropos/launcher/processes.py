@@ -18,13 +18,14 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import requests
+
+from recipe.atropos.polling import poll_until
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +153,17 @@ class ManagedProcess:
 
     def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``ready()`` until true; raise with the log tail if the process dies or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready_while_alive() -> bool:
             if self.poll() is not None:
                 raise RuntimeError(
                     f"{self.name} exited with code {self.poll()} before {what}. Last lines of {self.log_path}:\n"
                     f"{tail(self.log_path)}"
                 )
-            if ready():
-                return
-            time.sleep(0.25)
+            return bool(ready())
+
+        if poll_until(ready_while_alive, timeout, 0.25):
+            return
         raise TimeoutError(
             f"{self.name} not ready after {timeout:.0f} s ({what}). Last lines of {self.log_path}:\n"
             f"{tail(self.log_path)}"
@@ -192,11 +194,12 @@ class ManagedProcess:
 def watch(parent_pid: int, interval_s: float = 1.0) -> list[int]:
     """Until ``parent_pid`` exits: record its descendants; then SIGKILL those still alive. Returns their PIDs."""
     me, known = os.getpid(), {}
-    while True:
+
+    def parent_gone() -> bool:  # and meanwhile, the descendants it has now
         try:
             parent = psutil.Process(parent_pid)
             if parent.status() == psutil.STATUS_ZOMBIE:
-                break
+                return True
             before = len(known)
             for child in parent.children(recursive=True):
                 if child.pid != me:
@@ -204,8 +207,10 @@ def watch(parent_pid: int, interval_s: float = 1.0) -> list[int]:
             if len(known) != before:
                 print(f"watchdog: {len(known)} descendants of {parent_pid} seen", flush=True)
         except psutil.NoSuchProcess:
-            break
-        time.sleep(interval_s)
+            return True
+        return False
+
+    poll_until(parent_gone, None, interval_s)
     left: dict[int, psutil.Process] = {}
     for pid, created in known.items():
         try:

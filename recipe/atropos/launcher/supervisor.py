@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -59,6 +58,7 @@ from recipe.atropos.launcher.report import (
 from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
 from recipe.atropos.launcher.watch import ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
+from recipe.atropos.polling import poll_until
 from recipe.atropos.rundir import RunDir
 from recipe.atropos.setup.assets import model_vocab_size, resolve_model_path
 
@@ -95,6 +95,7 @@ class Launcher:
         self.children: dict[str, ManagedProcess] = {}
         self.env_ids: dict[int, str] = {}  # API env id → env name, as each env registered
         self.restarts: dict[str, int] = {}
+        self.printed_rows = 0  # metrics rows already mirrored on the console
         self.api_restarts = 0
         self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
         self.remote_trainer: RemoteTrainer | None = None  # role=services: the trainer elsewhere
@@ -265,42 +266,45 @@ class Launcher:
         return LaunchError(f"{proc.name} exited with code {code}{why}")
 
     def supervise(self) -> None:
-        """Until the trainer exits: restart or fail on a dead env, fail on a dead API, mirror each step."""
+        """Until the trainer exits: restart or fail on a dead env, fail on a dead API, mirror each step (one look a
+        second, :meth:`look`)."""
+        poll_until(self.look, None, 1.0)
+
+    def look(self) -> bool:
+        """One look at the run: print the new metrics rows and console lines, restart or fail on a dead service;
+        True once the run is over (the trainer exited, or a remote trainer is gone)."""
         lcfg = self.atropos.launcher
-        total = int(self.config.trainer.total_training_steps)
-        printed = 0
-        while True:
-            raise_if_stopped()
-            rows = read_metrics(self.run_dir.metrics_file)
-            for row in rows[printed:]:
-                print(step_line(row, total), flush=True)
-            printed = len(rows)
-            for line in self.console.lines():
-                print(line, flush=True)
-            trainer = self.children.get("trainer")
-            if trainer is None and self.remote_trainer.gone():
-                logger.info("the trainer's endpoint %s is gone: stopping the API and the envs", self.inference_url)
-                return
-            if trainer is not None and trainer.poll() is not None:
-                if trainer.poll() != 0:
-                    raise self._died(trainer)
-                return
-            if "run-api" in self.children and self.children["run-api"].poll() is not None:
-                if lcfg.restart_api and self.api_restarts < lcfg.max_api_restarts:
-                    self.restart_api()
-                    continue
-                raise self._died(self.children["run-api"])
-            for name in self.envs:
-                proc = self.children[name]
-                if proc.poll() is None:
-                    continue
-                if lcfg.restart_envs and self.restarts.get(name, 0) < lcfg.max_env_restarts:
-                    self.restarts[name] = self.restarts.get(name, 0) + 1
-                    logger.warning("%s exited (code %s); restart %d", name, proc.poll(), self.restarts[name])
-                    self._start_registered_env(name, lcfg.startup_timeout_s)
-                else:
-                    raise self._died(proc)
-            time.sleep(1.0)
+        raise_if_stopped()
+        rows = read_metrics(self.run_dir.metrics_file)
+        for row in rows[self.printed_rows :]:
+            print(step_line(row, int(self.config.trainer.total_training_steps)), flush=True)
+        self.printed_rows = len(rows)
+        for line in self.console.lines():
+            print(line, flush=True)
+        trainer = self.children.get("trainer")
+        if trainer is None and self.remote_trainer.gone():
+            logger.info("the trainer's endpoint %s is gone: stopping the API and the envs", self.inference_url)
+            return True
+        if trainer is not None and trainer.poll() is not None:
+            if trainer.poll() != 0:
+                raise self._died(trainer)
+            return True
+        if "run-api" in self.children and self.children["run-api"].poll() is not None:
+            if lcfg.restart_api and self.api_restarts < lcfg.max_api_restarts:
+                self.restart_api()
+                return False
+            raise self._died(self.children["run-api"])
+        for name in self.envs:
+            proc = self.children[name]
+            if proc.poll() is None:
+                continue
+            if lcfg.restart_envs and self.restarts.get(name, 0) < lcfg.max_env_restarts:
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                logger.warning("%s exited (code %s); restart %d", name, proc.poll(), self.restarts[name])
+                self._start_registered_env(name, lcfg.startup_timeout_s)
+            else:
+                raise self._died(proc)
+        return False
 
     def finish(self) -> str:
         """The closing summary (:func:`recipe.atropos.launcher.report.write_run_report`)."""
