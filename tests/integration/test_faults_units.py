@@ -14,16 +14,14 @@ import requests
 
 from recipe.atropos.launcher.config import load_config
 from recipe.atropos.launcher.preflight import PreflightError, run_preflight, typed_config
-from recipe.atropos.launcher.processes import free_port
+from recipe.atropos.launcher.processes import ManagedProcess, free_port
 from recipe.atropos.launcher.supervisor import Launcher
 from recipe.atropos.rundir import RunDir
 from recipe.atropos.schema import validate_group
 from recipe.atropos.setup.assets import model_vocab_size
 from recipe.atropos.transport.client import AtroposClient
-from tests.helpers import launcher_argv, wait_until
-from tests.integration.test_client import group
-
-TINY = Path(__file__).resolve().parents[2] / "recipe" / "atropos" / "config" / "atropos_grpo_tiny.yaml"
+from tests.factories import TINY_CONFIG, group
+from tests.helpers import http_ok, launcher_argv, wait_until
 
 
 # ---- client against a restarted API --------------------------------------------------------------------------
@@ -65,7 +63,7 @@ def test_a_poll_that_cannot_form_a_batch_says_why(make_run_api) -> None:
 
 # ---- pre-flight --------------------------------------------------------------------------------------------
 def preflight(*overrides: str) -> None:
-    config = load_config(TINY, list(overrides))
+    config = load_config(TINY_CONFIG, list(overrides))
     run_preflight(config, typed_config(config))
 
 
@@ -105,7 +103,7 @@ def test_preflight_refuses_a_port_in_use(tiny_model: Path) -> None:
 
 
 def run_launcher(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "recipe.atropos.launch_atropos_verl_services", "--config", str(TINY), *args]
+    argv = [sys.executable, "-m", "recipe.atropos.launch_atropos_verl_services", "--config", str(TINY_CONFIG), *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -167,13 +165,17 @@ def test_launcher_restarts_a_dead_api_on_the_same_port_then_the_envs(
     (same stats file), and the envs are started again after it (their env ids died with the old API)."""
     port = free_port()
     overrides = [f"actor_rollout_ref.model.path={tiny_model}", f"atropos.launcher.run_dir={tmp_path / 'r'}"]
-    launcher = Launcher(TINY, [*overrides, f"atropos.launcher.api_port={port}"])
+    launcher = Launcher(TINY_CONFIG, [*overrides, f"atropos.launcher.api_port={port}"])
     envs_started: list[int] = []
+    # Private: restart_api starts the envs through _start_envs, which waits for each to register, and the API admits
+    # envs only while a trainer is registered; no public hook records that call, so it is replaced here.
     monkeypatch.setattr(launcher, "_start_envs", lambda: envs_started.append(launcher.api_restarts))
     launcher.model = str(tiny_model)
     try:
-        launcher._start_api()
-        first = launcher.children["run-api"]
+        # the launcher's API, started from its command line among its children (where restart_api finds it)
+        first = ManagedProcess("run-api", launcher.api_argv(), RunDir(tmp_path / "r").log("run-api")).start()
+        launcher.children["run-api"] = first
+        wait_until(http_ok(f"{launcher.api_url}/status"), 60, "the API", proc=first)
         assert "recipe.atropos.guard.app" in first.argv and str(port) in first.argv
         first.popen.kill()
         first.popen.wait(timeout=30)
