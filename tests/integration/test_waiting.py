@@ -183,9 +183,10 @@ def test_an_env_whose_calls_fail_is_named_with_its_failing_calls_and_errors_not_
         assert re.fullmatch(
             r"waiting \d s for step 1 \| API queue 0 groups \| env blackjack: 0 groups received \(0 rejected\), last "
             r"post never, 0 completions served, 3 calls to /v1/chat/completions failed \(404: the endpoint serves no "
-            r"such route, or no such model: its model is actor_rollout_ref\.model\.path\), errors in its log: 3 x "
+            r"such route, or no such model: its model is actor_rollout_ref\.model\.path\), dropped itself: 1 group "
+            r"\(scores all equal\), errors in its log: 3 x "
             rf'"{re.escape(kind)}" \| env math: 0 groups received \(0 rejected\), last post never, 4 completions '
-            r"served \| endpoint: 4 completions served",
+            r"served, dropped itself: 1 group \(scores all equal\) \| endpoint: 4 completions served",
             line,
         ), line
 

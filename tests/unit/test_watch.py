@@ -180,6 +180,8 @@ def test_error_lines_of_any_usual_log_format_are_found_and_warnings_are_not() ->
         f"WARNING:__main__:{message}",  # a level shown, and not an error
         "2026-01-02 10:00:00,123 env INFO no error: all fine",
         "[Seed: 7] Invalid action parsed. Ending episode.",
+        # the last line of a multi-line WARNING quoting the model's reply (stock blackjack env, invalid answer)
+        "It's possible to hit'. Error: -ERROR-",
         "Client error: 422, not retrying",  # a drop: named by DROPS
         "The above exception was the direct cause of the following exception:",
         "    raise ValueError('x')",
@@ -226,7 +228,10 @@ def test_an_envs_error_lines_are_named_once_and_counted_and_equal_scores_without
     assert "scores are all equal" not in lines[1] and "ensure_scores_are_not_same" not in lines[1]
     assert lines[2].startswith("env math: the env drops every group whose scores are all equal")  # it got 48
     assert len(lines) == 3
-    assert watch.notes() == {"blackjack": f'errors in its log: 41 x "{kind}"'}
+    assert watch.notes() == {
+        "blackjack": f'dropped itself: 41 groups (scores all equal), errors in its log: 41 x "{kind}"',
+        "math": "dropped itself: 1 group (scores all equal)",
+    }
     assert watch.summary() == [f'env blackjack: 41 x "{kind}" (log: {logs["blackjack"]})']
     # the math env's equal scores are named: the endpoint is not asked again for it
     asked.clear()

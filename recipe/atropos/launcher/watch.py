@@ -42,7 +42,10 @@ _LEVEL = re.compile(r"(?:^|[\s\[|(])(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATA
 _BASIC_FORMAT = re.compile(r"^(?:ERROR|CRITICAL):[\w.<>-]*:")  # logging.basicConfig's default format
 # Without a level shown (logging's last-resort handler prints the message only): "LLM API error: ...", "X exception:
 # ...", "ValueError: ...", after any "[Seed: 12] " tags, the error word within the first 80 characters.
-_ERRORISH = re.compile(r"^(?=\S)(?:\[[^\]]*\]\s*)*[^:]{0,80}?\w*(?:error|exception)\s*:", re.IGNORECASE)
+# No quote or sentence punctuation before the error word: the continuation lines of a multi-line WARNING (the stock
+# blackjack env logs "Failed to parse tool call. Full response: '<the model's reply, over several lines>'. Error: ..."
+# for each invalid answer) are the model's words, not an error of the env.
+_ERRORISH = re.compile(r"^(?=\S)(?:\[[^\]]*\]\s*)*[^:'\"`,;!?]{0,80}?\w*(?:error|exception)\s*:", re.IGNORECASE)
 
 EQUAL_SCORES = "Scores are the same in a group, skipping"
 # atroposlib.envs.base.BaseEnv drops a group itself, before the API sees it, with one of these warnings (or the API
@@ -54,6 +57,13 @@ DROPS = {
     "Token length is too long in a group, skipping": "the env drops groups with a sequence of max_token_length tokens "
     "or more (data.max_prompt_length + data.max_response_length)",
     "Client error: 422": "the API refused the env's groups (422): the reasons are in <run_dir>/rejected_groups.jsonl",
+}
+# The same, in a few words, for the waiting line's count: ``dropped itself: 37 groups (scores all equal)``.
+DROP_COUNTS = {
+    EQUAL_SCORES: "scores all equal",
+    "Group structure invalid, or token count mismatch": "wrong group size",
+    "Token length is too long in a group, skipping": "too long",
+    "Client error: 422": "refused by the API",
 }
 # Equal scores from an env the endpoint served no completion: its scores are not the model's, but its defaults.
 NO_COMPLETIONS = (
@@ -157,6 +167,7 @@ class EnvLogWatch:
         self.seen: dict[str, set[str]] = {name: set() for name in logs}
         self.unread: dict[str, int] = {name: -1 for name in logs}  # bytes left unparsed at the last scan
         self.counts: dict[str, Counter[str]] = {name: Counter() for name in logs}  # error kind -> occurrences
+        self.drops: dict[str, Counter[str]] = {name: Counter() for name in logs}  # DROPS key -> groups dropped
 
     def scan(self) -> list[str]:
         out = []
@@ -173,6 +184,7 @@ class EnvLogWatch:
             errors, done = exception_lines(lines, final)
             kinds = [error_kind(error) for error in errors]
             self.counts[name].update(kinds)
+            self.drops[name].update(key for line in lines[:done] for key in DROPS if key in line)
             known = self.served is None or _drop_text(EQUAL_SCORES) in self.seen[name]  # nothing more to learn
             found = kinds + drop_lines(lines[:done], None if known else partial(self.served, name))
             self.offsets[name] += sum(len(line) + 1 for line in raw_lines[:done])
@@ -188,14 +200,25 @@ class EnvLogWatch:
         return out
 
     def notes(self, top: int = 2) -> dict[str, str]:
-        """By env name, its most frequent errors so far: ``errors in its log: 41 x "LLM API error: ..."``."""
+        """By env name, the groups it dropped itself and its most frequent errors so far: ``dropped itself: 37 groups
+        (scores all equal), errors in its log: 41 x "LLM API error: ..."``."""
         out = {}
-        for name, counts in self.counts.items():
+        for name in self.logs:
+            parts = []
+            drops = self.drops[name]
+            if drops:
+                text = ", ".join(
+                    f"{n} group{'' if n == 1 else 's'} ({DROP_COUNTS[key]})" for key, n in drops.most_common()
+                )
+                parts.append(f"dropped itself: {text}")
+            counts = self.counts[name]
             if counts:
                 common = counts.most_common(top)
                 text = ", ".join(f'{n} x "{kind[:160]}"' for kind, n in common)
                 more = f", {len(counts) - len(common)} more kinds" if len(counts) > len(common) else ""
-                out[name] = f"errors in its log: {text}{more}"
+                parts.append(f"errors in its log: {text}{more}")
+            if parts:
+                out[name] = ", ".join(parts)
         return out
 
     def summary(self, top: int = 3) -> list[str]:
