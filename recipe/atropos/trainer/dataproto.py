@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from recipe.atropos.schema import IGNORE_INDEX, ScoredGroup, group_scores, validate_group
+from recipe.atropos.schema import IGNORE_INDEX, ScoredGroup, validate_group
 
 
 def _as_group(group: ScoredGroup | dict[str, Any]) -> ScoredGroup:
@@ -126,16 +126,3 @@ def scored_data_to_dataproto(
     }
     meta = {"atropos_metrics": {f"atropos/{k}": float(v) for k, v in counts.items()}}
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors, meta_info=meta)
-
-
-def group_score_metrics(groups: Sequence[Any]) -> dict[str, float]:
-    """``atropos/groups``, ``sequences``, ``mean_score`` and ``identical_score_rate`` (groups whose scores are all
-    equal: GRPO gives them zero advantage) of one step's groups."""
-    scores = [s for g in groups for s in group_scores(g)]
-    identical = [len(set(group_scores(g))) == 1 for g in groups]
-    return {
-        "atropos/groups": float(len(groups)),
-        "atropos/sequences": float(len(scores)),
-        "atropos/mean_score": float(np.mean(scores)),
-        "atropos/identical_score_rate": float(np.mean(identical)),
-    }

@@ -1,14 +1,29 @@
-"""Per-step metrics the trainer adds to verl's own: rollout vs trainer log-probs, IS weights computed in the actor,
-and the rollout servers' counters."""
+"""Per-step metrics the trainer adds to verl's own: the step's groups and scores, rollout vs trainer log-probs, IS
+weights computed in the actor, and the rollout servers' counters."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from verl import DataProto
 
 from recipe.atropos.algos.losses import IS_METRIC_NAMES
+from recipe.atropos.schema import group_scores
+
+
+def group_score_metrics(groups: Sequence[Any]) -> dict[str, float]:
+    """``atropos/groups``, ``sequences``, ``mean_score`` and ``identical_score_rate`` (groups whose scores are all
+    equal: GRPO gives them zero advantage) of one step's groups."""
+    scores = [s for g in groups for s in group_scores(g)]
+    identical = [len(set(group_scores(g))) == 1 for g in groups]
+    return {
+        "atropos/groups": float(len(groups)),
+        "atropos/sequences": float(len(scores)),
+        "atropos/mean_score": float(np.mean(scores)),
+        "atropos/identical_score_rate": float(np.mean(identical)),
+    }
 
 
 def rollout_logprob_diff(batch: DataProto) -> dict[str, float]:
