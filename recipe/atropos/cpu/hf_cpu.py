@@ -116,29 +116,34 @@ class HFGenerator:
         ``base_sync_done=False`` loads base weights (``...base_layer.weight`` names accepted) and ``True`` the
         adapter tensors (``get_peft_model_state_dict`` names), all of which must arrive.
         """
-        if peft_config is not None and self.lora_config is None:
-            self.model, self.lora_config = wrap_with_lora(self.model, peft_config), dict(peft_config)
-        elif peft_config is not None and lora_shape(peft_config) != lora_shape(self.lora_config):
+        lora = peft_config is not None
+        adapter = lora and base_sync_done  # the adapter tensors (else full, merged or LoRA base weights)
+        if lora and self.lora_config is None:
+            self.model = wrap_with_lora(self.model, peft_config)
+            self.lora_config = dict(peft_config)
+        elif lora and lora_shape(peft_config) != lora_shape(self.lora_config):
             raise ValueError(f"hf_cpu rollout: LoRA config changed mid-run: {self.lora_config} -> {peft_config}")
-        if peft_config is not None and base_sync_done:
+        if adapter:
             load_adapter(self.model, state_dict)
         else:
             load_full(self.hf_model, state_dict)
         self.n_weight_updates += 1
         self.policy_version = self.policy_version + 1 if policy_version is None else int(policy_version)
-        self._record_probe(state_dict, adapter=peft_config is not None and base_sync_done)
+        self._record_probe(state_dict, adapter=adapter)
         logger.info(
             "hf_cpu rollout: policy version %d (%d weight loads; %s)",
             self.policy_version,
             self.n_weight_updates,
-            "LoRA adapter" if peft_config is not None and base_sync_done else "full/base weights",
+            "LoRA adapter" if adapter else "full/base weights",
         )
 
     def _record_probe(self, received: dict[str, torch.Tensor], adapter: bool = False) -> None:
         """Fingerprints of the weights this rollout now samples with: see :meth:`weight_probe`."""
         self._probe_module, module = module_fingerprint(self.model, self.hf_model)
         start = self._probe.get("start_module_weight_checksum")
-        if start is None and self.n_weight_updates > 0 and (adapter or self.lora_config is None):
+        loaded = self.n_weight_updates > 0
+        complete = adapter or self.lora_config is None  # a LoRA base sync alone is not yet the policy
+        if start is None and loaded and complete:
             start = module["module_weight_checksum"]  # the first complete policy received (resumed: the checkpoint's)
         self._probe = {
             "weight_loads": float(self.n_weight_updates),
@@ -278,10 +283,10 @@ class HFCPURolloutServer:
                 try:
                     results = await asyncio.to_thread(
                         self.generator.generate_batch,
-                        [r.prompt_ids for r in batch],
-                        key,
-                        [r.max_tokens for r in batch],
-                        True,
+                        prompts=[r.prompt_ids for r in batch],
+                        key=key,
+                        max_tokens=[r.max_tokens for r in batch],
+                        want_logprobs=True,
                     )
                 except Exception as exc:  # every waiter gets the error; none is left hanging
                     logger.exception("hf_cpu batched generate failed for %d requests", len(batch))
@@ -292,12 +297,24 @@ class HFCPURolloutServer:
                 for r, (ids, lps) in zip(batch, results, strict=True):
                     r.future.set_result((ids, lps, version))
 
-    async def load_weights(self, state_dict: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> int:
+    async def load_weights(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        policy_version: int | None = None,
+        peft_config: dict[str, Any] | None = None,
+        base_sync_done: bool = True,
+    ) -> int:
         """:meth:`HFGenerator.load_weights` under the generation lock (no batch mixes two policies); the seconds the
         lock was held add up in ``weight_load_s`` (generation waits that long for a swap)."""
         async with self._lock:
             start = time.monotonic()
-            await asyncio.to_thread(self.generator.load_weights, state_dict, *args, **kwargs)
+            await asyncio.to_thread(
+                self.generator.load_weights,
+                state_dict,
+                policy_version=policy_version,
+                peft_config=peft_config,
+                base_sync_done=base_sync_done,
+            )
             self._stats["weight_load_s"] += time.monotonic() - start
             return self.generator.policy_version
 
@@ -336,7 +353,7 @@ class HFCPUReplica(RolloutReplica):
     async def launch_servers(self) -> None:
         path = getattr(self.model_config, "local_path", None) or self.model_config.path
         server = HFCPURolloutServer.options(name=server_actor_name(self.replica_rank)).remote(
-            os.path.expanduser(path), self.config.response_length
+            model_path=os.path.expanduser(path), response_length=self.config.response_length
         )
         self.servers = [server]
         self._server_handle = server
@@ -373,7 +390,10 @@ class HFCPUWeightReceiver(BaseRollout):
         if self.is_leader:
             server = ray.get_actor(server_actor_name(self.replica_rank))
             await server.load_weights.remote(
-                state, kwargs.get("global_steps"), kwargs.get("peft_config"), bool(kwargs.get("base_sync_done", True))
+                state_dict=state,
+                policy_version=kwargs.get("global_steps"),
+                peft_config=kwargs.get("peft_config"),
+                base_sync_done=bool(kwargs.get("base_sync_done", True)),
             )
 
 
