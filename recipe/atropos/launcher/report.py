@@ -8,8 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from recipe.atropos.launcher.accounting import GroupAccount, account_groups
 from recipe.atropos.metrics_file import (
     HELD_OUT_SUFFIX,
@@ -26,13 +24,11 @@ from recipe.atropos.rundir import RunDir
 logger = logging.getLogger("atropos_launcher")
 
 
-def record_final_api_stats(api_url: str, run_dir: RunDir) -> None:
-    """Save the guarded API's ``GET /guard/stats`` as the run ends (what it still holds: not trained, not lost) to
-    ``api_final_stats.json``; a warning when it does not answer."""
-    try:
-        stats = requests.get(f"{api_url}/guard/stats", timeout=5).json()
-    except (requests.RequestException, ValueError) as exc:
-        logger.warning("could not read the API's final counters: %s", exc)
+def write_final_api_stats(run_dir: RunDir, stats: dict[str, Any] | None) -> None:
+    """Keep the guarded API's ``GET /guard/stats`` as the run ended (what it still holds: not trained, not lost) in
+    ``api_final_stats.json``; a warning when the API did not answer (``stats`` None)."""
+    if stats is None:
+        logger.warning("could not read the API's final counters (GET /guard/stats did not answer)")
         return
     write_json_atomic(run_dir.api_final_stats, stats)
 

@@ -50,8 +50,8 @@ from recipe.atropos.launcher.processes import (
     tail,
 )
 from recipe.atropos.launcher.report import (
-    record_final_api_stats,
     step_line,
+    write_final_api_stats,
     write_launcher_state,
     write_run_report,
 )
@@ -61,6 +61,7 @@ from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.polling import poll_until
 from recipe.atropos.rundir import RunDir
 from recipe.atropos.setup.assets import model_vocab_size, resolve_model_path
+from recipe.atropos.waiting import get_json
 
 __all__ = ["Launcher", "main"]
 
@@ -254,7 +255,7 @@ class Launcher:
                 self.children[name].stop()
         api = self.children.get("run-api")
         if api is not None and api.poll() is None and self.atropos.launcher.guard_api:
-            record_final_api_stats(self.api_url, self.run_dir)
+            write_final_api_stats(self.run_dir, get_json(f"{self.api_url}/guard/stats"))
         if "run-api" in self.children:
             self.children["run-api"].stop()
 
