@@ -149,7 +149,10 @@ def test_mixture_front_keeps_each_envs_order() -> None:
 
 
 def test_mixture_from_config_explicit_weights_or_the_launchers_envs() -> None:
-    envs = [{"name": "a", "group_size": 4, "weight": 1.0}, {"name": "b", "group_size": 2, "weight": 0.5}]
+    envs = [
+        {"name": "a", "module": "env_a", "group_size": 4, "weight": 1.0},
+        {"name": "b", "module": "env_b", "group_size": 2, "weight": 0.5},
+    ]
     base = {"atropos": {"launcher": {"envs": envs}, "mixture_wait_s": 7, "mixture_max_pending_batches": None}}
 
     def typed(*overrides: dict) -> object:

@@ -39,9 +39,16 @@ def test_batch_size_must_be_a_multiple_of_every_group_size() -> None:
         envs_of("data.train_batch_size=6")
 
 
-def test_env_entry_needs_exactly_one_of_module_or_script() -> None:
-    with pytest.raises(LaunchError, match=r"envs\[0\] \(one_word\): give exactly one of `module` or `script`"):
+def test_env_entry_needs_exactly_one_of_module_or_script() -> None:  # the typed config's check
+    with pytest.raises(ValueError, match=r"envs\[0\] \(one_word\): give exactly one of `module` or `script`"):
         envs_of("+atropos.launcher.envs.0.script=x.py")
+
+
+def test_env_weights_must_be_non_negative_with_a_positive_sum() -> None:  # the typed config's check
+    with pytest.raises(ValueError, match=r"envs\[\]\.weight .*: use weights >= 0 with a positive sum"):
+        envs_of("atropos.launcher.envs.0.weight=0", "atropos.launcher.envs.1.weight=0")
+    with pytest.raises(ValueError, match=r"envs\[\]\.weight"):
+        envs_of("atropos.launcher.envs.0.weight=-1")
 
 
 def test_envs_are_named_by_index_unless_named_and_names_must_differ() -> None:

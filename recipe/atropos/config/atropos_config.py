@@ -176,6 +176,12 @@ class LauncherConfig(BaseConfig):
             )
         if self.wait_report_s <= 0:
             raise ValueError(f"atropos.launcher.wait_report_s={self.wait_report_s}: use seconds > 0, e.g. 30")
+        for i, (name, env) in enumerate(zip(self.env_names(), self.envs, strict=True)):
+            if bool(env.module) == bool(env.script):
+                raise ValueError(f"atropos.launcher.envs[{i}] ({name}): give exactly one of `module` or `script`")
+        weights = {name: env.weight for name, env in zip(self.env_names(), self.envs, strict=True)}
+        if any(w < 0 for w in weights.values()) or (len(weights) >= 2 and sum(weights.values()) <= 0):
+            raise ValueError(f"atropos.launcher.envs[].weight {weights}: use weights >= 0 with a positive sum")
 
     def env_names(self) -> list[str]:
         return [env.name or f"env{i}" for i, env in enumerate(self.envs)]

@@ -6,7 +6,8 @@ Invariants:
 - an env's name (``name``, else ``env<index>``) is unique and URL-safe: it names the process, its log file, its entry
   in ``env_ids.json`` and its path at the endpoint (``{inference_url}/env/<name>/v1``, the endpoint counts requests by
   it);
-- an entry gives exactly one of ``module`` (run with ``python -m``) or ``script``;
+- an entry gives exactly one of ``module`` (run with ``python -m``) or ``script`` (checked by the typed config,
+  :class:`recipe.atropos.config.LauncherConfig`);
 - every env's ``group_size`` divides ``data.train_batch_size`` (else the API never forms a batch);
 - an env runs in its own interpreter (:func:`recipe.atropos.launcher.env_python.resolve_env_python`) with its
   ``pythonpath`` first on ``PYTHONPATH``; the probe (:mod:`recipe.atropos.launcher.env_probe`) runs the same way;
@@ -57,8 +58,6 @@ def checked_envs(launcher: LauncherConfig, batch_size: int) -> dict[str, EnvConf
         raise LaunchError("atropos.launcher.envs is empty: name at least one environment (module or script)")
     envs: dict[str, EnvConfig] = {}
     for i, (name, env) in enumerate(zip(launcher.env_names(), launcher.envs, strict=True)):
-        if bool(env.module) == bool(env.script):
-            raise LaunchError(f"atropos.launcher.envs[{i}] ({name}): give exactly one of `module` or `script`")
         if not ENV_NAME.fullmatch(name) or name.startswith("v1"):
             raise LaunchError(
                 f"atropos.launcher.envs[{i}]: the name {name!r} must be letters, digits, '.', '_', '-' and not "

@@ -96,8 +96,6 @@ def check_envs(launcher: LauncherConfig, pythons: Mapping[str, tuple[str, str]] 
     entries = dict(zip(names, launcher.envs, strict=True))
     problems: dict[str, str | None] = {}
     for name, env in entries.items():
-        if bool(env.module) == bool(env.script):
-            raise PreflightError(f"{where[name]}: give exactly one of `module` or `script`")
         if env.script and not Path(env.script).expanduser().is_file():
             raise PreflightError(f"{where[name]}: script {env.script!r} does not exist; fix `script`")
         python, source = pythons[name]

@@ -239,9 +239,7 @@ def mixture_from_config(atropos: AtroposConfig, batch_size: int) -> MixtureBatch
     if not weights and len(envs) >= 2 and atropos.env_ids_file:  # the launcher started them
         weights = {name: float(env.weight) for name, env in envs.items()}
     if not weights:
-        return None
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"atropos.mixture / launcher env weights {weights}: use weights >= 0 with a positive sum")
+        return None  # (the typed config has checked both kinds of weights)
     pending_batches = atropos.mixture_max_pending_batches
     return MixtureBatcher(
         weights=weights,
