@@ -38,13 +38,18 @@ def spool_dir(checkpoints: str | Path, configured: str | Path | None = None) -> 
 
 
 @dataclass(frozen=True)
-class SpoolDir:
-    """The trainer's spool (see :mod:`recipe.atropos.spool` for what each file holds)."""
+class _Folder:
+    """A folder of known files, given as a path or a string."""
 
     root: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class SpoolDir(_Folder):
+    """The trainer's spool (see :mod:`recipe.atropos.spool` for what each file holds)."""
 
     @property
     def pending(self) -> Path:
@@ -72,13 +77,8 @@ class SpoolDir:
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(_Folder):
     """A run directory (see the module docstring)."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def logs(self) -> Path:
