@@ -17,7 +17,7 @@ from atroposlib.api import server
 from fastapi.testclient import TestClient
 from starlette.datastructures import State
 
-from recipe.atropos.guard.journal import GroupCommit, GroupJournal
+from recipe.atropos.guard.journal import GroupCommit, GroupJournal, journal_ids
 from recipe.atropos.guard.routes import build_app
 from recipe.atropos.guard.state import GuardState
 from recipe.atropos.schema import GROUP_ID_KEY
@@ -156,3 +156,12 @@ def test_concurrent_posts_share_one_fsync_and_each_answer_waits_for_it(tmp_path:
 
     assert asyncio.run(five_posts()) == [1, 2, 2, 2, 2]
     assert covered == [1, 5]  # the first post's fsync, then one for the four written while it ran
+
+
+def test_a_journal_line_stays_one_line_whatever_the_text_in_a_group(tmp_path: Path) -> None:
+    text = "a\u2028b\x85c\u2029d"  # line breaks to str.splitlines() (journal_ids reads the file with it)
+    journal = GroupJournal(tmp_path)
+    ids = journal.append([{**group(), "messages": [[{"role": "user", "content": text}]]}])
+    assert journal_ids(tmp_path) == (set(ids), set(ids))
+    (read,) = journal.take(100, at_least_one=True)
+    assert read["messages"][0][0]["content"] == text

@@ -35,7 +35,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,20 @@ class Entry:
     size: int  # sequences
     env_id: int | None
     where: str = BACKLOG
+
+
+# Line breaks to str.splitlines() that JSON leaves unescaped in strings (pydantic-core writes them raw, json.dumps
+# escaped all non-ASCII); read_jsonl (journal_ids) splits on them, so they are written escaped.
+_RAW_BREAKS = tuple((ch.encode(), f"\\u{ord(ch):04x}".encode()) for ch in ("\x85", "\u2028", "\u2029"))
+
+
+def json_line(row: dict[str, Any]) -> bytes:
+    """``row`` as one JSON line (pydantic-core: about 7x faster than ``json.dumps`` on a group of numbers)."""
+    line = pydantic_core.to_json(row)
+    for raw, escaped in _RAW_BREAKS:
+        if raw in line:
+            line = line.replace(raw, escaped)
+    return line + b"\n"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -166,7 +180,7 @@ class GroupJournal:
             gid = self.group_id(seq)
             group["group_overrides"] = {**(group.get("group_overrides") or {}), GROUP_ID_KEY: gid}
             row = {"id": gid, "seq": seq, "env_id": group.get("env_id"), "size": len(group["tokens"]), "group": group}
-            lines.append((seq, pydantic_core.to_json(row) + b"\n", row))
+            lines.append((seq, json_line(row), row))
             ids.append(gid)
         with open(self.groups_file, "ab") as fh:
             offset = fh.tell()
@@ -289,10 +303,13 @@ class GroupCommit:
     posts meanwhile, and every append written before an fsync started is durable when that fsync returns.
 
     ``await commit.durable(commit.wrote())`` after ``journal.append(groups, durable=False)`` returns once those groups
-    are on disk (an fsync error is raised to every waiter whose groups it should have covered)."""
+    are on disk (an fsync error is raised to every waiter whose groups it should have covered). ``before_fsync`` runs
+    on the event loop as each fsync starts (the guard saves its stats file there: once per fsync, not once per post).
+    """
 
-    def __init__(self, journal: GroupJournal) -> None:
+    def __init__(self, journal: GroupJournal, before_fsync: Callable[[], None] | None = None) -> None:
         self.journal = journal
+        self.before_fsync = before_fsync
         self.written = 0  # appends so far
         self.synced = 0  # appends covered by a finished fsync
         self._fsync: asyncio.Task[None] | None = None
@@ -311,6 +328,8 @@ class GroupCommit:
     async def _sync(self) -> None:
         upto = self.written  # as the fsync starts: the appends of the posts that ran before this task covered too
         try:
+            if self.before_fsync is not None:
+                self.before_fsync()
             await asyncio.to_thread(self.journal.sync)
             self.synced = max(self.synced, upto)
         finally:

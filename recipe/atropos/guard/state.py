@@ -1,9 +1,10 @@
 """State of the guarded API (``python -m recipe.atropos.guard.app``): counters, the rejected groups, the journal.
 
-Invariants: the stats file always holds the current counters, replaced whole after every change, so they survive an
-API restart, a SIGKILL too (``starts`` counts the processes that used it). It is not fsynced: the page cache outlives a
-killed process, and fsyncing the file and its directory held the event loop 8 ms a request (p50, up to 240 ms on the
-2-core test box); the journal, which must survive a power loss, is fsynced. A rejected group is one line of the
+Invariants: the stats file holds the current counters, replaced whole after every change (accepted groups: as the
+journal's fsync covering them starts, before they are answered), so they survive an API restart, a SIGKILL too
+(``starts`` counts the processes that used it). It is not fsynced: the page cache outlives a killed process, and
+fsyncing the file and its directory held the event loop 8 ms a request (p50, up to 240 ms on the 2-core test box);
+the journal, which must survive a power loss, is fsynced. A rejected group is one line of the
 rejected-groups file (:class:`recipe.atropos.records.RejectedGroupLog`); an accepted group is in the journal
 (:class:`recipe.atropos.guard.journal.GroupJournal`) until the trainer acknowledges it, and atroposlib's memory holds
 at most :meth:`GuardState.bound` sequences of them (the rest wait on disk).
@@ -65,7 +66,7 @@ class GuardState:
             self.starts = int(old.get("starts", 0)) + 1
             self.refused_requests = int(old.get("refused_requests", 0))
         self.journal = GroupJournal(journal_dir or tempfile.mkdtemp(prefix="atropos_guard_journal_"))
-        self.commit = GroupCommit(self.journal)
+        self.commit = GroupCommit(self.journal, before_fsync=self.save)
         self.resumed_groups = len(self.journal.entries)  # unacknowledged groups found at start
         self.save()
 
@@ -123,15 +124,14 @@ class GuardState:
         return env
 
     async def accept(self, groups: list[dict[str, Any]]) -> list[str]:
-        """Journal ``groups`` (durable when this returns: one fsync, off the event loop, shared with the posts written
-        meanwhile) and count them; their ids."""
+        """Journal and count ``groups``; their ids once they are durable. One fsync, off the event loop, covers the
+        posts written meanwhile, and the stats file is saved as it starts (once per fsync, not once per post)."""
         ids = self.journal.append(groups, durable=False)
-        await self.commit.durable(self.commit.wrote())
         self.counts["accepted_groups"] += len(groups)
         self.counts["accepted_sequences"] += sum(len(g["tokens"]) for g in groups)
         for group in groups:
             self._env(group.get("env_id"))
-        self.save()
+        await self.commit.durable(self.commit.wrote())
         return ids
 
     def ack(self, ids: list[str]) -> tuple[int, int]:
