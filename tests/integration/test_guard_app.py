@@ -62,7 +62,8 @@ def test_a_gzip_group_is_journaled_and_queued_with_its_id(guard, tmp_path: Path)
     (queued,) = server.app.state.queue
     assert queued["tokens"] == group(first=10)["tokens"] and queued["group_overrides"] == {GROUP_ID_KEY: gid}
     (line,) = (tmp_path / "journal" / "groups.jsonl").read_text().splitlines()
-    assert json.loads(line)["group"]["group_overrides"] == {GROUP_ID_KEY: gid}  # on disk as queued
+    row = json.loads(line)
+    assert row["group"] == group(first=10) and row["id"] == gid  # on disk as posted, the id in its row
     assert json.loads((tmp_path / "stats.json").read_text())["accepted_groups"] == 1  # replaced at each change
 
 
@@ -165,3 +166,16 @@ def test_a_journal_line_stays_one_line_whatever_the_text_in_a_group(tmp_path: Pa
     assert journal_ids(tmp_path) == (set(ids), set(ids))
     (read,) = journal.take(100, at_least_one=True)
     assert read["messages"][0][0]["content"] == text
+
+
+def test_a_posted_document_is_journaled_as_it_came_unless_it_spans_lines(tmp_path: Path) -> None:
+    flat = json.dumps({**group(first=10), "generation_params": {"t": float("nan")}}).encode()  # NaN outside the checks
+    pretty = json.dumps(group(first=20), indent=1).encode()
+    journal = GroupJournal(tmp_path)
+    ids = journal.append([json.loads(flat), json.loads(pretty)], posted=[flat, pretty])
+    lines = (tmp_path / "groups.jsonl").read_bytes().splitlines()
+    assert flat in lines[0] and pretty not in lines[1] and len(lines) == 2
+    journal.close()
+    again = GroupJournal(tmp_path)  # as after a restart: both lines whole, each group with its id
+    assert [g["group_overrides"][GROUP_ID_KEY] for g in again.take(100, at_least_one=True)] == ids
+    assert journal_ids(tmp_path) == (set(ids), set(ids))

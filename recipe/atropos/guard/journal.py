@@ -8,7 +8,9 @@ Layout under the journal directory::
 
 A group's id is ``<journal>-<seq>``, unique across every API process sharing the directory; ``seq`` counts from 0, so
 the groups ever accepted are exactly the sequence numbers below ``next_seq`` (:func:`journal_ids`). The id rides in
-the group itself (:data:`recipe.atropos.schema.GROUP_ID_KEY`).
+the group itself (:data:`recipe.atropos.schema.GROUP_ID_KEY` in its ``group_overrides``): :meth:`GroupJournal.append`
+puts it there, and :meth:`GroupJournal.read` puts it back into a group journaled as it was posted (its JSON written
+unchanged, so the id is in the row only).
 
 Invariants:
 
@@ -64,9 +66,14 @@ class Entry:
 _RAW_BREAKS = tuple((ch.encode(), f"\\u{ord(ch):04x}".encode()) for ch in ("\x85", "\u2028", "\u2029"))
 
 
-def json_line(row: dict[str, Any]) -> bytes:
-    """``row`` as one JSON line (pydantic-core: about 7x faster than ``json.dumps`` on a group of numbers)."""
-    line = pydantic_core.to_json(row)
+def json_line(row: dict[str, Any], document: bytes | None = None) -> bytes:
+    """``row`` as one JSON line (pydantic-core: about 7x faster than ``json.dumps`` on a group of numbers); with
+    ``document`` (the JSON ``row["group"]`` was parsed from), that as the group, unless it spans lines."""
+    if document is None or b"\n" in document or b"\r" in document:
+        line = pydantic_core.to_json(row)
+    else:
+        head = pydantic_core.to_json({k: v for k, v in row.items() if k != "group"})
+        line = b"".join((head[:-1], b',"group":', document, b"}"))
     for raw, escaped in _RAW_BREAKS:
         if raw in line:
             line = line.replace(raw, escaped)
@@ -117,7 +124,7 @@ class GroupJournal:
                 if not line.endswith(b"\n"):
                     break  # a line cut short by a kill: never answered 200, so never accepted
                 try:
-                    row = pydantic_core.from_json(line)
+                    row = pydantic_core.from_json(line, allow_inf_nan=True)  # a posted document may hold NaN
                 except ValueError:
                     break
                 seq = int(row["seq"])
@@ -169,18 +176,21 @@ class GroupJournal:
         return int(seq) if name == self.name and seq.isdigit() else None
 
     # ---- the life of a group ------------------------------------------------------------------------------------
-    def append(self, groups: list[dict[str, Any]], *, durable: bool = True) -> list[str]:
+    def append(
+        self, groups: list[dict[str, Any]], *, durable: bool = True, posted: list[bytes | None] | None = None
+    ) -> list[str]:
         """Give each group an id (in its ``group_overrides``), write them, put them in the backlog. With ``durable``
         they are fsynced when this returns; without, :meth:`sync` (or :class:`GroupCommit`) must run before anyone is
-        told they are (a killed process loses nothing written, a power loss would)."""
+        told they are (a killed process loses nothing written, a power loss would). ``posted``: the JSON document each
+        group was parsed from, where the caller has it; written as it came instead of serialised again."""
         lines, ids = [], []
-        for group in groups:
+        for group, document in zip(groups, posted or [None] * len(groups), strict=True):
             seq = self.next_seq
             self.next_seq += 1
             gid = self.group_id(seq)
             group["group_overrides"] = {**(group.get("group_overrides") or {}), GROUP_ID_KEY: gid}
             row = {"id": gid, "seq": seq, "env_id": group.get("env_id"), "size": len(group["tokens"]), "group": group}
-            lines.append((seq, json_line(row), row))
+            lines.append((seq, json_line(row, document), row))
             ids.append(gid)
         with open(self.groups_file, "ab") as fh:
             offset = fh.tell()
@@ -226,7 +236,10 @@ class GroupJournal:
         """The group of unacknowledged ``seq`` as journaled (its id in ``group_overrides``), parsed from disk."""
         entry = self.entries[seq]
         self._reader.seek(entry.offset)
-        return pydantic_core.from_json(self._reader.read(entry.length))["group"]
+        row = pydantic_core.from_json(self._reader.read(entry.length), allow_inf_nan=True)
+        group = row["group"]
+        group["group_overrides"] = {**(group.get("group_overrides") or {}), GROUP_ID_KEY: row["id"]}
+        return group
 
     def handed_out(self, ids: Iterable[str]) -> int:
         """Groups answered in a ``GET /batch``: memory -> out. Returns how many were known."""

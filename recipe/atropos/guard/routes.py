@@ -143,7 +143,8 @@ class ApiGuard:
             except GroupValidationError as error:
                 self.state.reject(raw, error)
                 bad.append({"index": index, "field": error.field, "reason": str(error)})
-        ids = await self.state.accept([raw for raw, _ in good]) if good else []  # fsynced before any answer
+        posted = None if as_list else [await request.body()]  # journaled as it came: one group, one document
+        ids = await self.state.accept([raw for raw, _ in good], posted) if good else []  # fsynced before any answer
         fresh: dict[str, ScoredData] = {}
         for gid, (raw, group) in zip(ids, good, strict=True):
             group.group_overrides = raw["group_overrides"]  # the journal's id, as the journaled copy carries it

@@ -123,10 +123,11 @@ class GuardState:
         env["last_post"] = time.time()
         return env
 
-    async def accept(self, groups: list[dict[str, Any]]) -> list[str]:
-        """Journal and count ``groups``; their ids once they are durable. One fsync, off the event loop, covers the
-        posts written meanwhile, and the stats file is saved as it starts (once per fsync, not once per post)."""
-        ids = self.journal.append(groups, durable=False)
+    async def accept(self, groups: list[dict[str, Any]], posted: list[bytes | None] | None = None) -> list[str]:
+        """Journal and count ``groups`` (``posted``: see :meth:`GroupJournal.append`); their ids once they are durable.
+        One fsync, off the event loop, covers the posts written meanwhile, and the stats file is saved as it starts
+        (once per fsync, not once per post)."""
+        ids = self.journal.append(groups, durable=False, posted=posted)
         self.counts["accepted_groups"] += len(groups)
         self.counts["accepted_sequences"] += sum(len(g["tokens"]) for g in groups)
         for group in groups:
