@@ -1,25 +1,34 @@
-"""Load test of the guarded API (``python -m recipe.atropos.guard.app``), loopback only, bounded in time and count.
+"""Load test of the guarded API (``python -m recipe.atropos.guard.app``), the old guard and the new side by side, on
+loopback, bounded in time and count.
 
-K environments (asyncio tasks, one request in flight each, as many env ids registered) post valid ScoredData groups
-of ``--group-size`` sequences x ``--tokens`` tokens (gzip, as atroposlib's BaseEnv sends bodies over 1 KB) for
-``--seconds``, while a slow trainer takes one batch (``--batch-groups`` groups) every ``--drain-every`` s with
-``GET /batch``. The guard runs as the launcher starts it (stats file, rejected-groups file, journal). Its resident
-memory (psutil) is sampled every second.
+The *old* guard is the guard of git commit ``--old-ref`` (default: the last one before the guard was rebuilt on
+FastAPI's routes with a body parsed once, issue 26 item 5), materialised with ``git archive`` into a temporary directory
+that comes first on its ``PYTHONPATH``; the *new* guard is this checkout's. Both run the same command line. Phases run
+in ``--order`` (default ``old,new,new,old``: each side once early and once late, so a machine getting busier or
+quieter during the run does not favour one side).
 
-Prints a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS, the guard's CPU time per
-accepted group and its share of one core over the interval), then one line:
+In each phase, K environments (asyncio tasks, one request in flight each, as many env ids registered) post valid
+ScoredData groups of ``--group-size`` sequences x ``--tokens`` tokens (gzip, as atroposlib's BaseEnv sends bodies over
+1 KB) for ``--seconds``, while a slow trainer takes one batch (``--batch-groups`` groups) every ``--drain-every`` s with
+``GET /batch``. The guard runs as the launcher starts it (stats file, rejected-groups file, journal fsynced before each
+answer). Its resident memory (psutil) is sampled every second.
 
-    guard load: K=8 accepted 12000 groups in 60.0 s = 200.0 groups/s | post latency p50 8.1 ms p99 40.2 ms |
-    guard peak RSS 900 MB (start 120 MB) | guard CPU 50.0 s = 4.2 ms per accepted group | drained 960 groups | ...
+Prints, per phase, a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS, the guard's
+CPU time per accepted group and its share of one core over the interval) and one line ``guard load (old|new): ...``;
+then a side-by-side table (each side's phases pooled) and the ratio lines::
 
-The guard's CPU time (user + system) per accepted group is printed too: on a machine shared with other work the
-rate measures the share of the CPU the guard got, the CPU per group what it costs (1000 / that = groups/s on one free
-core, the clients and the trainer elsewhere).
+    ratio new/old guard CPU per accepted group: 0.40x (old 6.5 ms, new 2.6 ms)
+    ratio new/old post latency p99: 0.35x (old 166.0 ms, new 58.0 ms)
+    ratio new/old groups/s: 2.10x (old 138.0, new 290.0)
 
-Bounds: at most ``--max-groups`` posts in all, and posting stops early (said in the summary) when the guard's RSS
-passes ``--max-rss-mb`` (the API queue grows while the trainer is slow unless the guard bounds its memory).
+The guard's CPU time (user + system) per accepted group is what the guard costs: on a machine shared with other work
+the rate and the latencies measure the share of the CPU the guard got, the CPU per group what it needs (1000 / that =
+groups/s on one free core, the clients and the trainer elsewhere).
 
-    python bench/bench_guard.py [--envs 8] [--seconds 60] [--group-size 8] [--tokens 512] [--drain-every 0.5]
+Bounds: at most ``--max-groups`` posts per phase, and posting stops early (said in the summary) when the guard's RSS
+passes ``--max-rss-mb``.
+
+    python bench/bench_guard.py [--envs 8] [--seconds 20] [--order old,new,new,old] [--old-ref REF] [--group-size 8]
 """
 
 from __future__ import annotations
@@ -32,21 +41,25 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import psutil
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from recipe.atropos.guard.app import guard_argv  # noqa: E402
 from recipe.atropos.launcher.processes import ManagedProcess, free_port  # noqa: E402
 
 VOCAB = 49152  # SmolLM2's
+OLD_REF = "38f4d158dc9ee445604f719991c659458525002d"  # the guard in raw ASGI, each body parsed twice
 
 
 def make_group(group_size: int, tokens: int, env_id: int, seed: int) -> dict:
@@ -75,6 +88,28 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Phase:
+    """What one phase measured."""
+
+    side: str
+    accepted: int = 0
+    errors: int = 0
+    drained: int = 0
+    elapsed: float = 0.0
+    cpu: float = 0.0  # guard CPU seconds (user + system) during the load
+    start_mb: float = 0.0
+    peak_mb: float = 0.0
+    stop_reason: str = ""
+    latencies: list[float] = field(default_factory=list)  # ms
+
+    def rate(self) -> float:
+        return self.accepted / max(self.elapsed, 1e-9)
+
+    def cpu_ms(self) -> float:
+        return 1000 * self.cpu / max(self.accepted, 1)
 
 
 class Bench:
@@ -172,23 +207,26 @@ def register(url: str, args: argparse.Namespace) -> None:
         requests.post(f"{url}/register-env", json=env, timeout=10).raise_for_status()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--envs", type=int, default=8, help="concurrent posting environments (K)")
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--batch-groups", type=int, default=8, help="groups per trainer batch")
-    parser.add_argument("--drain-every", type=float, default=0.5, help="seconds between the trainer's GET /batch")
-    parser.add_argument("--max-groups", type=int, default=30000, help="most groups posted in all")
-    parser.add_argument("--max-rss-mb", type=float, default=2500.0, help="stop posting past this guard RSS")
-    parser.add_argument("--no-gzip", action="store_true", help="post plain JSON")
-    parser.add_argument("--no-stats-file", action="store_true", help="run the guard without its stats file")
-    args = parser.parse_args(argv)
+def materialise_old_guard(ref: str, into: Path) -> str:
+    """``recipe/`` as of git ``ref`` under ``into``; the commit's one-line description."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "recipe"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    subject = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %cs %s", ref], capture_output=True, text=True, check=True
+    )
+    return subject.stdout.strip()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench_guard_"))
+
+def imported_from(env: dict[str, str], cwd: str | None) -> str:
+    """The file ``recipe.atropos.guard.app`` is imported from with this environment and working directory."""
+    probe = [sys.executable, "-c", "import recipe.atropos.guard.app as m; print(m.__file__)"]
+    return subprocess.run(probe, env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True).stdout.strip()
+
+
+def run_phase(args: argparse.Namespace, side: str, tree: Path | None) -> tuple[Phase, list]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench_guard_{side}_"))
     port = free_port()
-    argv_ = guard_argv(
+    argv = guard_argv(
         port,
         vocab_size=VOCAB,
         batch_size=args.batch_groups * args.group_size,
@@ -196,37 +234,131 @@ def main(argv: list[str] | None = None) -> int:
         stats_file=None if args.no_stats_file else workdir / "stats.json",
         journal_dir=workdir / "journal",  # every accepted group fsynced; memory bound: the guard's default
     )
-    guard = ManagedProcess("guard", argv_, workdir / "guard.log").start()
+    env = {"PYTHONPATH": str(tree)} if tree is not None else {}
+    guard = ManagedProcess(f"guard-{side}", argv, workdir / "guard.log", env=env, cwd=str(tree or ROOT)).start()
     url = f"http://127.0.0.1:{port}"
+    phase = Phase(side)
     try:
         guard.wait_http(f"{url}/status", timeout=60)
         register(url, args)
         bench = Bench(args, url, guard.pid)
-        start_mb = bench.guard.memory_info().rss / 2**20
+        phase.start_mb = bench.guard.memory_info().rss / 2**20
         cpu0 = sum(bench.guard.cpu_times()[:2])
-        elapsed = asyncio.run(bench.run())
-        guard_cpu = sum(bench.guard.cpu_times()[:2]) - cpu0
+        phase.elapsed = asyncio.run(bench.run())
+        phase.cpu = sum(bench.guard.cpu_times()[:2]) - cpu0
     finally:
         guard.popen.kill()
         guard.popen.wait(timeout=30)
         shutil.rmtree(workdir, ignore_errors=True)  # the journal holds every accepted group (~0.1 MB each here)
+    phase.accepted, phase.errors, phase.drained = bench.accepted, bench.errors, bench.drained
+    phase.stop_reason, phase.latencies = bench.stop_reason, [x * 1000 for x in bench.latencies]
+    phase.peak_mb = max((mb for _, mb in bench.rss), default=phase.start_mb)
+    return phase, bench.table
+
+
+def print_phase(args: argparse.Namespace, number: int, phase: Phase, table: list) -> None:
     heads = ("t (s)", "accepted", "groups/s", "API queue", "guard RSS MB", "CPU ms/group", "guard CPU")
+    print(f"-- phase {number}: {phase.side} guard")
     print("  ".join(f"{h:>{w}}" for h, w in zip(heads, (6, 9, 9, 9, 12, 12, 9), strict=True)))
-    for t, n, rate, queue, mb, per_group, busy in bench.table:
+    for t, n, rate, queue, mb, per_group, busy in table:
         print(f"{t:6.0f}  {n:9d}  {rate:9.1f}  {queue:9d}  {mb:12.0f}  {per_group:12.1f}  {busy:9.0%}")
-    ms = [x * 1000 for x in bench.latencies]
-    peak = max((mb for _, mb in bench.rss), default=start_mb)
-    per_group = 1000 * guard_cpu / max(bench.accepted, 1)
+    ms = phase.latencies
     print(
-        f"guard load: K={args.envs} accepted {bench.accepted} groups ({args.group_size}x{args.tokens} tokens) in "
-        f"{elapsed:.1f} s = {bench.accepted / elapsed:.1f} groups/s | post latency p50 {percentile(ms, 0.5):.1f} ms "
-        f"p99 {percentile(ms, 0.99):.1f} ms (mean {statistics.fmean(ms) if ms else float('nan'):.1f}) | guard peak "
-        f"RSS {peak:.0f} MB (start {start_mb:.0f} MB) | guard CPU {guard_cpu:.1f} s = {per_group:.1f} ms per "
-        f"accepted group | drained {bench.drained} groups | errors {bench.errors} | stopped: {bench.stop_reason} | "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+        f"guard load ({phase.side}): K={args.envs} accepted {phase.accepted} groups ({args.group_size}x{args.tokens} "
+        f"tokens) in {phase.elapsed:.1f} s = {phase.rate():.1f} groups/s | post latency p50 {percentile(ms, 0.5):.1f} "
+        f"ms p99 {percentile(ms, 0.99):.1f} ms (mean {statistics.fmean(ms) if ms else float('nan'):.1f}) | guard "
+        f"peak RSS {phase.peak_mb:.0f} MB (start {phase.start_mb:.0f} MB) | guard CPU {phase.cpu:.1f} s = "
+        f"{phase.cpu_ms():.2f} ms per accepted group | drained {phase.drained} groups | errors {phase.errors} | "
+        f"stopped: {phase.stop_reason} | load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         flush=True,
     )
-    return 0 if bench.accepted and not bench.errors else 1
+
+
+def pooled(phases: list[Phase], side: str) -> Phase:
+    """The phases of ``side`` as one."""
+    mine = [p for p in phases if p.side == side]
+    return Phase(
+        side,
+        accepted=sum(p.accepted for p in mine),
+        errors=sum(p.errors for p in mine),
+        drained=sum(p.drained for p in mine),
+        elapsed=sum(p.elapsed for p in mine),
+        cpu=sum(p.cpu for p in mine),
+        peak_mb=max((p.peak_mb for p in mine), default=0.0),
+        stop_reason=f"{len(mine)} phases",
+        latencies=[ms for p in mine for ms in p.latencies],
+    )
+
+
+def print_side_by_side(old: Phase, new: Phase) -> None:
+    rows = [
+        ("accepted groups", old.accepted, new.accepted, "{:.0f}"),
+        ("groups/s", old.rate(), new.rate(), "{:.1f}"),
+        ("post latency p50 (ms)", percentile(old.latencies, 0.5), percentile(new.latencies, 0.5), "{:.1f}"),
+        ("post latency p99 (ms)", percentile(old.latencies, 0.99), percentile(new.latencies, 0.99), "{:.1f}"),
+        ("guard CPU per accepted group (ms)", old.cpu_ms(), new.cpu_ms(), "{:.2f}"),
+        ("guard peak RSS (MB)", old.peak_mb, new.peak_mb, "{:.0f}"),
+        ("errors", old.errors, new.errors, "{:.0f}"),
+    ]
+    print(f"-- side by side ({old.stop_reason} old, {new.stop_reason} new, pooled)")
+    print(f"{'':36s}{'old':>10s}{'new':>10s}{'new/old':>10s}")
+    for name, a, b, fmt in rows:
+        ratio = f"{b / a:.2f}x" if a else "-"
+        print(f"{name:36s}{fmt.format(a):>10s}{fmt.format(b):>10s}{ratio:>10s}")
+    cpu_ratio = new.cpu_ms() / max(old.cpu_ms(), 1e-9)
+    p99_old, p99_new = percentile(old.latencies, 0.99), percentile(new.latencies, 0.99)
+    print(
+        f"ratio new/old guard CPU per accepted group: {cpu_ratio:.2f}x (old {old.cpu_ms():.2f} ms, new "
+        f"{new.cpu_ms():.2f} ms)"
+    )
+    print(f"ratio new/old post latency p99: {p99_new / p99_old:.2f}x (old {p99_old:.1f} ms, new {p99_new:.1f} ms)")
+    print(
+        f"ratio new/old groups/s: {new.rate() / max(old.rate(), 1e-9):.2f}x (old {old.rate():.1f}, new "
+        f"{new.rate():.1f})",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", type=int, default=8, help="concurrent posting environments (K)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--order", default="old,new,new,old", help="phases, comma-separated: old and/or new")
+    parser.add_argument("--old-ref", default=OLD_REF, help="git commit of the old guard")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--batch-groups", type=int, default=8, help="groups per trainer batch")
+    parser.add_argument("--drain-every", type=float, default=0.5, help="seconds between the trainer's GET /batch")
+    parser.add_argument("--max-groups", type=int, default=30000, help="most groups posted per phase")
+    parser.add_argument("--max-rss-mb", type=float, default=2500.0, help="stop posting past this guard RSS")
+    parser.add_argument("--no-gzip", action="store_true", help="post plain JSON")
+    parser.add_argument("--no-stats-file", action="store_true", help="run the guard without its stats file")
+    args = parser.parse_args(argv)
+    order = [side.strip() for side in args.order.split(",") if side.strip()]
+    if not order or set(order) - {"old", "new"}:
+        parser.error(f"--order {args.order!r}: a comma-separated list of old and new")
+
+    trees: dict[str, Path | None] = {"new": None}
+    old_dir = Path(tempfile.mkdtemp(prefix="bench_guard_old_tree_"))
+    try:
+        if "old" in order:
+            print(f"old guard: {materialise_old_guard(args.old_ref, old_dir)}")
+            trees["old"] = old_dir
+        for side, tree in trees.items():
+            where = imported_from({"PYTHONPATH": str(tree)} if tree else {}, str(tree or ROOT))
+            print(f"{side} guard: {where}")
+            if not where.startswith(str(tree or ROOT)):
+                raise SystemExit(f"the {side} guard would be imported from {where!r}, not from {tree or ROOT}")
+        phases = []
+        for number, side in enumerate(order, 1):
+            phase, table = run_phase(args, side, trees[side])
+            print_phase(args, number, phase, table)
+            phases.append(phase)
+    finally:
+        shutil.rmtree(old_dir, ignore_errors=True)
+    if {"old", "new"} <= set(order):
+        print_side_by_side(pooled(phases, "old"), pooled(phases, "new"))
+    return 0 if all(p.accepted and not p.errors for p in phases) else 1
 
 
 if __name__ == "__main__":
