@@ -41,10 +41,11 @@ from recipe.atropos.sources import GroupSource, make_group_source
 from recipe.atropos.sources.jsonl import JsonlGroupSource, offline_training_steps
 from recipe.atropos.spool import ledger_file
 from recipe.atropos.trainer.checkpoints import resume_step
-from recipe.atropos.trainer.dataproto import group_score_metrics, scored_data_to_dataproto
+from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
 from recipe.atropos.trainer.split_workers import HybridEngineFlag, init_split_workers, swap_holds_requests
 from recipe.atropos.trainer.step_metrics import (
     OverlapMeter,
+    group_score_metrics,
     promote_actor_is_metrics,
     rollout_logprob_diff,
     rollout_server_metrics,
