@@ -15,11 +15,12 @@ answer). Its resident memory (psutil) is sampled every second.
 
 Prints, per phase, a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS, the guard's
 CPU time per accepted group and its share of one core over the interval) and one line ``guard load (old|new): ...``;
-then a side-by-side table (each side's phases pooled) and the ratio lines::
+then a side-by-side table (each side's phases pooled) and the ratio lines, as in a run on the shared 2-core test
+machine (docs/atropos.rst, *Guard load test*)::
 
-    ratio new/old guard CPU per accepted group: 0.40x (old 6.5 ms, new 2.6 ms)
-    ratio new/old post latency p99: 0.35x (old 166.0 ms, new 58.0 ms)
-    ratio new/old groups/s: 2.10x (old 138.0, new 290.0)
+    ratio new/old guard CPU per accepted group: 0.40x (old 8.12 ms, new 3.25 ms)
+    ratio new/old post latency p99: 0.37x (old 738.0 ms, new 270.4 ms)
+    ratio new/old groups/s: 3.78x (old 38.7, new 146.2)
 
 The guard's CPU time (user + system) per accepted group is what the guard costs: on a machine shared with other work
 the rate and the latencies measure the share of the CPU the guard got, the CPU per group what it needs (1000 / that =
