@@ -137,9 +137,10 @@ demo-stock: install
 test-cluster: install
 	$(PY) -m pytest -m cluster tests/e2e/test_cluster_e2e.py $(PYTEST_ARGS)
 
-# Load test of the guarded API on loopback: K envs post groups of 8 x 512 tokens for 60 s while a slow trainer drains;
-# prints a table (every 10 s: accepted, groups/s, API queue, guard RSS) and ends with `guard load: ...` (groups/s,
-# p50/p99 post latency, peak RSS). BENCH_GUARD_ARGS e.g. "--envs 4 --seconds 20" (see bench/bench_guard.py --help).
+# Load test of the guarded API on loopback, the old guard (from git, before its FastAPI rebuild) and this checkout's side
+# by side: phases old, new, new, old of 20 s, each with K envs posting groups of 8 x 512 tokens while a slow trainer
+# drains; a table per phase, then one side by side and the ratio lines new/old (guard CPU per accepted group, p99 post
+# latency, groups/s). BENCH_GUARD_ARGS e.g. "--envs 4 --seconds 10" or "--order new" (see bench/bench_guard.py --help).
 .PHONY: bench-guard
 BENCH_GUARD_ARGS ?=
 bench-guard: install
