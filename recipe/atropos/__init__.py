@@ -6,12 +6,18 @@ of them (the API guard, the environments, the launcher's argument parsing).
 
 Sub-packages, by the process that runs them:
 
-- ``schema``, ``records``, ``metrics_file``, ``config``, ``staleness``: shared by every process (lowest layer);
-- ``algos``: pure tensor functions, imported by verl's workers (advantages, the advantage-weighted CE);
-- ``transport``, ``sources``, ``endpoint``, ``trainer``: the trainer driver (HTTP client and spool, where a step's
+- ``schema``, ``records``, ``spool``, ``rundir``, ``polling``, ``metrics_file``, ``config``, ``staleness``,
+  ``waiting``, ``access``: shared by every process (lowest layer): the wire schema, files the recipe writes, the
+  trainer's spool, a run directory's file names, the one wait loop, the typed config;
+- ``algos``: pure tensor functions, imported by verl's workers (advantages, the advantage-weighted CE, the teacher
+  mask of verl's distillation loss);
+- ``transport``, ``sources``, ``endpoint``, ``trainer``: the trainer driver (HTTP client of the API, where a step's
   groups come from, the inference endpoint, ``RayAtroposTrainer``);
-- ``guard``: the Atropos API process; ``launcher``: the supervisor; ``runtime``: CPU platform and rollouts (verl's
-  processes); ``envs``: bundled environments.
+- ``setup``: the trainer driver before Ray starts and the launcher's pre-flight (model assets, CPU runtime settings,
+  placement, cluster attach, GPU checks); ``cpu``: what verl's processes import on CPU (platform, the hf_cpu and
+  vLLM-CPU rollouts, weight transfer);
+- ``guard``: the Atropos API process; ``launcher``: the supervisor; ``envs``: bundled environments (their own
+  processes).
 """
 
 from __future__ import annotations

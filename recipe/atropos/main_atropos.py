@@ -31,6 +31,7 @@ from recipe.atropos.setup.cluster import pinned_here, ray_init_kwargs
 from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.setup.gpu import check_gpu_runtime
 from recipe.atropos.sources.jsonl import OfflineDataError
+from recipe.atropos.trainer.distillation import take_env_distillation
 from recipe.atropos.transport.client import AtroposAPIError
 from recipe.atropos.waiting import stop_paragraph
 
@@ -114,6 +115,7 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # wandb logs locally unless the user says otherwise
     atropos = check_atropos_config(config)
     prepare_runtime(config, atropos.runtime)
+    take_env_distillation(config)  # before the task runner's resource pools: verl's teacher pool stays off
     started_ray = False
     if not ray.is_initialized():  # with ray_kwargs.ray_init.address set: joins that cluster (setup/cluster.py)
         ray.init(**ray_init_kwargs(config, get_ppo_ray_runtime_env(config)))

@@ -1,13 +1,14 @@
 """RayAtroposTrainer: verl's RayPPOTrainer whose rollouts come from Atropos environments.
 
-Each step: the group source hands one batch of scored groups → convert to a DataProto → (colocated: pause the
-inference endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) → reference log-probs when KL
-is on → advantages (env token-level where given, verl GRPO elsewhere) → actor update → checkpoint → push weights →
-resume the endpoint on the new policy version. With split placement (``actor_rollout_ref.hybrid_engine=false``,
-:mod:`recipe.atropos.trainer.placement`) the replicas run on their own resources and keep serving environments through
-the whole step; only the weight swap at its end touches them. Every stage is a method so other recipes can override one
-without copying the loop; where groups come from is a :class:`~recipe.atropos.sources.GroupSource`
-(``_make_group_source``).
+Each step (``_train_step``): the group source hands one batch of scored groups → convert to a DataProto →
+(colocated: pause the inference endpoint, sleep the replicas) → old log-probs (or the rollout's, in bypass mode) →
+reference log-probs when KL is on → advantages (env token-level where given, verl GRPO elsewhere) → actor update →
+checkpoint → push weights → resume the endpoint on the new policy version. With split placement
+(``actor_rollout_ref.hybrid_engine=false``, :mod:`recipe.atropos.trainer.split_workers`) the replicas run on their own
+resources and keep serving environments through the whole step; only the weight swap at its end touches them. Every
+stage is a method so other recipes can override one without copying the loop; where groups come from is a
+:class:`~recipe.atropos.sources.GroupSource` (``_make_group_source``). Groups carrying a teacher's ``distill_*``
+train with verl's distillation loss (:mod:`recipe.atropos.trainer.distillation`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ from recipe.atropos.sources.jsonl import JsonlGroupSource, offline_training_step
 from recipe.atropos.spool import ledger_file
 from recipe.atropos.trainer.checkpoints import resume_step
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
+from recipe.atropos.trainer.distillation import (
+    attach_teacher,
+    distill_step_metrics,
+    install_distillation_loss,
+    take_env_distillation,
+    verl_update_flags,
+)
 from recipe.atropos.trainer.split_workers import HybridEngineFlag, init_split_workers, swap_holds_requests
 from recipe.atropos.trainer.step_metrics import (
     OverlapMeter,
@@ -60,6 +68,8 @@ class RayAtroposTrainer(RayPPOTrainer):
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
         self.atropos = check_atropos_config(config)  # typed and checked once; verl's __init__ builds the source
         share_rollout_correction_with_actor(config)  # before the workers copy the config
+        # Envs' teacher log-probs (distill_*): verl's distillation loss in the actor, its teacher manager kept off
+        self.env_distillation = take_env_distillation(config)
         ledger_path = ledger_file(self.atropos, config.trainer)  # kept beside the spool: resumed lags are exact
         # Served completions expire one version past the lag cap: a span matching nothing is bounded by the oldest
         # completion not yet claimed (recipe.atropos.endpoint.ledger), and data older than the cap is stale anyway.
@@ -88,6 +98,8 @@ class RayAtroposTrainer(RayPPOTrainer):
             init_split_workers(self)
         else:
             super().init_workers()
+        if self.env_distillation is not None:
+            install_distillation_loss(self.actor_rollout_wg, self.config, self.env_distillation)
 
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
         """verl's dataloader slot holds the group source (so checkpoints keep its state); no validation set."""
@@ -119,18 +131,20 @@ class RayAtroposTrainer(RayPPOTrainer):
         )
 
     def _update_actor(self, batch: DataProto) -> DataProto:
-        """verl's update; a batch that lost groups (fallback_to_grpo=false) trains as one smaller mini-batch."""
+        """verl's update (with the env distillation's flags when on); a batch that lost groups
+        (fallback_to_grpo=false) trains as one smaller mini-batch."""
         actor = self.config.actor_rollout_ref.actor
         configured = int(actor.ppo_mini_batch_size)
-        if len(batch) >= configured:
-            return super()._update_actor(batch)
-        with open_dict(self.config):
-            actor.ppo_mini_batch_size = len(batch)
-        try:
-            return super()._update_actor(batch)
-        finally:
+        with verl_update_flags(self, self.env_distillation):
+            if len(batch) >= configured:
+                return super()._update_actor(batch)
             with open_dict(self.config):
-                actor.ppo_mini_batch_size = configured
+                actor.ppo_mini_batch_size = len(batch)
+            try:
+                return super()._update_actor(batch)
+            finally:
+                with open_dict(self.config):
+                    actor.ppo_mini_batch_size = configured
 
     def _save_checkpoint(self) -> None:
         """verl's checkpoint, then the source forgets what it includes (the spool deletes trained groups)."""
@@ -181,6 +195,8 @@ class RayAtroposTrainer(RayPPOTrainer):
         )
         metrics.update(batch.meta_info.pop("atropos_metrics", {}))
         metrics.update(group_score_metrics(groups))
+        if self.env_distillation is not None:  # the groups' distill_* as verl's teacher_ids / teacher_logprobs
+            metrics.update(attach_teacher(batch, groups, self.env_distillation, int(pad)))
         batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
         batch.meta_info["images_seqlens"] = []
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
@@ -213,6 +229,7 @@ class RayAtroposTrainer(RayPPOTrainer):
         if self.use_reference_policy:
             with marked_timer("ref", timing):
                 batch = batch.union(self._compute_ref_log_prob(batch))
+        metrics.update(distill_step_metrics(batch))
         return batch
 
     def _compute_advantages(self, batch: DataProto, metrics: dict[str, float]) -> DataProto:
