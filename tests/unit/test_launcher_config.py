@@ -188,3 +188,14 @@ def test_env_lines_say_which_env_posted_nothing_and_why(tmp_path: Path) -> None:
         "it got no completion from the endpoint (its calls fail, or it fails before calling): see its log"
     )
     assert env_lines(RunDir(tmp_path / "none"), rows) == []
+
+
+def test_env_lines_of_fifo_batches_count_the_trained_sequences_of_a_lone_env_only(tmp_path: Path) -> None:
+    """FIFO batches carry no per-env counts: one env trained every sequence; with two, the line says it cannot tell."""
+    run = RunDir(tmp_path)
+    run.guard_stats.write_text(json.dumps({"envs": {"0": {"received": 4, "rejected": 0}}}))
+    rows = [{"step": 1, "atropos/sequences": 16.0}, {"step": 2, "atropos/sequences": 16.0}]
+    run.env_ids.write_text(json.dumps({"0": "blackjack"}))
+    assert env_lines(run, rows)[0].startswith("env blackjack: posted 4 groups (0 rejected), trained 32 sequences, ")
+    run.env_ids.write_text(json.dumps({"0": "blackjack", "1": "math"}))
+    assert "trained sequences not counted per env (FIFO batches" in env_lines(run, rows)[0]

@@ -131,16 +131,23 @@ def env_lines(run_dir: RunDir, rows: list[dict[str, Any]]) -> list[str]:
     names = json.loads(names_file.read_text()) if names_file.exists() else {}
     guard = (json.loads(stats_file.read_text()) if stats_file.exists() else {}).get("envs") or {}
     train = trainer_rows(rows)
+    env_names = list(dict.fromkeys(names.values()))  # an env restarted registers again under a new id
+    mixture = any(k.startswith("atropos/env/") and k.endswith("/sequences") for r in train for k in r)
     lines = []
-    for name in dict.fromkeys(names.values()):  # an env restarted registers again under a new id
+    for name in env_names:
         ids = [env_id for env_id, n in names.items() if n == name]
         received = sum(int((guard.get(env_id) or {}).get("received", 0)) for env_id in ids)
         rejected = sum(int((guard.get(env_id) or {}).get("rejected", 0)) for env_id in ids)
         served = max((r.get(f"atropos/endpoint/env/{name}/completions", 0.0) for r in train), default=0.0)
         failed = max((r.get(f"atropos/endpoint/env/{name}/failed_calls", 0.0) for r in train), default=0.0)
-        trained = sum(r.get(f"atropos/env/{name}/sequences", 0.0) for r in train)
+        if mixture:  # mixture batches count each env's sequences
+            trained = f"trained {sum(r.get(f'atropos/env/{name}/sequences', 0.0) for r in train):.0f} sequences"
+        elif len(env_names) == 1:  # FIFO batches of one env: every trained sequence is its
+            trained = f"trained {sum(r.get('atropos/sequences', 0.0) for r in train):.0f} sequences"
+        else:
+            trained = "trained sequences not counted per env (FIFO batches; atropos.mixture counts them)"
         line = (
-            f"env {name}: posted {received} groups ({rejected} rejected), trained {trained:.0f} sequences, "
+            f"env {name}: posted {received} groups ({rejected} rejected), {trained}, "
             f"{served:.0f} completions served, {failed:.0f} failed calls"
         )
         if received == 0 and served == 0:
