@@ -16,11 +16,11 @@ answer). Its resident memory (psutil) is sampled every second.
 Prints, per phase, a table (every 10 s: accepted groups, groups/s over the interval, API queue, guard RSS, the guard's
 CPU time per accepted group and its share of one core over the interval) and one line ``guard load (old|new): ...``;
 then a side-by-side table (each side's phases pooled) and the ratio lines, as in a run on the shared 2-core test
-machine (docs/atropos.rst, *Guard load test*)::
+machine with little else running (docs/atropos.rst, *Guard load test*)::
 
-    ratio new/old guard CPU per accepted group: 0.40x (old 8.12 ms, new 3.25 ms)
-    ratio new/old post latency p99: 0.37x (old 738.0 ms, new 270.4 ms)
-    ratio new/old groups/s: 3.78x (old 38.7, new 146.2)
+    ratio new/old guard CPU per accepted group: 0.45x (old 5.63 ms, new 2.54 ms)
+    ratio new/old post latency p99: 0.31x (old 134.7 ms, new 41.5 ms)
+    ratio new/old groups/s: 2.44x (old 159.1, new 387.9)
 
 The guard's CPU time (user + system) per accepted group is what the guard costs: on a machine shared with other work
 the rate and the latencies measure the share of the CPU the guard got, the CPU per group what it needs (1000 / that =
