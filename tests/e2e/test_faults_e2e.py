@@ -56,7 +56,7 @@ def assert_nothing_fetched_lost(spool: dict) -> None:
 
 def account(run_dir: Path, *, finished: bool = True) -> GroupAccount:
     """The run's account by group id; 0 lost (the ids are named otherwise); a finished run printed the same line."""
-    acc = group_account(run_dir)
+    acc = group_account(RunDir(run_dir))
     assert acc is not None, "no API journal in the run directory"
     assert acc.lost == 0, (acc.line(), acc.lost_ids)
     assert acc.posted == acc.trained + acc.set_aside_total + acc.pending + acc.lost
