@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,6 +100,36 @@ def wait_exit(proc: ManagedProcess, timeout: float) -> int:
     """The exit code of ``proc``; after ``timeout`` s, AssertionError with its log tail."""
     wait_until(lambda: proc.poll() is not None, timeout, f"{proc.name} to exit", log=proc.log_path)
     return int(proc.poll())
+
+
+def run_at_once(
+    commands: dict[str, list[str]], timeout: float, envs: dict[str, dict[str, str]] | None = None
+) -> dict[str, subprocess.CompletedProcess]:
+    """Each command to its end, all started at once, with its exit code and output (text), by name; ``envs``: a name's
+    variables on top of this process's. For commands that spend their time starting (imports, a tokenizer): on 2 cores
+    two take about the time of one. A command still running after ``timeout`` s is killed (TimeoutExpired)."""
+    procs = {
+        name: subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(envs or {}).get(name, {})},
+        )
+        for name, argv in commands.items()
+    }
+    deadline = time.monotonic() + timeout
+    done = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
 
 
 def http_ok(url: str) -> Callable[[], bool]:

@@ -94,7 +94,7 @@ def test_api_down_then_up_the_client_waits_and_recovers(make_run_api) -> None:
         client.status()
 
     def start_then_feed() -> None:
-        time.sleep(2)
+        time.sleep(0.5)  # the client polls the API while it is down: this, then the API's own start-up
         api.start()
         register(AtroposClient(api.url), batch_size=2)
         requests.post(f"{api.url}/scored_data", json=group(), timeout=5).raise_for_status()

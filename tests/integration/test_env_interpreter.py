@@ -36,7 +36,7 @@ from recipe.atropos.launcher.processes import ManagedProcess
 from recipe.atropos.rundir import RunDir
 from recipe.atropos.setup.assets import portable_tokenizer, prepare_smollm2, save_portable_tokenizer
 from recipe.atropos.transport.client import AtroposClient
-from tests.helpers import wait_until
+from tests.helpers import run_at_once, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVS_PY = str(venv_python(DEFAULT_VENV))
@@ -109,16 +109,18 @@ def tagged_json(done: subprocess.CompletedProcess, tag: str) -> dict:
     raise AssertionError(f"no {tag} line (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
 
 
-def tokenizer_facts(python: str, model_dir: Path, with_trainer: bool = False) -> dict:
-    argv = [python, "-c", TOKENIZER_FACTS, str(model_dir), json.dumps(CHAT), *(["trainer"] if with_trainer else [])]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
-    return tagged_json(done, "FACTS")
+def tokenizer_facts(model_dir: Path, with_trainer: bool = False) -> tuple[dict, dict]:
+    """What the tokenizer in ``model_dir`` gives in the env interpreter (transformers 4) and in the trainer's (5),
+    both interpreters run at once (each spends its time importing transformers)."""
+    args = [TOKENIZER_FACTS, str(model_dir), json.dumps(CHAT), *(["trainer"] if with_trainer else [])]
+    done = run_at_once({"four": [ENVS_PY, "-c", *args], "five": [sys.executable, "-c", *args]}, timeout=180)
+    return tagged_json(done["four"], "FACTS"), tagged_json(done["five"], "FACTS")
 
 
 @pytest.fixture(scope="module")
 def tiny_facts(tiny_model: Path) -> tuple[dict, dict]:
     """The tiny test tokenizer (saved by transformers 5) seen by the env interpreter and by the trainer's."""
-    return tokenizer_facts(ENVS_PY, tiny_model, with_trainer=True), tokenizer_facts(sys.executable, tiny_model, True)
+    return tokenizer_facts(tiny_model, with_trainer=True)
 
 
 def test_the_env_interpreter_has_transformers_4_and_tokenize_for_trainer_returns_lists(tiny_facts) -> None:
@@ -155,7 +157,7 @@ def test_the_demo_tokenizer_saved_by_transformers_5_reads_the_same_under_4(tmp_p
     except (RuntimeError, FileNotFoundError) as exc:
         pytest.skip(f"the demo model is not installed: {exc}")
     save_portable_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), tmp_path / "smollm2")
-    four, five = tokenizer_facts(ENVS_PY, tmp_path / "smollm2"), tokenizer_facts(sys.executable, tmp_path / "smollm2")
+    four, five = tokenizer_facts(tmp_path / "smollm2")
     assert four["version"] == TRANSFORMERS_PIN and five["version"].startswith("5.")
     for key in ("ids", "prompt", "special", "encode"):
         assert four[key] == five[key], key
@@ -226,13 +228,18 @@ def test_a_stock_env_imports_in_the_env_interpreter_as_a_script() -> None:
     assert found["blackjack"].env_class == "BlackjackEnvNoThinking" and not found["blackjack"].multi
 
 
-def serve_config(env: EnvConfig, argv: list[str]) -> dict:
-    """What atroposlib's ``serve`` merges from ``argv`` (the launcher's command line, interpreter first)."""
-    assert argv[0] == ENVS_PY
-    target = ["module", argv[2]] if argv[1] == "-m" else ["script", argv[1]]
-    rest = argv[3:] if argv[1] == "-m" else argv[2:]
-    done = run_envs_python("-c", SERVE_CONFIG, *target, *rest, env=env_environ(env, ENVS_PY))
-    return tagged_json(done, "SERVE")
+def serve_configs(runs: dict[str, tuple[EnvConfig, list[str]]]) -> dict[str, dict]:
+    """What atroposlib's ``serve`` merges from each ``argv`` (the launcher's command line, interpreter first), by
+    name; the envs' interpreters run at once."""
+    commands = {}
+    for name, (_, argv) in runs.items():
+        assert argv[0] == ENVS_PY
+        target = ["module", argv[2]] if argv[1] == "-m" else ["script", argv[1]]
+        rest = argv[3:] if argv[1] == "-m" else argv[2:]
+        commands[name] = [ENVS_PY, "-c", SERVE_CONFIG, *target, *rest]
+    envs = {name: env_environ(env, ENVS_PY) for name, (env, _) in runs.items()}
+    done = run_at_once(commands, timeout=180, envs=envs)
+    return {name: tagged_json(done[name], "SERVE") for name in runs}
 
 
 def launcher_argv(name: str, env: EnvConfig, servers: EnvServers, model: Path, config_dir: Path) -> list[str]:
@@ -257,10 +264,9 @@ def test_serve_takes_the_launchers_command_line_for_each_layout(
     # The judge's client (vllm, as servers[0]'s) loads a tokenizer at start: the entry names one it can load offline.
     two = EnvConfig(script=TWO_SERVERS.script, group_size=2, servers=[{}, {"tokenizer_name": str(tiny_model)}])
     envs = {"one_word": ONE_WORD, "two_servers": two, "pkg": PKG}
-    merged = {
-        name: serve_config(env, launcher_argv(name, env, probed[name], tiny_model, tmp_path))
-        for name, env in envs.items()
-    }
+    merged = serve_configs(
+        {name: (env, launcher_argv(name, env, probed[name], tiny_model, tmp_path)) for name, env in envs.items()}
+    )
     for name, env in envs.items():
         policy = merged[name]["servers"][0]
         assert policy["base_url"] == f"http://127.0.0.1:2/env/{name}/v1"

@@ -21,7 +21,7 @@ from recipe.atropos.schema import validate_group
 from recipe.atropos.setup.assets import model_vocab_size
 from recipe.atropos.transport.client import AtroposClient
 from tests.factories import TINY_CONFIG, group
-from tests.helpers import http_ok, launcher_argv, wait_until
+from tests.helpers import http_ok, launcher_argv, run_at_once, wait_until
 
 
 # ---- client against a restarted API --------------------------------------------------------------------------
@@ -102,34 +102,50 @@ def test_preflight_refuses_a_port_in_use(tiny_model: Path) -> None:
             preflight(f"actor_rollout_ref.model.path={tiny_model}", f"atropos.launcher.api_port={port}")
 
 
-def run_launcher(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "recipe.atropos.launch_atropos_verl_services", "--config", str(TINY_CONFIG), *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+def launcher_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "recipe.atropos.launch_atropos_verl_services", "--config", str(TINY_CONFIG), *args]
 
 
-def test_launcher_start_up_failure_is_one_line_exit_2_before_any_service(tmp_path: Path) -> None:
-    run = run_launcher("actor_rollout_ref.model.path=/no/such/model", f"atropos.launcher.run_dir={tmp_path / 'r'}")
+@pytest.fixture(scope="module")
+def launcher_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
+    """The launcher on each command line below, run at once (each spends its time importing and checking its
+    config), for the tests that read its exit code and output: a model that is not there (run dir ``no_model``), an
+    unknown key Hydra refuses, an unknown key the typed config refuses, a run dir whose checkpoint is at the last
+    step (``finished``)."""
+    tmp = tmp_path_factory.mktemp("launcher_runs")
+    checkpoints = RunDir(tmp / "finished").checkpoints
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("3")
+    commands = {
+        "no_model": ["actor_rollout_ref.model.path=/no/such/model", f"atropos.launcher.run_dir={tmp / 'no_model'}"],
+        "unknown_key": ["atropos.no_such_key=1"],  # Hydra refuses it while composing
+        "unknown_launcher_key": ["+atropos.launcher.no_such_key=1"],  # composes; the typed config refuses it
+        "finished": [f"actor_rollout_ref.model.path={tiny_model}", f"atropos.launcher.run_dir={tmp / 'finished'}"],
+    }
+    return run_at_once({name: launcher_command(*args) for name, args in commands.items()}, timeout=240)
+
+
+def test_launcher_start_up_failure_is_one_line_exit_2_before_any_service(launcher_runs) -> None:
+    run = launcher_runs["no_model"]
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "actor_rollout_ref.model.path=/no/such/model" in errors[0]
     assert "Traceback" not in run.stderr
-    assert not RunDir(tmp_path / "r").logs.exists()  # nothing was started
+    run_dir = next(Path(arg.split("=", 1)[1]) for arg in run.args if arg.startswith("atropos.launcher.run_dir="))
+    assert not RunDir(run_dir).logs.exists()  # nothing was started
 
 
-def test_launcher_with_an_unknown_key_is_one_line_exit_2() -> None:
-    run = run_launcher("atropos.no_such_key=1")  # Hydra refuses it while composing
+def test_launcher_with_an_unknown_key_is_one_line_exit_2(launcher_runs) -> None:
+    run = launcher_runs["unknown_key"]
     assert run.returncode == 2 and "Traceback" not in run.stderr and "cannot compose" in run.stderr
-    run = run_launcher("+atropos.launcher.no_such_key=1")  # composes; the typed config refuses it
+    run = launcher_runs["unknown_launcher_key"]
     errors = [line for line in run.stderr.splitlines() if "ERROR" in line]
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert len(errors) == 1 and "atropos.launcher.no_such_key" in errors[0]
 
 
-def test_resuming_a_finished_run_says_so_and_exits_0(tiny_model: Path, tmp_path: Path) -> None:
-    ckpt = RunDir(tmp_path / "r").checkpoints
-    ckpt.mkdir(parents=True)
-    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
-    run = run_launcher(f"actor_rollout_ref.model.path={tiny_model}", f"atropos.launcher.run_dir={tmp_path / 'r'}")
+def test_resuming_a_finished_run_says_so_and_exits_0(launcher_runs) -> None:
+    run = launcher_runs["finished"]
     assert run.returncode == 0, run.stderr
     assert "already finished: checkpoint at step 3 of trainer.total_training_steps=3" in run.stdout
 

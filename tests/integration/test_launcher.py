@@ -14,12 +14,10 @@ from recipe.atropos.launcher.processes import ManagedProcess
 from recipe.atropos.launcher.supervisor import Launcher
 from recipe.atropos.rundir import RunDir
 from tests.factories import CONFIG_DIR, TINY_CONFIG
-from tests.helpers import http_ok, wait_until
+from tests.helpers import http_ok, run_at_once, wait_until
 
-
-def test_launcher_composes_the_trainers_config_without_importing_verl() -> None:
-    """`pkg://verl.trainer.config` is read as its directory: same config as Hydra's pkg:// path, verl not imported."""
-    code = f"""
+# `pkg://verl.trainer.config` is read as its directory: same config as Hydra's pkg:// path, verl not imported.
+COMPOSE = f"""
 import sys
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -31,7 +29,19 @@ with initialize_config_dir(config_dir={str(CONFIG_DIR)!r}, version_base=None):
 assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)
 print(fast.data.train_batch_size)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
+    """The two checks below that need an interpreter of their own, run at once: the launcher's composition
+    (``compose``) and the trainer started without trainer.total_training_steps (``trainer``)."""
+    trainer = [sys.executable, "-m", "recipe.atropos.main_atropos", "actor_rollout_ref.model.path=/nowhere"]
+    trainer.append(f"hydra.run.dir={tmp_path_factory.mktemp('hydra')}")
+    return run_at_once({"compose": [sys.executable, "-c", COMPOSE], "trainer": trainer}, timeout=120)
+
+
+def test_launcher_composes_the_trainers_config_without_importing_verl(fresh_interpreters) -> None:
+    out = fresh_interpreters["compose"]
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "16"
 
@@ -74,9 +84,7 @@ def test_a_dying_env_stops_the_run_naming_it(
         launcher.stop_all()
 
 
-def test_trainer_without_total_steps_fails_fast_naming_the_key(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "recipe.atropos.main_atropos", "actor_rollout_ref.model.path=/nowhere"]
-    argv.append(f"hydra.run.dir={tmp_path}")
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+def test_trainer_without_total_steps_fails_fast_naming_the_key(fresh_interpreters) -> None:
+    run = fresh_interpreters["trainer"]
     assert run.returncode != 0
     assert "trainer.total_training_steps is required" in run.stderr + run.stdout
