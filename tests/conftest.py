@@ -100,9 +100,10 @@ def run_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunApi]:
         api.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer Llama with a byte-level ChatML tokenizer, built locally (no download), once per module."""
+    """A random 2-layer Llama with a byte-level ChatML tokenizer, built locally (no download), once per session: the
+    same seed builds the same model, and no test writes into it."""
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
