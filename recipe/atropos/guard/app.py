@@ -58,20 +58,18 @@ def guard_argv(
     import sys
 
     argv = [sys.executable, "-m", "recipe.atropos.guard.app", "--host", host, "--port", str(port)]
-    if vocab_size:
-        argv += ["--vocab-size", str(vocab_size)]
-    if batch_size:
-        argv += ["--batch-size", str(batch_size)]
-    if rejected_file:
-        argv += ["--rejected-file", str(rejected_file)]
-    if stats_file:
-        argv += ["--stats-file", str(stats_file)]
-    if journal_dir:
-        argv += ["--journal-dir", str(journal_dir)]
-    if max_queued_sequences:
-        argv += ["--max-queued-sequences", str(max_queued_sequences)]
-    if allow:
-        argv += ["--allow", ",".join(allow)]
+    options = {
+        "--vocab-size": vocab_size,
+        "--batch-size": batch_size,
+        "--rejected-file": rejected_file,
+        "--stats-file": stats_file,
+        "--journal-dir": journal_dir,
+        "--max-queued-sequences": max_queued_sequences,
+        "--allow": ",".join(allow),
+    }
+    for flag, value in options.items():
+        if value:  # unset (None, 0, "") leaves the guard's default
+            argv += [flag, str(value)]
     return argv
 
 
