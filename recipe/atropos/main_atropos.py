@@ -31,7 +31,7 @@ from recipe.atropos.setup.cluster import pinned_here, ray_init_kwargs
 from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.setup.gpu import check_gpu_runtime
 from recipe.atropos.sources.jsonl import OfflineDataError
-from recipe.atropos.trainer.distillation import take_env_distillation
+from recipe.atropos.trainer.distillation import env_distillation, take_env_distillation
 from recipe.atropos.transport.client import AtroposAPIError
 from recipe.atropos.waiting import stop_paragraph
 
@@ -157,6 +157,7 @@ def stop(paragraph: str) -> None:
 def main(config: DictConfig) -> None:
     try:
         check_atropos_config(config)  # the checks' ValueErrors name the key and the fix: one paragraph, before Ray
+        env_distillation(config)  # likewise for the distillation block (a teacher model path, a loss without teacher)
     except ValueError as error:
         stop(stop_paragraph(str(error)))
     try:
