@@ -1,4 +1,4 @@
-"""The launcher's console explains a wait (one launcher run, poll timeout 30 s): with environments that send the API
+"""The launcher's console explains a wait (one launcher run, poll timeout 20 s): with environments that send the API
 nothing it can train on — one whose groups all score alike (BaseEnv drops them itself), one whose every
 ``chat_completion`` gets 404 (it asks for another model by name, as a stock env's own config does), one whose group
 size (3) cannot pack into the batch (8) — the console prints the waiting line every ``atropos.launcher.wait_report_s``
@@ -25,16 +25,16 @@ ENVS = (
     "args:{env.symptom:none,env.group_size:3,env.ensure_scores_are_not_same:false,env.max_new_tokens:4}}]"
 )
 GS = r"env gs: (\d+) groups received \((\d+) rejected\), last post \d+ s ago, last rejection: (.*)"
-TIMEOUT = r"no batch from \S+ within 30 s: .*\n.*waiting 3\d s for step 1 \| API queue 0 groups \| env equal"
+TIMEOUT = r"no batch from \S+ within 20 s: .*\n.*waiting 2\d s for step 1 \| API queue 0 groups \| env equal"
 
 
 def test_the_console_says_why_step_1_waits_and_names_each_envs_fault(launch) -> None:  # noqa: ANN001
-    run: Launch = launch(ENVS, "atropos.poll_timeout_s=30", "atropos.launcher.wait_report_s=8")
+    run: Launch = launch(ENVS, "atropos.poll_timeout_s=20", "atropos.launcher.wait_report_s=6")
     assert run.wait_exit(600) == 1  # no batch within the poll timeout: the trainer fails, the launcher says so
     console = run.log_text()
     waits = re.findall(r"^waiting (\d+) s for step 1 \| (.*)$", console, re.MULTILINE)
-    assert len(waits) >= 2, console[-6000:]  # every 8 s while step 1 waits
-    assert all(int(s) >= 8 for s, _ in waits)
+    assert len(waits) >= 2, console[-6000:]  # every 6 s while step 1 waits
+    assert all(int(s) >= 6 for s, _ in waits)
     # The last line of the wait (the trainer removes its wait file as it gives up; a line composed in that instant may
     # find the endpoint already stopping: "endpoint: no answer")
     seconds, rest = [w for w in waits if w[1].endswith("completions served")][-1]

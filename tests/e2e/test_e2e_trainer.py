@@ -20,7 +20,7 @@ import requests
 from recipe.atropos.launcher.processes import ManagedProcess, free_port, stop_process_tree, tail
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.rundir import RunDir
-from tests.helpers import http_ok, trainer_argv, wait_exit, wait_until
+from tests.helpers import trainer_argv, wait_exit, wait_until
 
 ENV_MODULE = "recipe.atropos.envs.one_word_env"
 KL = (
@@ -80,9 +80,15 @@ def test_resume_after_kill_continues_from_the_checkpoint(
         "algorithm.rollout_correction.rollout_is=token",
         *KL,
     )
+
+    def registered() -> bool:
+        return requests.get(f"{run_api.url}/info", timeout=5).json()["batch_size"] != -1
+
+    # The env starts once the trainer has registered (before its workers start, as the launcher starts envs): it waits
+    # for the endpoint meanwhile.
     first = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
     no_leftovers.append(first.start())
-    wait_until(http_ok(f"http://127.0.0.1:{port}/health"), 400, "the endpoint", proc=first)
+    wait_until(registered, 400, "registration with the API", proc=first)
     env = env_process(tmp_path, tiny_model, run_api.url, port).start()
     no_leftovers.append(env)
 
@@ -104,12 +110,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     second = trainer_process(tmp_path, tiny_model, run_api.url, port, *common)
     second.log_path = tmp_path / "trainer_resumed.log"
     no_leftovers.append(second.start())
-    wait_until(http_ok(f"http://127.0.0.1:{port}/health"), 400, "the resumed endpoint", proc=second)
-
-    def registered() -> bool:
-        return requests.get(f"{run_api.url}/info", timeout=5).json()["batch_size"] != -1
-
-    wait_until(registered, 120, "registration with the API", proc=second)
+    wait_until(registered, 400, "registration with the API", proc=second)
     # No env is running yet, so no batch was built: the API's step is exactly the one the trainer registered.
     assert requests.get(f"{run_api.url}/status", timeout=5).json()["current_step"] == saved
     n_before = len(read_metrics(RunDir(tmp_path).metrics_file))
