@@ -66,6 +66,20 @@ def trainer_argv(model: Path, run_dir: Path, *overrides: str, config_name: str =
     ]
 
 
+def offline_trainer_argv(model: Path, run_dir: Path, data: Path, steps: int, *overrides: str) -> list[str]:
+    """:func:`trainer_argv` training ``steps`` steps on saved groups (``atropos.source=jsonl``, the JSONL ``data``);
+    no API: ``atropos.api_url`` points where nothing listens, so any API call would fail the run."""
+    return trainer_argv(
+        model,
+        run_dir,
+        "atropos.source=jsonl",
+        f"atropos.jsonl_paths=[{data}]",
+        "atropos.api_url=http://127.0.0.1:9",
+        f"trainer.total_training_steps={steps}",
+        *overrides,
+    )
+
+
 # ---- the one wait loop ------------------------------------------------------------------------------------------
 class Pollable(Protocol):
     def poll(self) -> int | None: ...

@@ -19,7 +19,7 @@ from recipe.atropos.launcher.processes import ManagedProcess, tail
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.rundir import RunDir
 from recipe.atropos.setup.assets import build_tiny_model
-from tests.helpers import trainer_argv, wait_exit
+from tests.helpers import offline_trainer_argv, wait_exit
 
 STEPS = 3
 
@@ -75,16 +75,8 @@ def test_env_teacher_fields_train_through_verls_distillation_loss(
     teacher = build_tiny_model(tmp_path / "teacher", seed=1)
     data = tmp_path / "groups.jsonl"
     save_groups(teacher, data, top_k)
-    argv = trainer_argv(
-        tiny_model,
-        tmp_path,
-        "atropos.source=jsonl",
-        f"atropos.jsonl_paths=[{data}]",
-        "atropos.api_url=http://127.0.0.1:9",  # nothing listens: any API call would fail the run
-        f"trainer.total_training_steps={STEPS}",
-        "trainer.save_freq=-1",
-        "distillation.enabled=true",
-        *loss,
+    argv = offline_trainer_argv(
+        tiny_model, tmp_path, data, STEPS, "trainer.save_freq=-1", "distillation.enabled=true", *loss
     )
     trainer = ManagedProcess("trainer", argv, tmp_path / "trainer.log")  # main_atropos, the stock trainer
     no_leftovers.append(trainer.start())

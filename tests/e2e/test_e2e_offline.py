@@ -12,7 +12,7 @@ import pytest
 from recipe.atropos.launcher.processes import ManagedProcess, tail
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.rundir import RunDir
-from tests.helpers import trainer_argv, wait_exit
+from tests.helpers import offline_trainer_argv, wait_exit
 
 REPLIES = ("Blue", "It is blue", "Paris", "A cat")
 
@@ -50,17 +50,7 @@ def save_groups_with_atroposlib(model: Path, path: Path, n_groups: int) -> list[
 
 
 def offline_trainer(tmp_path: Path, model: Path, data: Path, steps: int, log: str, *extra: str) -> ManagedProcess:
-    argv = trainer_argv(
-        model,
-        tmp_path,
-        "atropos.source=jsonl",
-        f"atropos.jsonl_paths=[{data}]",
-        "atropos.api_url=http://127.0.0.1:9",  # nothing listens: any API call would fail the run
-        f"trainer.total_training_steps={steps}",
-        "trainer.save_freq=1",
-        "trainer.resume_mode=auto",
-        *extra,
-    )
+    argv = offline_trainer_argv(model, tmp_path, data, steps, "trainer.save_freq=1", "trainer.resume_mode=auto", *extra)
     return ManagedProcess("trainer", argv, tmp_path / log)
 
 
