@@ -364,3 +364,19 @@ def host_address() -> str:
             if address.family == socket.AF_INET and not address.address.startswith("127."):
                 return address.address
     pytest.skip("this machine has no non-loopback IPv4 address to test a refused client with")
+
+
+def save_with_atroposlib(model: Path, path: Path, groups: list[dict]) -> None:
+    """Write ``groups`` to the JSONL ``path`` with atroposlib's own writer: ``BaseEnv.handle_send_to_api`` of the
+    bundled env with ``data_path_to_save_groups`` (what an env's ``process`` command does), sending nothing."""
+    import asyncio
+
+    from recipe.atropos.envs.one_word_env import OneWordEnv
+
+    env_config, servers = OneWordEnv.config_init()
+    env_config = env_config.model_copy(
+        update={"tokenizer_name": str(model), "group_size": 2, "data_path_to_save_groups": str(path)}
+    )
+    env = OneWordEnv(env_config, servers, slurm=False, testing=True)
+    asyncio.run(env.handle_send_to_api(groups, do_send_to_api=False, abort_on_any_max_length_exceeded=False))
+    env.jsonl_writer.close()

@@ -4,7 +4,6 @@ trainer's spool, offline JSONL) keeps both fields as they came."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ from recipe.atropos.schema import GroupValidationError, validate_group
 from recipe.atropos.sources.jsonl import JsonlGroupSource
 from recipe.atropos.spool import GroupSpool
 from tests.factories import X, group
+from tests.helpers import save_with_atroposlib
 
 # Two sequences of 4 tokens (tests.factories.group); top-2 teacher entries, none at position 0 (vLLM's None).
 IDS = [[[], [11, 3], [100, 7], [200, 9]], [[], [11, 4], [101, 7], [201, 9]]]
@@ -130,17 +130,9 @@ def test_offline_jsonl_keeps_the_fields(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_atroposlibs_writer_saves_what_the_offline_reader_reads(tmp_path: Path) -> None:
     """BaseEnv.handle_send_to_api with data_path_to_save_groups (what `process` does) writes the fields as posted."""
-    from recipe.atropos.envs.one_word_env import OneWordEnv
     from recipe.atropos.setup.assets import build_tiny_model
 
-    model = build_tiny_model(tmp_path / "tiny")
-    env_config, servers = OneWordEnv.config_init()
-    env_config = env_config.model_copy(
-        update={"tokenizer_name": str(model), "group_size": 2, "data_path_to_save_groups": str(tmp_path / "g.jsonl")}
-    )
-    env = OneWordEnv(env_config, servers, slurm=False, testing=True)
     posted = distilled(masks=[[X, X, 100, 200], [X, X, 101, 201]])
-    asyncio.run(env.handle_send_to_api([posted], do_send_to_api=False, abort_on_any_max_length_exceeded=False))
-    env.jsonl_writer.close()
+    save_with_atroposlib(build_tiny_model(tmp_path / "tiny"), tmp_path / "g.jsonl", [posted])
     (back,) = JsonlGroupSource([str(tmp_path / "g.jsonl")], batch_size=2).next_batch()
     assert back.distill_token_ids == IDS and back.distill_logprobs == LPS

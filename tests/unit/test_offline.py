@@ -6,7 +6,6 @@ where the format matters, and as plain JSON lines (the same format) elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from recipe.atropos.setup.assets import build_tiny_model
 from recipe.atropos.sources.jsonl import JsonlGroupSource, OfflineDataError, offline_training_steps
 from recipe.atropos.transport.client import AtroposClient
 from tests.factories import TINY_CONFIG, X
+from tests.helpers import save_with_atroposlib
 
 
 def group(gid: int, size: int, score: float = 0.0) -> dict:
@@ -158,18 +158,9 @@ def test_resume_continues_at_the_next_unread_group_with_the_carry(tmp_path: Path
 @pytest.mark.timeout(120)
 def test_reads_what_atroposlibs_writer_saves(tmp_path: Path) -> None:
     """Groups go through BaseEnv.handle_send_to_api with data_path_to_save_groups (what `process` does)."""
-    from recipe.atropos.envs.one_word_env import OneWordEnv
-
-    model = build_tiny_model(tmp_path / "tiny")
-    env_config, servers = OneWordEnv.config_init()
-    env_config = env_config.model_copy(
-        update={"tokenizer_name": str(model), "group_size": 2, "data_path_to_save_groups": str(tmp_path / "g.jsonl")}
-    )
-    env = OneWordEnv(env_config, servers, slurm=False, testing=True)
     written = [dict(group(1, 2), inference_logprobs=[[1.0, -0.5, -0.25]] * 2, overrides=[{}, {}]), group(2, 2)]
     written[1]["advantages"] = [[0.0, 0.5, 0.5], [0.0, -0.5, -0.5]]
-    asyncio.run(env.handle_send_to_api(written, do_send_to_api=False, abort_on_any_max_length_exceeded=False))
-    env.jsonl_writer.close()
+    save_with_atroposlib(build_tiny_model(tmp_path / "tiny"), tmp_path / "g.jsonl", written)
 
     source = JsonlGroupSource([str(tmp_path / "g.jsonl")], batch_size=4)
     got = source.next_batch()
