@@ -9,6 +9,15 @@ An error the recipe raises on purpose with a message that says what to do (:data
 errors) ends the process with that message as one paragraph headed ``atropos-verl: the trainer stopped:`` on stderr
 and exit code 1, not Hydra's traceback: :func:`stop_reason` takes it out of the ``RayTaskError`` that carries it from
 the Ray actor. Any other error is a bug and keeps its traceback.
+
+A config of your own, in any folder: ``--config-path DIR --config-name NAME`` (``DIR`` absolute, or relative to the
+working directory: :func:`config_path_from_cwd`; Hydra alone would take it relative to this file), and the YAML extends
+a shipped one with ``defaults: [atropos_grpo_base, _self_]`` (``hydra_plugins/atropos_verl`` puts the shipped configs on
+the search path).
+
+wandb: ``WANDB_MODE`` is ``atropos.wandb_mode`` (offline by default) unless the environment sets it already (the user's
+``WANDB_MODE`` wins); the run lands under ``$WANDB_DIR/wandb`` (the launcher sets ``WANDB_DIR`` to the run directory),
+else under the working directory's ``wandb/``; the trainer logs where at start (:mod:`recipe.atropos.setup.tracking`).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 import ray
@@ -30,8 +40,9 @@ from recipe.atropos.setup.assets import resolve_model_path
 from recipe.atropos.setup.cluster import pinned_here, ray_init_kwargs
 from recipe.atropos.setup.cpu_runtime import apply_cpu_runtime, should_use_cpu_runtime
 from recipe.atropos.setup.gpu import check_gpu_runtime
+from recipe.atropos.setup.tracking import DIR_ENV, MODE_ENV, wandb_base, wandb_line, wandb_mode
 from recipe.atropos.sources.jsonl import OfflineDataError
-from recipe.atropos.trainer.distillation import env_distillation, take_env_distillation
+from recipe.atropos.trainer.distillation import distillation_plan, take_distillation
 from recipe.atropos.transport.client import AtroposAPIError
 from recipe.atropos.waiting import stop_paragraph
 
@@ -79,7 +90,13 @@ def show_recipe_logs() -> None:
 class AtroposTaskRunner:
     """Runs in Ray: creates the worker groups and the trainer, then trains."""
 
-    def run(self, config: DictConfig, trainer_cls: type | None = None, api_key: str | None = None) -> None:
+    def run(
+        self,
+        config: DictConfig,
+        trainer_cls: type | None = None,
+        api_key: str | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
         from verl.trainer.main_ppo_v0 import BaseTaskRunner
 
         show_recipe_logs()
@@ -91,9 +108,11 @@ class AtroposTaskRunner:
         OmegaConf.resolve(config)
         if api_key:  # the driver's $ATROPOS_INFERENCE_API_KEY: this actor may run in another node's environment
             os.environ[API_KEY_ENV] = api_key
+        os.environ.update(environ or {})  # the driver's wandb mode and folder (wandb.init runs in this actor)
         roles = BaseTaskRunner()
         _, worker_group_cls = roles.add_actor_rollout_worker(config)
         roles.add_reward_model_resource_pool(config)
+        roles.add_teacher_model_resource_pool(config)  # verl's teacher pool when its switch is on (teacher_models)
         validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=False)
         model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
         trainer = (trainer_cls or RayAtroposTrainer)(
@@ -108,14 +127,51 @@ class AtroposTaskRunner:
         trainer.fit()
 
 
+def wandb_environ(config: DictConfig, configured_mode: str) -> dict[str, str]:
+    """Set ``WANDB_MODE`` (``configured_mode``, ``atropos.wandb_mode``, unless the environment sets it: the user's
+    wins) and ``WANDB_DIR`` (unless set: the working directory, absolute, so the run lands in ``./wandb`` whatever
+    the Ray actor's directory) in this process's environment, log where the run goes, and return the two for the
+    trainer's actor."""
+    mode, source = wandb_mode(configured_mode)
+    os.environ[MODE_ENV] = mode
+    os.environ[DIR_ENV] = str(wandb_base(os.getcwd()))
+    loggers = [str(x) for x in (config.trainer.get("logger") or [])]
+    trainer = config.trainer
+    line = wandb_line(loggers, mode, source, Path(os.environ[DIR_ENV]), trainer.project_name, trainer.experiment_name)
+    if line is not None:
+        logger.info("%s", line)
+    return {MODE_ENV: mode, DIR_ENV: os.environ[DIR_ENV]}
+
+
+def config_path_from_cwd(argv: list[str], cwd: str | None = None) -> list[str]:
+    """``argv`` with a relative ``--config-path DIR`` / ``-cp DIR`` (or ``--config-path=DIR``) made absolute from the
+    working directory ``cwd`` (default: this process's): Hydra takes a relative one from this file's folder, so
+    ``--config-path my_configs`` would look in ``recipe/atropos/my_configs``. Absolute and ``pkg://`` paths stay."""
+    cwd = cwd or os.getcwd()
+
+    def absolute(path: str) -> str:
+        return path if path.startswith("pkg://") or os.path.isabs(path) else os.path.join(cwd, path)
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--config-path", "-cp"):
+            continue
+        if eq:
+            out[i] = f"{flag}={absolute(value)}"
+        elif i + 1 < len(out):
+            out[i + 1] = absolute(out[i + 1])
+    return out
+
+
 def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     """Start Ray (if needed), train, and shut down the Ray cluster this call started."""
     from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
 
-    os.environ.setdefault("WANDB_MODE", "offline")  # wandb logs locally unless the user says otherwise
     atropos = check_atropos_config(config)
+    tracking = wandb_environ(config, atropos.wandb_mode)
     prepare_runtime(config, atropos.runtime)
-    take_env_distillation(config)  # before the task runner's resource pools: verl's teacher pool stays off
+    take_distillation(config)  # before the task runner's resource pools: off (envs' fields) or sized (verl's teacher)
     started_ray = False
     if not ray.is_initialized():  # with ray_kwargs.ray_init.address set: joins that cluster (setup/cluster.py)
         ray.init(**ray_init_kwargs(config, get_ppo_ray_runtime_env(config)))
@@ -123,7 +179,7 @@ def run_atropos(config: DictConfig, trainer_cls: type | None = None) -> None:
     try:
         # On the driver's node: the endpoint it serves listens where the launcher and the envs were told.
         runner = AtroposTaskRunner.options(**pinned_here()).remote()
-        ray.get(runner.run.remote(config, trainer_cls, inference_token(atropos.inference.api_key)))
+        ray.get(runner.run.remote(config, trainer_cls, inference_token(atropos.inference.api_key), tracking))
     finally:
         if started_ray:  # disconnects from an attached cluster, which keeps running
             ray.shutdown()
@@ -157,7 +213,7 @@ def stop(paragraph: str) -> None:
 def main(config: DictConfig) -> None:
     try:
         check_atropos_config(config)  # the checks' ValueErrors name the key and the fix: one paragraph, before Ray
-        env_distillation(config)  # likewise for the distillation block (a teacher model path, a loss without teacher)
+        distillation_plan(config)  # likewise for the distillation block (a loss without teacher, split + teacher, ...)
     except ValueError as error:
         stop(stop_paragraph(str(error)))
     try:
@@ -170,4 +226,5 @@ def main(config: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = config_path_from_cwd(sys.argv)
     main()

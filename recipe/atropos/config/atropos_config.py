@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from verl.base_config import BaseConfig
 
 from recipe.atropos.access import check_exposure, parse_networks
+from recipe.atropos.setup.tracking import WANDB_MODES
 
 SOURCES = ("api", "jsonl")
 BACKENDS = ("ray", "vllm_http")
@@ -218,6 +219,7 @@ class AtroposConfig(BaseConfig):
     guard: GuardConfig = field(default_factory=GuardConfig)
     wandb_group: str | None = None  # None = trainer.experiment_name
     wandb_project: str | None = None  # None = trainer.project_name
+    wandb_mode: str = "offline"  # the trainer's WANDB_MODE unless the environment sets it (setup/tracking.py)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
@@ -228,6 +230,7 @@ class AtroposConfig(BaseConfig):
                 "atropos.source=jsonl needs atropos.jsonl_paths: files or globs of saved ScoredData groups"
             )
         _one_of("runtime", self.runtime, RUNTIMES)
+        _one_of("wandb_mode", self.wandb_mode, WANDB_MODES, " (a WANDB_MODE environment variable wins over it)")
         _one_of("cpu_rollout", self.cpu_rollout, CPU_ROLLOUTS, " (vllm needs .venv-vllm from `make vllm-env`)")
         if self.max_policy_lag is not None and self.max_policy_lag < 0:
             raise ValueError(f"atropos.max_policy_lag={self.max_policy_lag} must be >= 0 (or null for no limit)")
