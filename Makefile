@@ -154,3 +154,11 @@ bench-guard: install
 BENCH_ENDPOINT_ARGS ?=
 bench-endpoint: install
 	$(PY) bench/bench_endpoint.py $(BENCH_ENDPOINT_ARGS)
+
+# The docs (docs/: Sphinx, warnings and broken references are errors) into docs/_build/html; the configuration and
+# metrics reference are generated from the code (docs/_ext/atropos_reference.py). Installs the `docs` extra (Sphinx)
+# into .venv on first use.
+.PHONY: docs
+docs: install
+	@$(PY) -c "import sphinx" 2>/dev/null || $(PY) -m pip install -q -e '.[docs]'
+	$(PY) -m sphinx -W --keep-going -n -q -b html docs docs/_build/html
