@@ -225,6 +225,11 @@ def main(config: DictConfig) -> None:
         stop(reason)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: :func:`main` with a relative ``--config-path`` taken from the working directory."""
     sys.argv = config_path_from_cwd(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from recipe.atropos.launcher.report import plot_metrics, step_line, summarize
+from recipe.atropos.launcher.report import MetricsPlot, plot_metrics, step_line, summarize, write_run_report
 from recipe.atropos.metrics_file import held_out_points, read_metrics, trainer_rows
 from recipe.atropos.rundir import RunDir
 
@@ -64,3 +65,33 @@ def test_plot_has_both_curves(tmp_path: Path) -> None:
     assert labels == ["held-out success", "kept-group mean score (training batches)"]
     xs = list(saved["fig"].axes[0].get_lines()[0].get_xdata())
     assert xs == [0, 2, 6]
+
+
+def test_the_plot_is_redrawn_at_each_new_evaluation_only(tmp_path: Path) -> None:
+    """As the launcher's look at the run calls it: rows 0..k of the metrics file, growing."""
+    rows = mixed_rows(tmp_path)  # eval rows at indexes 0, 3, 4 and 8 (evaluations after steps 0, 2, 2, 6)
+    plot = MetricsPlot(tmp_path / "metrics.png", "tiny")
+    drawn = [k for k in range(1, len(rows) + 1) if plot.refresh(rows[:k]) is not None]
+    assert drawn == [1, 4, 5, 10]  # the first row is an evaluation; then each new evaluation row, no training step
+    assert plot.evals_drawn == 4 and plot.path.stat().st_size > 0 and plot.failures == 0
+    assert plot.draw([]) is None  # nothing recorded: no plot
+
+
+def test_a_failing_plot_is_logged_and_counted_never_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = mixed_rows(tmp_path)
+    folder = tmp_path / "a_folder.png"
+    folder.mkdir()  # savefig cannot write over a folder
+    plot = MetricsPlot(folder, "tiny")
+    assert plot.refresh(rows) is None and plot.failures == 1
+    assert plot.last_error.startswith("IsADirectoryError: ")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as without the demo extra: import matplotlib fails
+    assert plot.draw(rows) is None and plot.failures == 2
+    assert plot.last_error.startswith("ModuleNotFoundError: import of matplotlib halted")
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "ERROR"] == [
+        f"could not plot {folder} (failure 1)",
+        f"could not plot {folder} (failure 2)",
+    ]
+    summary = write_run_report(RunDir(tmp_path), "tiny", 0, 0, plot=plot)  # the run's report still comes
+    assert summary.splitlines()[-1] == f"a_folder.png: 3 plot failures, the last: {plot.last_error}"

@@ -1,10 +1,14 @@
-"""The launcher's report of a run: one console line per metrics row, and at the end the summary, the fault line and
-the plot (``summary.txt`` and ``metrics.png`` in the run directory)."""
+"""The launcher's report of a run: one console line per metrics row, the plot (``metrics.png`` in the run directory,
+redrawn at every evaluation: :class:`MetricsPlot`), and as the launcher stops the summary (``summary.txt``), the fault
+line and the command that resumes the run (:func:`resume_line`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +112,98 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: Path, title: str = "GRPO o
     return out_png
 
 
+class MetricsPlot:
+    """``metrics.png``, redrawn whenever the metrics file holds an evaluation row it has not drawn (:meth:`refresh`,
+    called at each look at the run) and at the end (:meth:`draw`). A plot that fails (matplotlib missing, a bad row)
+    is logged as one error line and counted in :attr:`failures`, never raised: the run goes on."""
+
+    def __init__(self, path: Path, title: str) -> None:
+        self.path = Path(path)
+        self.title = title
+        self.failures = 0
+        self.last_error = ""
+        self.evals_drawn = 0  # evaluation rows in the last plot
+
+    def draw(self, rows: list[dict[str, Any]]) -> Path | None:
+        """Plot ``rows`` (nothing when empty); the path, or None when nothing was drawn or the plot failed."""
+        if not rows:
+            return None
+        try:
+            out = plot_metrics(rows, self.path, title=self.title)
+        except Exception as error:  # noqa: BLE001 - the plot is a view of the run, never a reason to stop it
+            self.failures += 1
+            self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
+            logger.error("could not plot %s (failure %d): %s", self.path, self.failures, self.last_error)
+            return None
+        self.evals_drawn = sum(1 for row in rows if is_eval_row(row))
+        return out
+
+    def refresh(self, rows: list[dict[str, Any]]) -> Path | None:
+        """Redraw when ``rows`` hold more evaluation rows than the last plot; the path when redrawn, else None."""
+        if sum(1 for row in rows if is_eval_row(row)) <= self.evals_drawn:
+            return None
+        return self.draw(rows)
+
+    def note(self) -> str:
+        """``''``, or after failures the line ``metrics.png: 2 plot failures, the last: ModuleNotFoundError: ...``."""
+        if not self.failures:
+            return ""
+        return f"{self.path.name}: {self.failures} plot failures, the last: {self.last_error}"
+
+
+def resume_command(
+    config_path: Path,
+    overrides: Sequence[str],
+    run_dir: Path,
+    replace: Mapping[str, str] | None = None,
+    python: str = sys.executable,
+) -> str:
+    """The launcher's command line for ``run_dir`` again, to paste into a shell: ``python -m
+    recipe.atropos.launch_atropos_verl_services --config CONFIG OVERRIDES... atropos.launcher.run_dir=RUN_DIR``, with
+    the run's ``overrides`` in their order, less any earlier value of ``atropos.launcher.run_dir`` and of the keys in
+    ``replace``, which come last (``key=value``); each word quoted for the shell where needed."""
+    settings = {"atropos.launcher.run_dir": str(run_dir), **dict(replace or {})}
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in settings]
+    words = [python, "-m", "recipe.atropos.launch_atropos_verl_services", "--config", str(config_path), *kept]
+    return shlex.join([*words, *(f"{key}={value}" for key, value in settings.items())])
+
+
+def resume_line(
+    command: Callable[[Mapping[str, str]], str],
+    checkpoint: int | None,
+    total_steps: int,
+    save_freq: int,
+    resume_mode: str = "auto",
+) -> str:
+    """What the launcher prints as it stops, from the newest ``checkpoint`` step (None: none saved):
+
+    ``resume from checkpoint 5 (of 10 steps): <command>``;
+    ``finished: checkpoint 10 of trainer.total_training_steps=10; to train on to step 20: <command with
+    trainer.total_training_steps=20>``;
+    ``no checkpoint saved yet (trainer.save_freq=5: one every 5 steps and at the last): a new launch starts at step 0``.
+
+    ``command(replace)`` builds the command line (:func:`resume_command`); a run with ``trainer.resume_mode`` other
+    than auto gets ``trainer.resume_mode=auto`` in it (the newest checkpoint of the run directory)."""
+    if checkpoint is None:
+        if save_freq <= 0:
+            return (
+                f"no checkpoint: trainer.save_freq={save_freq} saves none, so this run cannot be resumed (set "
+                "trainer.save_freq=N to save one every N steps and at the last)"
+            )
+        return (
+            f"no checkpoint saved yet (trainer.save_freq={save_freq}: one every {save_freq} steps and at the last): "
+            "a new launch starts at step 0"
+        )
+    replace = {} if resume_mode == "auto" else {"trainer.resume_mode": "auto"}
+    if checkpoint >= total_steps:
+        more = {**replace, "trainer.total_training_steps": str(2 * total_steps)}
+        return (
+            f"finished: checkpoint {checkpoint} of trainer.total_training_steps={total_steps}; to train on to step "
+            f"{2 * total_steps}: {command(more)}"
+        )
+    return f"resume from checkpoint {checkpoint} (of {total_steps} steps): {command(replace)}"
+
+
 def fault_line(run_dir: RunDir, api_restarts: int, env_restarts: int) -> str:
     """One line: API/env restarts and groups the guarded API rejected ('' when there were none)."""
     stats_file = run_dir.guard_stats
@@ -177,14 +273,18 @@ def write_run_report(
     api_restarts: int,
     env_restarts: int,
     spool_dir: str | Path | None = None,
+    plot: MetricsPlot | None = None,
 ) -> str:
     """The closing summary, the ``groups: posted P, trained T, set aside S, pending N, lost L`` line (guarded API),
-    plus the fault line when there were faults; also kept in ``<run_dir>/summary.txt``; ``<run_dir>/metrics.png`` when
+    plus the fault line when there were faults and the plot's failures (:meth:`MetricsPlot.note`); also kept in
+    ``<run_dir>/summary.txt``; ``<run_dir>/metrics.png`` drawn by ``plot`` (default: a new :class:`MetricsPlot`) when
     any row was recorded."""
     rows = read_metrics(run_dir.metrics_file)
     summary = "\n".join([summarize(rows), *env_lines(run_dir, rows)])
-    if rows:
-        logger.info("plot: %s", plot_metrics(rows, run_dir.metrics_plot, title=title))
+    plot = plot or MetricsPlot(run_dir.metrics_plot, title)
+    drawn = plot.draw(rows)
+    if drawn is not None:
+        logger.info("plot: %s", drawn)
     account = group_account(run_dir, spool_dir)
     if account is not None:
         summary = f"{summary}\n{account.line()}"
@@ -198,5 +298,7 @@ def write_run_report(
     faults = fault_line(run_dir, api_restarts, env_restarts)
     if faults:
         summary = f"{summary}\n{faults}"
+    if plot.note():
+        summary = f"{summary}\n{plot.note()}"
     write_atomic(run_dir.summary, summary + "\n")
     return summary

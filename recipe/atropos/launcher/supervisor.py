@@ -14,8 +14,11 @@ atroposlib's own app behind validation (``python -m recipe.atropos.guard.app``).
 are restarted with it, the trainer registers again by itself), a dead environment is restarted (``restart_envs``,
 bounded); past the bounds the launcher names the service, prints its log tail and stops the rest. Ctrl-C / SIGTERM
 (SIGINT works even when inherited as ignored) stop every process tree the launcher started — nothing else. When the
-trainer finishes, the run's metrics are plotted to ``<run_dir>/metrics.png`` and summarised (``summary.txt``, with a
-fault line when services were restarted or groups rejected).
+trainer finishes, the run's metrics are plotted to ``<run_dir>/metrics.png`` (also redrawn at every evaluation during
+the run) and summarised (``summary.txt``, with a fault line when services were restarted or groups rejected). At start
+and as it stops (any way but SIGKILL) it prints where the trainer's wandb run is (``<run_dir>/wandb``), and as it stops
+the command that resumes the run from its newest checkpoint (the same ``--config`` and overrides, plus
+``atropos.launcher.run_dir``), or that no checkpoint was saved yet.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ from recipe.atropos.launcher.processes import (
     tail,
 )
 from recipe.atropos.launcher.report import (
+    MetricsPlot,
+    resume_command,
+    resume_line,
     step_line,
     write_final_api_stats,
     write_launcher_state,
@@ -61,6 +67,7 @@ from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.polling import poll_until
 from recipe.atropos.rundir import RunDir
 from recipe.atropos.setup.assets import model_vocab_size, resolve_model_path
+from recipe.atropos.setup.tracking import DIR_ENV, wandb_base, wandb_line, wandb_mode
 from recipe.atropos.waiting import get_json
 
 __all__ = ["Launcher", "main"]
@@ -100,6 +107,7 @@ class Launcher:
         self.api_restarts = 0
         self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
         self.remote_trainer: RemoteTrainer | None = None  # role=services: the trainer elsewhere
+        self.plot = MetricsPlot(self.run_dir.metrics_plot, str(self.config.trainer.experiment_name))  # at each eval
         self.console = ConsoleWatch(  # why a step waits, which env raised what (recipe.atropos.launcher.watch)
             self.run_dir,
             {name: self.run_dir.log(name) for name in self.envs},
@@ -239,7 +247,7 @@ class Launcher:
             self.remote_trainer = RemoteTrainer(self.inference_url, self.atropos.launcher.trainer_gone_s)
             self._start_envs()
             return
-        trainer = self._start("trainer", self.trainer_argv())
+        trainer = self._start("trainer", self.trainer_argv(), {DIR_ENV: str(self.wandb_dir)})
         self._start_envs()
         logger.info("waiting for the trainer's endpoint %s (Ray and verl workers start first)", self.inference_url)
         try:
@@ -280,6 +288,7 @@ class Launcher:
         for row in rows[self.printed_rows :]:
             print(step_line(row, int(self.config.trainer.total_training_steps)), flush=True)
         self.printed_rows = len(rows)
+        self.plot.refresh(rows)  # metrics.png again when an env's evaluation came in
         for line in self.console.lines():
             print(line, flush=True)
         trainer = self.children.get("trainer")
@@ -312,7 +321,36 @@ class Launcher:
         title = str(self.config.trainer.experiment_name)
         restarts = sum(self.restarts.values())
         spool = self.atropos.spool.dir
-        return write_run_report(self.run_dir, title, self.api_restarts, restarts, spool_dir=spool)
+        return write_run_report(self.run_dir, title, self.api_restarts, restarts, spool_dir=spool, plot=self.plot)
+
+    @property
+    def wandb_dir(self) -> Path:
+        """Where the trainer's wandb writes its ``wandb/`` folder: ``$WANDB_DIR``, else the run directory."""
+        return wandb_base(self.run_dir.root)
+
+    def wandb_line(self) -> str | None:
+        """Where the trainer's wandb run goes (:func:`recipe.atropos.setup.tracking.wandb_line`); None without a
+        trainer here or without wandb in ``trainer.logger``."""
+        if not self.plan.runs_trainer:
+            return None
+        trainer = self.config.trainer
+        mode, source = wandb_mode(self.atropos.wandb_mode)
+        loggers = [str(x) for x in (trainer.get("logger") or [])]
+        return wandb_line(loggers, mode, source, self.wandb_dir, trainer.project_name, trainer.experiment_name)
+
+    def resume_line(self) -> str | None:
+        """The command that resumes this run from its newest checkpoint, or why there is none
+        (:func:`recipe.atropos.launcher.report.resume_line`); None without a trainer here (its host keeps them)."""
+        if not self.plan.runs_trainer:
+            return None
+        trainer = self.config.trainer
+        return resume_line(
+            lambda replace: resume_command(self.config_path, self.overrides, self.run_dir.root, replace),
+            finished_step(self.run_dir.checkpoints),
+            int(trainer.total_training_steps),
+            int(trainer.save_freq),
+            str(trainer.get("resume_mode", "auto")),
+        )
 
     def run(self) -> int:
         try:
@@ -332,20 +370,27 @@ class Launcher:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         start_watchdog(self.run_dir.log("watchdog"))  # SIGKILLs what a SIGKILLed launcher leaves behind
         print(f"run directory: {self.run_dir.root} (logs in {self.run_dir.logs})", flush=True)
+        if self.wandb_line():
+            print(self.wandb_line(), flush=True)
+        code = 0
         try:
             self.start_all()
             self.supervise()
         except (LaunchError, RuntimeError, TimeoutError) as error:
             logger.error("%s", error)
-            return 1
+            code = 1
         except KeyboardInterrupt:
             logger.warning("interrupted: stopping every service this launcher started")
-            return 130
+            code = 130
         finally:
             self.stop_all()
             write_launcher_state(self.run_dir, self.api_restarts, self.restarts)
-        print(self.finish(), flush=True)
-        return 0
+        if code == 0:
+            print(self.finish(), flush=True)
+        for line in (self.wandb_line(), self.resume_line()):  # the wandb run's folder now names it
+            if line:
+                print(line, flush=True)
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
