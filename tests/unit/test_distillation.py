@@ -35,11 +35,11 @@ from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
 from recipe.atropos.trainer.distillation import (
     TAKEN_KEY,
-    EnvDistillation,
+    DistillationPlan,
     attach_teacher,
     distill_step_metrics,
-    env_distillation,
-    take_env_distillation,
+    distillation_plan,
+    take_distillation,
     teacher_tensors,
     verl_update_flags,
 )
@@ -74,8 +74,8 @@ def as_run(*overrides: str) -> DictConfig:
     return config
 
 
-def plan_of(*overrides: str) -> EnvDistillation:
-    plan = env_distillation(as_run(*overrides))
+def plan_of(*overrides: str) -> DistillationPlan:
+    plan = distillation_plan(as_run(*overrides))
     assert plan is not None
     return plan
 
@@ -150,23 +150,22 @@ def test_the_layout_follows_the_dataprotos_padding_and_truncation() -> None:
 # ---- the switch ----------------------------------------------------------------------------------------------------
 def test_the_switch_is_hidden_from_verls_trainer_once_and_the_plan_stays() -> None:
     config = as_run("distillation.distillation_loss.loss_mode=forward_kl_topk", "distillation.distillation_loss.topk=2")
-    plan = take_env_distillation(config)
+    plan = take_distillation(config)
     assert plan is not None and plan.use_topk and plan.top_k == 2
     assert config.distillation.enabled is False and config.distillation[TAKEN_KEY] is True
-    again = take_env_distillation(config)  # the trainer calls it too: the same plan
+    again = take_distillation(config)  # the trainer calls it too: the same plan
     assert again is not None and again.top_k == 2 and config.distillation.enabled is False
     assert plan.config.enabled and plan.config.teacher_models["default"].num_replicas == 0  # nothing is started
 
 
 def test_no_switch_no_plan() -> None:
     config = as_run("distillation.enabled=false")
-    assert take_env_distillation(config) is None and TAKEN_KEY not in config.distillation
+    assert take_distillation(config) is None and TAKEN_KEY not in config.distillation
 
 
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        (["distillation.teacher_models.teacher_model.model_path=/some/teacher"], "teacher replicas"),
         (["distillation.distillation_loss.loss_mode=k1"], "use_policy_gradient=true"),
         (["distillation.distillation_loss.loss_mode=kl"], "use_policy_gradient=true"),
         (["distillation.distillation_loss.loss_mode=nope"], "distillation.distillation_loss"),
@@ -174,12 +173,12 @@ def test_no_switch_no_plan() -> None:
 )
 def test_combinations_that_cannot_work_are_refused_naming_the_fix(overrides: list[str], words: str) -> None:
     with pytest.raises(ValueError, match=words):
-        env_distillation(as_run(*overrides))
+        distillation_plan(as_run(*overrides))
 
 
 def test_verls_update_sees_the_switch_only_inside_the_update() -> None:
     config = as_run("distillation.distillation_loss.loss_mode=forward_kl_topk", "distillation.distillation_loss.topk=2")
-    plan = take_env_distillation(config)
+    plan = take_distillation(config)
 
     class Trainer:
         distillation_config = None
@@ -193,7 +192,7 @@ def test_verls_update_sees_the_switch_only_inside_the_update() -> None:
 
 
 # ---- verl's losses on the tensors, restricted to the teacher tokens -----------------------------------------------
-def micro_batch(groups: list[dict], plan: EnvDistillation, actor_log_probs: torch.Tensor):
+def micro_batch(groups: list[dict], plan: DistillationPlan, actor_log_probs: torch.Tensor):
     """The batch as the actor's loss sees it (as RayPPOTrainer._update_actor and the FSDP engine prepare it)."""
     parsed = [validate_group(g) for g in groups]
     batch = scored_data_to_dataproto(parsed, max_prompt_length=1, max_response_length=3, pad_token_id=0)
@@ -206,7 +205,9 @@ def micro_batch(groups: list[dict], plan: EnvDistillation, actor_log_probs: torc
     return batch, data, metrics
 
 
-def loss_of(plan: EnvDistillation, groups: list[dict], actor: list[list[float]], **extra) -> tuple[float, torch.Tensor]:
+def loss_of(
+    plan: DistillationPlan, groups: list[dict], actor: list[list[float]], **extra
+) -> tuple[float, torch.Tensor]:
     """(loss, its gradient w.r.t. the student's log-probs of the sampled tokens) through the wrapper."""
     student = torch.tensor(actor, requires_grad=True)
     _, data, _ = micro_batch(groups, plan, student)

@@ -132,6 +132,24 @@ class EnvConfig(BaseConfig):
 
 
 @dataclass
+class LauncherTeacherConfig(BaseConfig):
+    """``atropos.launcher.teacher``: a frozen teacher endpoint the launcher starts for environments that distil
+    (``python -m recipe.atropos.endpoint.teacher``; see ``atropos_grpo_base.yaml``)."""
+
+    model_path: str | None = None  # None = no teacher endpoint
+    host: str = "127.0.0.1"
+    port: int | None = None  # None = a free port
+    top_k: int | None = None  # what envs ask of it; None = distillation_loss.topk with forward_kl_topk, else 0
+    max_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"atropos.launcher.teacher.top_k={self.top_k}: use null (from the loss), 0 or k > 0")
+        if self.max_tokens < 1:
+            raise ValueError(f"atropos.launcher.teacher.max_tokens={self.max_tokens}: use >= 1")
+
+
+@dataclass
 class LauncherConfig(BaseConfig):
     """``atropos.launcher``: what the supervised run starts, where, and how it recovers."""
 
@@ -152,6 +170,7 @@ class LauncherConfig(BaseConfig):
     endpoint_url: str | None = None  # role=services: the trainer's endpoint, e.g. http://trainer-host:8001
     trainer_gone_s: float = 300.0
     env_python: str | None = None  # the envs' interpreter; None = $ATROPOS_ENV_PYTHON, else .venv-envs, else this one
+    teacher: LauncherTeacherConfig = field(default_factory=LauncherTeacherConfig)
 
     def __post_init__(self) -> None:
         if self.max_api_restarts < 0 or self.max_env_restarts < 0:

@@ -27,6 +27,9 @@ from recipe.atropos.setup.placement import is_split
 from recipe.atropos.setup.weight_sync import lora_as_adapter
 
 VLLM_ROLLOUTS = ("vllm", "vllm_cpu")  # rollouts that serve vLLM's OpenAI HTTP API (vllm_http backend)
+# Set in the distillation block once the environments' way has hidden the switch from verl's trainer
+# (recipe.atropos.trainer.distillation.take_distillation): distillation is on although distillation.enabled=false.
+DISTILLATION_TAKEN_KEY = "atropos_env_teacher"
 
 
 def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = None) -> AtroposConfig:
@@ -51,6 +54,7 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
     check_staleness_config(config, atropos)
     check_lora_config(config, atropos)
     check_split_config(config, atropos.max_policy_lag, lora_as_adapter(config))
+    check_launcher_teacher(config, atropos)
     inference = atropos.inference
     guarded = bool(inference_token(inference.api_key))
     key = f"atropos.inference.api_key (or ${API_KEY_ENV})"
@@ -68,6 +72,28 @@ def check_atropos_config(config: DictConfig, atropos: AtroposConfig | None = Non
             f"{config.actor_rollout_ref.rollout.name!r}): use atropos.inference.backend=ray"
         )
     return atropos
+
+
+def check_launcher_teacher(config: DictConfig, atropos: AtroposConfig) -> None:
+    """A launcher teacher (``atropos.launcher.teacher.model_path``) needs distillation on, the environments' way
+    (its answers reach the trainer as the groups' ``distill_*`` fields): refused without ``distillation.enabled`` and
+    beside verl's teacher replicas (``distillation.teacher_models``, which would answer for the same rows)."""
+    if not atropos.launcher.teacher.model_path:
+        return
+    block = config.get("distillation") or {}
+    if not (block.get("enabled") or block.get(DISTILLATION_TAKEN_KEY)):
+        raise ValueError(
+            "atropos.launcher.teacher.model_path is set but distillation.enabled=false: the envs' distill_* fields "
+            "would train nothing. Set distillation.enabled=true (the loss: distillation.distillation_loss.*), or "
+            "atropos.launcher.teacher.model_path=null"
+        )
+    models = block.get("teacher_models") or {}
+    if any((m or {}).get("model_path") for m in models.values()):
+        raise ValueError(
+            "distillation.teacher_models and atropos.launcher.teacher.model_path are both set: two teachers for the "
+            "same rows (verl's replicas answer for every row; the envs' distill_* fields would be ignored). Unset "
+            "one: atropos.launcher.teacher.model_path=null (verl's way) or distillation.teacher_models (the envs' way)"
+        )
 
 
 def check_lora_config(config: DictConfig, atropos: AtroposConfig) -> None:

@@ -319,10 +319,13 @@ class HFCPURolloutServer:
             return self.generator.policy_version
 
     def stats(self) -> dict[str, float]:
-        """Counters, the policy version and the weight probe (``probe_*``), all numbers (step metrics
-        ``rollout/<replica>/<key>``)."""
+        """Counters, the policy version, the weight probe (``probe_*``) and this process's resident memory
+        (``rss_mb``), all numbers (step metrics ``rollout/<replica>/<key>``)."""
+        import psutil
+
         return {
             **self._stats,
+            "rss_mb": psutil.Process().memory_info().rss / 2**20,
             "n_weight_updates": self.generator.n_weight_updates,
             "policy_version": self.generator.policy_version,
             **{f"probe_{key}": value for key, value in self.generator.weight_probe().items()},
@@ -352,12 +355,15 @@ class HFCPUReplica(RolloutReplica):
 
     async def launch_servers(self) -> None:
         path = getattr(self.model_config, "local_path", None) or self.model_config.path
-        server = HFCPURolloutServer.options(name=server_actor_name(self.replica_rank)).remote(
+        name = server_actor_name(self.replica_rank)
+        if self.is_teacher_model:  # verl's distillation teacher (its own model, never trained): its own name
+            name = f"hf_cpu_teacher_server_{self.replica_rank}{self.name_suffix}"
+        server = HFCPURolloutServer.options(name=name).remote(
             model_path=os.path.expanduser(path), response_length=self.config.response_length
         )
         self.servers = [server]
         self._server_handle = server
-        self._server_address = f"ray://{server_actor_name(self.replica_rank)}"
+        self._server_address = f"ray://{name}"
 
 
 class HFCPUWeightReceiver(BaseRollout):

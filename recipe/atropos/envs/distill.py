@@ -23,12 +23,17 @@ student's). Position 0 and positions the teacher gave nothing for are ``[]`` (no
 are all equal while ``ensure_scores_are_not_same`` is on is not sent to the teacher (BaseEnv drops it); a group that
 already carries the fields keeps them; a group whose teacher call failed is posted without them (it trains as plain
 RL) and counted in ``teacher_failures``. No torch here: the module runs in the environments' interpreter.
+
+Started by the launcher with ``atropos.launcher.teacher.model_path`` set, an env gets the teacher it started through
+the environment: ``ATROPOS_TEACHER_URL`` ({url}/v1) and ``ATROPOS_TEACHER_TOP_K``, read when the two flags are not
+given (a flag wins).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,20 +42,26 @@ from pydantic import Field
 
 logger = logging.getLogger(__name__)
 
+# Set by the launcher for the teacher it starts (recipe.atropos.launcher.env_entries.teacher_environ, which names the
+# same two variables: a test holds them equal); the --env.teacher_* flags win over them.
+TEACHER_URL_ENV = "ATROPOS_TEACHER_URL"
+TEACHER_TOP_K_ENV = "ATROPOS_TEACHER_TOP_K"
+
 
 class TeacherConfig(BaseEnvConfig):
     """BaseEnv's config plus where the teacher is and how much of it to keep."""
 
     teacher_base_url: str | None = Field(
         None,
-        description="The teacher endpoint's {url}/v1 (POST /generate with prompt_logprobs, vLLM style); None: no "
-        "distillation fields are filled.",
+        description="The teacher endpoint's {url}/v1 (POST /generate with prompt_logprobs, vLLM style); None: "
+        "$ATROPOS_TEACHER_URL (set by the launcher's atropos.launcher.teacher), else no distillation fields.",
     )
-    teacher_top_k: int = Field(
-        0,
+    teacher_top_k: int | None = Field(
+        None,
         ge=0,
         description="0: the teacher's log-prob of each sampled token (loss_mode k1/k3/...); k: its k most likely "
-        "tokens per position (loss_mode forward_kl_topk with distillation_loss.topk=k).",
+        "tokens per position (loss_mode forward_kl_topk with distillation_loss.topk=k); None: "
+        "$ATROPOS_TEACHER_TOP_K, else 0.",
     )
     teacher_api_key: str | None = Field(None, description="Bearer token of the teacher endpoint, if it asks one.")
     teacher_model_name: str = Field("teacher", description="The model name sent to the teacher endpoint.")
@@ -86,6 +97,15 @@ class TeacherDistillation:
     teacher_failures: int = 0
     _teacher: Any = None
 
+    def teacher_url(self) -> str | None:
+        """``--env.teacher_base_url``, else ``$ATROPOS_TEACHER_URL``, else None (no teacher)."""
+        return self.config.teacher_base_url or os.environ.get(TEACHER_URL_ENV) or None
+
+    def teacher_top_k(self) -> int:
+        """``--env.teacher_top_k``, else ``$ATROPOS_TEACHER_TOP_K``, else 0."""
+        given = self.config.teacher_top_k
+        return int(given) if given is not None else int(os.environ.get(TEACHER_TOP_K_ENV) or 0)
+
     def teacher_server(self) -> Any:
         """atroposlib's ``VLLMServer`` client of the teacher endpoint, built on first use."""
         if self._teacher is None:
@@ -96,7 +116,7 @@ class TeacherDistillation:
             self._teacher = VLLMServer(
                 APIServerConfig(
                     server_type="vllm",
-                    base_url=config.teacher_base_url,
+                    base_url=self.teacher_url(),
                     model_name=config.teacher_model_name,
                     tokenizer_name=config.tokenizer_name,  # the student's: the teacher must share it
                     api_key=config.teacher_api_key or "x",
@@ -108,12 +128,12 @@ class TeacherDistillation:
 
     async def teacher_entries(self, tokens: Sequence[int]) -> tuple[list[list[int]], list[list[float]]]:
         """The schema's rows for one sequence (:func:`teacher_rows`) from one teacher call."""
-        top_k = int(self.config.teacher_top_k)
+        top_k = self.teacher_top_k()
         payload = await self.teacher_server().get_logprobs(input_ids=list(tokens), top_k=max(top_k, 1), split="train")
         return teacher_rows(tokens, payload["prompt_topk_token_ids"], payload["prompt_topk_logprobs"], top_k)
 
     def _wants_teacher(self, group: Any) -> bool:
-        if not self.config.teacher_base_url or not isinstance(group, dict) or not group.get("tokens"):
+        if not self.teacher_url() or not isinstance(group, dict) or not group.get("tokens"):
             return False
         if group.get("distill_token_ids") and group.get("distill_logprobs"):
             return False  # the env filled them itself

@@ -365,6 +365,20 @@ def wait_registered(
     return True
 
 
+# What recipe.atropos.envs.distill reads for the launcher's teacher (atropos.launcher.teacher); named there too (that
+# module runs in the envs' interpreter and imports atroposlib), a test holds the two equal.
+TEACHER_URL_ENV = "ATROPOS_TEACHER_URL"
+TEACHER_TOP_K_ENV = "ATROPOS_TEACHER_TOP_K"
+
+
+def teacher_environ(teacher_url: str | None, top_k: int) -> dict[str, str]:
+    """The variables that point an env's teacher mixin at the launcher's teacher endpoint (``{teacher_url}/v1``,
+    asked for ``top_k`` entries per position); {} without a teacher."""
+    if not teacher_url:
+        return {}
+    return {TEACHER_URL_ENV: f"{teacher_url.rstrip('/')}/v1", TEACHER_TOP_K_ENV: str(int(top_k))}
+
+
 def write_env_ids(path: Path, env_ids: dict[int, str]) -> None:
     """``{"<env id>": "<env name>"}``, replaced whole (the trainer reads it while the launcher writes)."""
     write_json_atomic(path, {str(k): v for k, v in env_ids.items()})

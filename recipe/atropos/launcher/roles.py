@@ -10,13 +10,18 @@
   other host): this role trains on FIFO batches unless ``atropos.mixture`` is set.
 
 Processes on this host reach a service bound to a wildcard or loopback address through 127.0.0.1.
+
+With ``atropos.launcher.teacher.model_path`` a launcher that runs the environments also runs a frozen teacher endpoint
+(:func:`teacher_service`) on this host, for the environments that distil.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import requests
@@ -24,7 +29,9 @@ import requests
 from recipe.atropos.access import is_loopback
 
 if TYPE_CHECKING:  # the typed config imports verl: not at import time
-    from recipe.atropos.config import AtroposConfig
+    from omegaconf import DictConfig
+
+    from recipe.atropos.config import AtroposConfig, LauncherTeacherConfig
 
 WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -64,6 +71,50 @@ def role_plan(atropos: AtroposConfig, api_port: int, inference_port: int) -> Rol
     elif launcher.role == "trainer":
         api_url = atropos.api_url.rstrip("/")
     return RolePlan(launcher.role, api_url, inference_url)
+
+
+@dataclass(frozen=True)
+class TeacherService:
+    """The frozen teacher endpoint a launcher starts beside the environments (``atropos.launcher.teacher``)."""
+
+    argv: list[str]
+    url: str  # as the envs on this host call it (without /v1)
+    top_k: int  # the entries per position the envs ask of it
+
+
+def teacher_top_k(config: DictConfig) -> int:
+    """``atropos.launcher.teacher.top_k``, else ``distillation.distillation_loss.topk`` with
+    ``loss_mode=forward_kl_topk``, else 0 (the sampled token's log-prob, for k3 and the other single-sample losses)."""
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.select(config, "atropos.launcher.teacher.top_k", default=None)
+    if given is not None:
+        return int(given)
+    if OmegaConf.select(config, "distillation.distillation_loss.loss_mode", default=None) == "forward_kl_topk":
+        return int(OmegaConf.select(config, "distillation.distillation_loss.topk"))
+    return 0
+
+
+def teacher_service(
+    teacher: LauncherTeacherConfig, model_path: str, port: int, top_k: int, ready_file: Path | None = None
+) -> TeacherService:
+    """``python -m recipe.atropos.endpoint.teacher --model MODEL_PATH`` on ``teacher.host:port`` (``model_path``
+    resolved by the caller: the embedded demo model's name becomes its directory)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "recipe.atropos.endpoint.teacher",
+        "--model",
+        model_path,
+        "--host",
+        teacher.host,
+        "--port",
+        str(port),
+        "--max-tokens",
+        str(teacher.max_tokens),
+        *(["--ready-file", str(ready_file)] if ready_file else []),
+    ]
+    return TeacherService(argv, f"http://{local_host(teacher.host)}:{port}", top_k)
 
 
 class RemoteTrainer:

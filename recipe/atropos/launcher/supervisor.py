@@ -39,6 +39,7 @@ from recipe.atropos.launcher.env_entries import (
     env_argv,
     env_environ,
     probe_envs,
+    teacher_environ,
     wait_registered,
     write_env_ids,
 )
@@ -61,7 +62,7 @@ from recipe.atropos.launcher.report import (
     write_launcher_state,
     write_run_report,
 )
-from recipe.atropos.launcher.roles import RemoteTrainer, role_plan
+from recipe.atropos.launcher.roles import RemoteTrainer, TeacherService, role_plan, teacher_service, teacher_top_k
 from recipe.atropos.launcher.watch import ConsoleWatch
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.polling import poll_until
@@ -107,6 +108,7 @@ class Launcher:
         self.api_restarts = 0
         self.model = str(self.config.actor_rollout_ref.model.path)  # resolved (maybe converted) in start_all
         self.remote_trainer: RemoteTrainer | None = None  # role=services: the trainer elsewhere
+        self.teacher: TeacherService | None = None  # atropos.launcher.teacher: the envs' frozen teacher (start_all)
         self.plot = MetricsPlot(self.run_dir.metrics_plot, str(self.config.trainer.experiment_name))  # at each eval
         self.console = ConsoleWatch(  # why a step waits, which env raised what (recipe.atropos.launcher.watch)
             self.run_dir,
@@ -206,7 +208,10 @@ class Launcher:
         """Start env ``name`` and record the env id it registers as (:mod:`recipe.atropos.launcher.env_entries`); a
         trainer that exits meanwhile ends the wait without an id (the caller's next look at the trainer handles its
         exit)."""
-        proc = self._start(name, self.env_argv(name), env_environ(self.envs[name], self.env_pythons[name][0]))
+        environ = env_environ(self.envs[name], self.env_pythons[name][0])
+        if self.teacher is not None:
+            environ.update(teacher_environ(self.teacher.url, self.teacher.top_k))
+        proc = self._start(name, self.env_argv(name), environ)
         env_id = len(self.env_ids)
         if not wait_registered(proc, self.api_url, env_id, timeout, self.children.get("trainer")):
             return
@@ -220,6 +225,18 @@ class Launcher:
         self.env_ids = {}  # a (re)started API numbers its envs from 0
         for name in self.envs:
             self._start_registered_env(name, self.atropos.launcher.startup_timeout_s)
+
+    def _start_teacher(self) -> None:
+        """The frozen teacher endpoint (``atropos.launcher.teacher``), serving before any env starts; on the same port
+        when restarted."""
+        tcfg = self.atropos.launcher.teacher
+        if self.teacher is None:
+            port = tcfg.port or free_port()
+            model = resolve_model_path(str(tcfg.model_path))
+            self.teacher = teacher_service(tcfg, model, port, teacher_top_k(self.config))
+        proc = self._start("teacher", self.teacher.argv)
+        proc.wait_http(f"{self.teacher.url}/health", timeout=self.atropos.launcher.startup_timeout_s)
+        logger.info("teacher endpoint %s/v1 (top-k %d) for the environments", self.teacher.url, self.teacher.top_k)
 
     def restart_api(self) -> None:
         """Start the API again on the same port, then the environments (their env ids died with the old API)."""
@@ -243,6 +260,8 @@ class Launcher:
         os.environ["ATROPOS_VERL_METRICS_FILE"] = str(self.run_dir.metrics_file)  # envs append held-out evals here
         if self.plan.runs_api:
             self._start_api()
+        if self.plan.runs_envs and self.atropos.launcher.teacher.model_path:
+            self._start_teacher()
         if not self.plan.runs_trainer:  # role=services: the trainer runs elsewhere
             self.remote_trainer = RemoteTrainer(self.inference_url, self.atropos.launcher.trainer_gone_s)
             self._start_envs()
@@ -258,7 +277,7 @@ class Launcher:
 
     def stop_all(self) -> None:
         """Producers first, then the consumer, then the API (its counters read once nothing else talks to it)."""
-        for name in [*self.envs, "trainer"]:
+        for name in [*self.envs, "teacher", "trainer"]:
             if name in self.children:
                 self.children[name].stop()
         api = self.children.get("run-api")
@@ -304,6 +323,13 @@ class Launcher:
                 self.restart_api()
                 return False
             raise self._died(self.children["run-api"])
+        teacher = self.children.get("teacher")
+        if teacher is not None and teacher.poll() is not None:
+            if not (lcfg.restart_envs and self.restarts.get("teacher", 0) < lcfg.max_env_restarts):
+                raise self._died(teacher)
+            self.restarts["teacher"] = self.restarts.get("teacher", 0) + 1
+            logger.warning("teacher exited (code %s); restart %d", teacher.poll(), self.restarts["teacher"])
+            self._start_teacher()
         for name in self.envs:
             proc = self.children[name]
             if proc.poll() is None:

@@ -5,9 +5,12 @@ The user switches it on with verl's keys: ``distillation.enabled=true``, no teac
 ``distillation.distillation_loss.*`` (``loss_mode`` k1/k3/... or ``forward_kl_topk``, ``topk``,
 ``use_policy_gradient``, ``use_task_rewards``, ``distillation_loss_coef``). verl's trainer must not see the switch
 (it would reserve a teacher resource pool, start teacher replicas and give the agent loop a teacher client): the
-driver hides it once (:func:`take_env_distillation`); the actor workers get verl's distillation loss through their
+driver hides it once (:func:`take_distillation`); the actor workers get verl's distillation loss through their
 public ``set_loss_fn`` (:func:`install_distillation_loss`), with a :class:`~verl.workers.config.DistillationConfig`
 whose one teacher is a stand-in that is never started.
+
+With ``distillation.teacher_models.*.model_path`` set it is verl's way instead: verl's teacher replicas answer for
+every row (:mod:`recipe.atropos.trainer.teacher`), into the same tensors, with the same installed loss.
 
 What the actor needs in the batch (verl 0.9.1, ``workers/utils/padding.py`` and ``trainer/distillation``), built by
 :func:`teacher_tensors` exactly as verl's agent loop pads its teacher's answer (``_pad_teacher_outputs``):
@@ -47,19 +50,28 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import DistillationConfig
 
 from recipe.atropos.algos.distillation import teacher_masked_distillation_ppo_loss
+from recipe.atropos.config.checks import DISTILLATION_TAKEN_KEY
 from recipe.atropos.schema import IGNORE_INDEX, ScoredGroup, validate_group
+from recipe.atropos.setup.cpu_runtime import should_use_cpu_runtime
 from recipe.atropos.trainer.dataproto import first_trained_position
+from recipe.atropos.trainer.teacher_config import (
+    apply_cpu_teacher,
+    check_verl_teacher,
+    configured_teachers,
+    cpu_teacher_block,
+)
 
 ENV_TEACHER = "atropos-env-distill-fields"  # the stand-in teacher's model_path: never started, never read
-TAKEN_KEY = "atropos_env_teacher"  # set in the distillation block once the switch is hidden from verl's trainer
+TAKEN_KEY = DISTILLATION_TAKEN_KEY  # set in the distillation block once the switch is hidden from verl's trainer
 SUPERVISED_REFUSED = ("kl", "k1")  # gradient of lp - teacher_lp does not depend on the teacher (verl refuses k1)
 
 
 @dataclass(frozen=True)
-class EnvDistillation:
-    """The env's way, switched on: verl's distillation config as the actor workers get it."""
+class DistillationPlan:
+    """Distillation switched on, as the actor workers get it: verl's distillation config, and who the teacher is."""
 
     config: DistillationConfig
+    verl_teacher: bool = False  # True: verl's teacher replicas answer for every row (recipe.atropos.trainer.teacher)
 
     @property
     def use_topk(self) -> bool:
@@ -71,24 +83,31 @@ class EnvDistillation:
         return int(self.config.distillation_loss.topk) if self.use_topk else None
 
 
-def _has_teacher_model(block: DictConfig) -> bool:
-    models = block.get("teacher_models") or {}
-    return any((m or {}).get("model_path") not in (None, ENV_TEACHER) for m in models.values())
+def _verl_config(worker: dict[str, Any], where: str) -> DistillationConfig:
+    """verl's ``DistillationConfig`` of a plain ``distillation`` block; its checks' errors as one ``ValueError``
+    headed ``where`` (the keys the user set)."""
+    try:
+        return omega_conf_to_dataclass(OmegaConf.create(worker))
+    except Exception as exc:  # verl's checks raise ValueError, through Hydra's instantiation its wrapper
+        cause = exc.__cause__ or exc
+        raise ValueError(f"{where}: {cause}") from None
 
 
-def env_distillation(config: DictConfig) -> EnvDistillation | None:
-    """The env's way when ``distillation.enabled`` (or already taken by :func:`take_env_distillation`), else None.
-    ``ValueError`` naming the key and the fix for a combination that cannot work; verl's own checks of the loss keys
-    run here too (its ``DistillationConfig``)."""
+def _on_cpu(config: DictConfig) -> bool:
+    """Whether the run is (or will be: ``main_atropos`` checks before switching) on the CPU runtime."""
+    if OmegaConf.select(config, "trainer.device", default=None) == "cpu":
+        return True
+    return should_use_cpu_runtime(str(OmegaConf.select(config, "atropos.runtime", default="auto")))
+
+
+def distillation_plan(config: DictConfig) -> DistillationPlan | None:
+    """The plan when ``distillation.enabled`` (or already taken by :func:`take_distillation`), else None: verl's
+    teacher replicas when ``distillation.teacher_models`` names a model, else the environments' ``distill_*`` fields.
+    ``ValueError`` naming the key and the fix for a combination that cannot work; verl's own checks of the block run
+    here too (its ``DistillationConfig``, with the CPU runtime's teacher settings on CPU)."""
     block = config.get("distillation")
     if block is None or not (block.get("enabled") or block.get(TAKEN_KEY)):
         return None
-    if _has_teacher_model(block):
-        raise ValueError(
-            "distillation.teacher_models.*.model_path is set: verl's teacher replicas do not run in the Atropos loop "
-            "yet. Unset it to train on the environments' distill_token_ids / distill_logprobs (a teacher endpoint "
-            "fills them: recipe.atropos.envs.distill), or use distillation.enabled=false"
-        )
     loss = block.get("distillation_loss") or {}
     if loss.get("loss_mode") in SUPERVISED_REFUSED and not loss.get("use_policy_gradient"):
         raise ValueError(
@@ -97,33 +116,39 @@ def env_distillation(config: DictConfig) -> EnvDistillation | None:
         )
     worker = OmegaConf.to_container(block, resolve=True)
     worker.pop(TAKEN_KEY, None)
+    if configured_teachers(worker) and not block.get(TAKEN_KEY):
+        on_cpu = _on_cpu(config)
+        if on_cpu:
+            worker = cpu_teacher_block(worker)
+        check_verl_teacher(config, worker, on_cpu)
+        return DistillationPlan(_verl_config(worker, "distillation"), verl_teacher=True)
     teacher = dict(worker["teacher_models"]["teacher_model"])
     # A stand-in so verl's DistillationConfig validates: no replicas (pool 0 x 0), never started. vllm only answers
     # verl's top-k check of a teacher's engine; nothing is served.
     teacher.update(model_path=ENV_TEACHER, num_replicas=0)
     teacher["inference"] = {**(teacher.get("inference") or {}), "name": "vllm"}
     worker.update(enabled=True, n_gpus_per_node=0, nnodes=0, teacher_models={"teacher_model": teacher})
-    try:
-        dataclass_config = omega_conf_to_dataclass(OmegaConf.create(worker))
-    except Exception as exc:  # verl's checks raise ValueError, through Hydra's instantiation its wrapper
-        cause = exc.__cause__ or exc
-        raise ValueError(f"distillation.distillation_loss: {cause}") from None
-    return EnvDistillation(dataclass_config)
+    return DistillationPlan(_verl_config(worker, "distillation.distillation_loss"))
 
 
-def take_env_distillation(config: DictConfig) -> EnvDistillation | None:
-    """:func:`env_distillation`, and verl's trainer no longer sees the switch (``distillation.enabled=false``, the
-    block marked taken, so this is idempotent). Call on the driver before verl reads the config (the task runner's
-    resource pools)."""
-    plan = env_distillation(config)
-    if plan is not None:
+def take_distillation(config: DictConfig) -> DistillationPlan | None:
+    """:func:`distillation_plan`, and the config made ready for it (idempotent; on the driver before verl reads the
+    config, and again in the trainer). The environments' way: verl's trainer no longer sees the switch
+    (``distillation.enabled=false``, the block marked taken). verl's way: the switch stays on (verl's init builds the
+    teacher) and on CPU the teachers get the hf_cpu settings and their Ray devices
+    (:func:`~recipe.atropos.trainer.teacher_config.apply_cpu_teacher`)."""
+    plan = distillation_plan(config)
+    if plan is not None and plan.verl_teacher:
+        if OmegaConf.select(config, "trainer.device", default=None) == "cpu":
+            apply_cpu_teacher(config)
+    elif plan is not None:
         with open_dict(config):
             config.distillation.enabled = False
             config.distillation[TAKEN_KEY] = True
     return plan
 
 
-def install_distillation_loss(actor_rollout_wg: Any, config: DictConfig, plan: EnvDistillation) -> None:
+def install_distillation_loss(actor_rollout_wg: Any, config: DictConfig, plan: DistillationPlan) -> None:
     """Give the actor workers verl's distillation loss, restricted to ``teacher_mask``
     (:func:`~recipe.atropos.algos.distillation.teacher_masked_distillation_ppo_loss`), through verl's
     ``ActorRolloutRefWorker.set_loss_fn``."""
@@ -133,11 +158,11 @@ def install_distillation_loss(actor_rollout_wg: Any, config: DictConfig, plan: E
 
 
 @contextlib.contextmanager
-def verl_update_flags(trainer: Any, plan: EnvDistillation | None) -> Iterator[None]:
+def verl_update_flags(trainer: Any, plan: DistillationPlan | None) -> Iterator[None]:
     """Around verl's ``RayPPOTrainer._update_actor``: it reads the switch to tell the workers
     ``distillation_use_topk`` (the top-k loss runs in the model's forward) and ``distillation_only``; shown to it for
-    this call only."""
-    if plan is None:
+    this call only (the environments' way; verl's way keeps the switch on)."""
+    if plan is None or plan.verl_teacher:
         yield
         return
     block, saved = trainer.config.distillation, getattr(trainer, "distillation_config", None)
@@ -253,7 +278,7 @@ def teacher_tensors(
 
 
 def attach_teacher(
-    batch: DataProto, groups: Sequence[ScoredGroup | dict[str, Any]], plan: EnvDistillation, pad_token_id: int
+    batch: DataProto, groups: Sequence[ScoredGroup | dict[str, Any]], plan: DistillationPlan, pad_token_id: int
 ) -> dict[str, float]:
     """Put ``teacher_ids``, ``teacher_logprobs`` and ``teacher_mask`` of ``groups`` (the groups ``batch`` was built
     from, in order) into ``batch``; returns the step's ``atropos/distill/*`` counts."""

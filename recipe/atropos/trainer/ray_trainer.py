@@ -8,7 +8,8 @@ checkpoint → push weights → resume the endpoint on the new policy version. W
 resources and keep serving environments through the whole step; only the weight swap at its end touches them. Every
 stage is a method so other recipes can override one without copying the loop; where groups come from is a
 :class:`~recipe.atropos.sources.GroupSource` (``_make_group_source``). Groups carrying a teacher's ``distill_*``
-train with verl's distillation loss (:mod:`recipe.atropos.trainer.distillation`).
+train with verl's distillation loss (:mod:`recipe.atropos.trainer.distillation`); with ``distillation.teacher_models``
+verl's teacher replicas answer for every row after conversion (``_ask_teacher``, :mod:`recipe.atropos.trainer.teacher`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from recipe.atropos.trainer.distillation import (
     attach_teacher,
     distill_step_metrics,
     install_distillation_loss,
-    take_env_distillation,
+    take_distillation,
     verl_update_flags,
 )
 from recipe.atropos.trainer.split_workers import HybridEngineFlag, init_split_workers, swap_holds_requests
@@ -58,6 +59,8 @@ from recipe.atropos.trainer.step_metrics import (
     rollout_logprob_diff,
     rollout_server_metrics,
 )
+from recipe.atropos.trainer.teacher import VerlTeacher, env_field_rows
+from recipe.atropos.waiting import read_env_names
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +71,10 @@ class RayAtroposTrainer(RayPPOTrainer):
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
         self.atropos = check_atropos_config(config)  # typed and checked once; verl's __init__ builds the source
         share_rollout_correction_with_actor(config)  # before the workers copy the config
-        # Envs' teacher log-probs (distill_*): verl's distillation loss in the actor, its teacher manager kept off
-        self.env_distillation = take_env_distillation(config)
+        # verl's distillation loss in the actor; the teacher: the envs' distill_* fields (verl's teacher manager kept
+        # off) or verl's teacher replicas (distillation.teacher_models: verl's init builds them, _ask_teacher asks)
+        self.distillation = take_distillation(config)
+        self.teacher: VerlTeacher | None = None
         ledger_path = ledger_file(self.atropos, config.trainer)  # kept beside the spool: resumed lags are exact
         # Served completions expire one version past the lag cap: a span matching nothing is bounded by the oldest
         # completion not yet claimed (recipe.atropos.endpoint.ledger), and data older than the cap is stale anyway.
@@ -98,8 +103,10 @@ class RayAtroposTrainer(RayPPOTrainer):
             init_split_workers(self)
         else:
             super().init_workers()
-        if self.env_distillation is not None:
-            install_distillation_loss(self.actor_rollout_wg, self.config, self.env_distillation)
+        if self.distillation is not None:
+            install_distillation_loss(self.actor_rollout_wg, self.config, self.distillation)
+        if self.distillation is not None and self.distillation.verl_teacher:  # built by RayPPOTrainer.init_workers
+            self.teacher = VerlTeacher(self.config, self.teacher_model_manager)
 
     def _create_dataloader(self, train_dataset: Any, val_dataset: Any, collate_fn: Any, train_sampler: Any) -> None:
         """verl's dataloader slot holds the group source (so checkpoints keep its state); no validation set."""
@@ -135,7 +142,7 @@ class RayAtroposTrainer(RayPPOTrainer):
         (fallback_to_grpo=false) trains as one smaller mini-batch."""
         actor = self.config.actor_rollout_ref.actor
         configured = int(actor.ppo_mini_batch_size)
-        with verl_update_flags(self, self.env_distillation):
+        with verl_update_flags(self, self.distillation):
             if len(batch) >= configured:
                 return super()._update_actor(batch)
             with open_dict(self.config):
@@ -195,12 +202,27 @@ class RayAtroposTrainer(RayPPOTrainer):
         )
         metrics.update(batch.meta_info.pop("atropos_metrics", {}))
         metrics.update(group_score_metrics(groups))
-        if self.env_distillation is not None:  # the groups' distill_* as verl's teacher_ids / teacher_logprobs
-            metrics.update(attach_teacher(batch, groups, self.env_distillation, int(pad)))
+        if self.distillation is not None and not self.distillation.verl_teacher:  # the groups' distill_* as verl's
+            metrics.update(attach_teacher(batch, groups, self.distillation, int(pad)))  # teacher_ids / _logprobs
         batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
         batch.meta_info["images_seqlens"] = []
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
         return batch
+
+    def _ask_teacher(
+        self, batch: DataProto, groups: Sequence[Any], metrics: dict[str, float], timing: dict[str, float]
+    ) -> None:
+        """verl's way (``distillation.teacher_models``): verl's teacher replicas answer for every row of the converted
+        batch, into its ``teacher_ids`` / ``teacher_logprobs`` / ``teacher_mask``
+        (:class:`~recipe.atropos.trainer.teacher.VerlTeacher`); seconds in ``timing_s/teacher``. Rows whose group
+        carried an env's ``distill_*`` fields get verl's teacher too (counted). Nothing without a teacher."""
+        if self.teacher is None:
+            return
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with marked_timer("teacher", timing):
+            metrics.update(self.teacher.attach(batch, int(pad), read_env_names(self.atropos.env_ids_file)))
+        metrics["atropos/distill/env_field_rows_ignored"] = float(env_field_rows(groups))
+        metrics.update(self.teacher.memory_metrics())
 
     def _compute_log_probs(self, batch: DataProto, metrics: dict[str, float], timing: dict[str, float]) -> DataProto:
         rollout_corr = self.config.algorithm.get("rollout_correction", None)
@@ -386,6 +408,7 @@ class RayAtroposTrainer(RayPPOTrainer):
         with marked_timer("poll", timing):
             groups = self._poll_groups(metrics)
         batch = self._to_dataproto(groups, metrics)
+        self._ask_teacher(batch, groups, metrics, timing)
         self._hold_rollout(timing)
         batch = self._compute_log_probs(batch, metrics, timing)
         with marked_timer("adv", timing):
