@@ -109,11 +109,12 @@ def test_ctrl_c_prints_the_command_after_stopping(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Launcher.run as Ctrl-C lands while the services start (nothing started: no preflight, no watchdog): exit 130,
-    and the last console line is the resume command."""
+    the last console line is the resume command, and metrics.png shows the steps recorded so far."""
     run_dir = tmp_path / "run"
     launcher = Launcher(DEMO, [f"atropos.launcher.run_dir={run_dir}"])
     RunDir(run_dir).checkpoints.mkdir(parents=True)
     (RunDir(run_dir).checkpoints / "latest_checkpointed_iteration.txt").write_text("5")
+    RunDir(run_dir).metrics_file.write_text('{"step": 5, "atropos/mean_score": 0.5}\n')
 
     def interrupted() -> None:
         raise KeyboardInterrupt
@@ -129,3 +130,4 @@ def test_ctrl_c_prints_the_command_after_stopping(
         f"atropos.launcher.run_dir={run_dir}"
     )
     assert RunDir(run_dir).launcher_state.exists()  # written as it stopped, as before
+    assert RunDir(run_dir).metrics_plot.stat().st_size > 0 and launcher.plot.failures == 0

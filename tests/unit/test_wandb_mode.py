@@ -50,6 +50,8 @@ def test_the_console_line_per_mode(tmp_path: Path) -> None:
     for name in ("offline-run-20261207_050415-aaaa", "offline-run-20261207_061000-bbbb", "run-20261206_230000-cccc"):
         (tmp_path / "wandb" / name).mkdir(parents=True)
     assert latest_wandb_run(tmp_path) == tmp_path / "wandb" / "offline-run-20261207_061000-bbbb"  # by time, not name
+    at_start = wandb_line(wandb, "offline", "atropos.wandb_mode", tmp_path, "p", "n", latest=False)
+    assert at_start.endswith(f"`wandb sync {tmp_path}/wandb/offline-run-*`")  # not an earlier launch's run
 
 
 def test_the_line_names_the_folder_wandb_really_writes(tmp_path: Path) -> None:

@@ -354,15 +354,15 @@ class Launcher:
         """Where the trainer's wandb writes its ``wandb/`` folder: ``$WANDB_DIR``, else the run directory."""
         return wandb_base(self.run_dir.root)
 
-    def wandb_line(self) -> str | None:
-        """Where the trainer's wandb run goes (:func:`recipe.atropos.setup.tracking.wandb_line`); None without a
-        trainer here or without wandb in ``trainer.logger``."""
+    def wandb_line(self, latest: bool = True) -> str | None:
+        """Where the trainer's wandb run goes (:func:`recipe.atropos.setup.tracking.wandb_line`; ``latest``: name the
+        newest run folder); None without a trainer here or without wandb in ``trainer.logger``."""
         if not self.plan.runs_trainer:
             return None
         trainer = self.config.trainer
         mode, source = wandb_mode(self.atropos.wandb_mode)
         loggers = [str(x) for x in (trainer.get("logger") or [])]
-        return wandb_line(loggers, mode, source, self.wandb_dir, trainer.project_name, trainer.experiment_name)
+        return wandb_line(loggers, mode, source, self.wandb_dir, trainer.project_name, trainer.experiment_name, latest)
 
     def resume_line(self) -> str | None:
         """The command that resumes this run from its newest checkpoint, or why there is none
@@ -396,8 +396,8 @@ class Launcher:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         start_watchdog(self.run_dir.log("watchdog"))  # SIGKILLs what a SIGKILLed launcher leaves behind
         print(f"run directory: {self.run_dir.root} (logs in {self.run_dir.logs})", flush=True)
-        if self.wandb_line():
-            print(self.wandb_line(), flush=True)
+        if self.wandb_line(latest=False):  # not a run of an earlier launch of this run directory
+            print(self.wandb_line(latest=False), flush=True)
         code = 0
         try:
             self.start_all()
@@ -413,6 +413,8 @@ class Launcher:
             write_launcher_state(self.run_dir, self.api_restarts, self.restarts)
         if code == 0:
             print(self.finish(), flush=True)
+        else:  # the plot as the run stopped (the summary is written when the trainer finishes)
+            self.plot.draw(read_metrics(self.run_dir.metrics_file))
         for line in (self.wandb_line(), self.resume_line()):  # the wandb run's folder now names it
             if line:
                 print(line, flush=True)

@@ -39,14 +39,17 @@ def latest_wandb_run(base: Path) -> Path | None:
     return max(runs, key=lambda p: p.name.split("run-", 1)[1], default=None)  # run-YYYYMMDD_HHMMSS-<id>
 
 
-def wandb_line(loggers: Sequence[str], mode: str, source: str, base: Path, project: str, name: str) -> str | None:
+def wandb_line(
+    loggers: Sequence[str], mode: str, source: str, base: Path, project: str, name: str, latest: bool = True
+) -> str | None:
     """The console line on the trainer's wandb run (None when ``trainer.logger`` has no wandb):
 
     ``wandb: offline (atropos.wandb_mode), runs in /run/wandb; upload with `wandb sync /run/wandb/offline-run-*```
     ``wandb: online (WANDB_MODE), project atropos_verl, run grpo; local copy in /run/wandb``
     ``wandb: disabled (atropos.wandb_mode): nothing is logged to wandb``
 
-    Once the run folder exists (:func:`latest_wandb_run`), the offline line names it instead of the ``*`` pattern."""
+    With ``latest`` (as a run ends), the offline line names the newest run folder (:func:`latest_wandb_run`) instead of
+    the ``*`` pattern; without (as a run starts: each launch of a resumed run makes a new wandb run), the pattern."""
     if "wandb" not in loggers:
         return None
     folder = Path(base) / "wandb"
@@ -54,6 +57,6 @@ def wandb_line(loggers: Sequence[str], mode: str, source: str, base: Path, proje
         return f"wandb: disabled ({source}): nothing is logged to wandb"
     if mode == "online":
         return f"wandb: online ({source}), project {project}, run {name}; local copy in {folder}"
-    run = latest_wandb_run(base)
+    run = latest_wandb_run(base) if latest else None
     target = run if run is not None and run.name.startswith("offline-run-") else folder / "offline-run-*"
     return f"wandb: {mode} ({source}), runs in {folder}; upload with `wandb sync {target}`"
