@@ -28,10 +28,13 @@ def test_the_environment_wins_over_the_config_key() -> None:
 
 
 def test_the_key_takes_three_modes_and_names_itself_otherwise() -> None:
-    assert atropos_config(load_config(DEMO, [])).wandb_mode == "offline"
-    assert atropos_config(load_config(DEMO, ["atropos.wandb_mode=online"])).wandb_mode == "online"
+    config = load_config(DEMO, [])
+    assert atropos_config(config).wandb_mode == "offline"
+    config.atropos.wandb_mode = "online"
+    assert atropos_config(config).wandb_mode == "online"
+    config.atropos.wandb_mode = "cloud"
     with pytest.raises(ValueError, match=r"atropos.wandb_mode='cloud': use one of 'offline', 'online', 'disabled'"):
-        atropos_config(load_config(DEMO, ["atropos.wandb_mode=cloud"]))
+        atropos_config(config)
 
 
 def test_the_console_line_per_mode(tmp_path: Path) -> None:
