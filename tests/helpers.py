@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from recipe.atropos.guard.app import guard_argv
+from recipe.atropos.guard.state import GuardSettings
 from recipe.atropos.launcher.processes import ManagedProcess, run_api_argv, stop_process_tree, tail
 from recipe.atropos.polling import poll_until
 from recipe.atropos.rundir import RunDir
@@ -174,7 +175,7 @@ class RunApi:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> RunApi:
-        argv = run_api_argv(self.port) if self.guard is None else guard_argv(self.port, **self.guard)
+        argv = run_api_argv(self.port) if self.guard is None else guard_argv(self.port, GuardSettings(**self.guard))
         self.proc = ManagedProcess("run-api", argv, self.log_dir / "run_api.log").start()
         FIXTURE_PIDS.add(self.proc.popen.pid)  # a fixture's API outlives the test that restarted it
         wait_until(http_ok(f"{self.url}/status"), 60, "run-api to answer", proc=self.proc)

@@ -37,6 +37,23 @@ def spool_dir(checkpoints: str | Path, configured: str | Path | None = None) -> 
     return Path(configured) if configured else Path(checkpoints) / SPOOL
 
 
+class _Entry:
+    """A file or folder right under a folder's root: on an instance, ``folder.<attribute>`` is ``root / name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"``<root>/{name}``"
+
+    def __get__(self, folder: _Folder | None, owner: type | None = None) -> Path:
+        if folder is None:  # on the class: the entry itself (its name), for introspection and docs
+            return self  # type: ignore[return-value]
+        return folder.root / self.name
+
+
+def _entries(*names: str) -> tuple[_Entry, ...]:
+    return tuple(_Entry(name) for name in names)
+
+
 @dataclass(frozen=True)
 class _Folder:
     """A folder of known files, given as a path or a string."""
@@ -51,38 +68,31 @@ class _Folder:
 class SpoolDir(_Folder):
     """The trainer's spool (see :mod:`recipe.atropos.spool` for what each file holds)."""
 
-    @property
-    def pending(self) -> Path:
-        return self.root / "pending"
+    # pending/: one file per fetched group not yet in a checkpoint (pending_file); ledger: the endpoint's completion
+    # ledger (recipe.atropos.endpoint.ledger.CompletionLedger)
+    pending, stale, trained, counters, ledger = _entries(
+        "pending", "stale.jsonl", "trained.jsonl", "counters.json", "ledger.jsonl"
+    )
 
     def pending_file(self, seq: int) -> Path:
         return self.pending / f"{seq:010d}.json"
-
-    @property
-    def stale(self) -> Path:
-        return self.root / "stale.jsonl"
-
-    @property
-    def trained(self) -> Path:
-        return self.root / "trained.jsonl"
-
-    @property
-    def counters(self) -> Path:
-        return self.root / "counters.json"
-
-    @property
-    def ledger(self) -> Path:
-        """The endpoint's completion ledger (:class:`recipe.atropos.endpoint.ledger.CompletionLedger`)."""
-        return self.root / "ledger.jsonl"
 
 
 @dataclass(frozen=True)
 class RunDir(_Folder):
     """A run directory (see the module docstring)."""
 
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
+    # by the process that writes them (the module docstring says what each holds)
+    logs, env_configs, hydra = _entries("logs", "env_configs", "hydra")  # the launcher, as it starts services
+    launcher_state, summary, metrics_plot = _entries("launcher_state.json", "summary.txt", "metrics.png")  # as it ends
+    # the guarded API: refused groups (422), counters (live, and as the run ended), accepted groups until acknowledged
+    rejected_groups, guard_stats, api_final_stats, api_journal = _entries(
+        "rejected_groups.jsonl", "api_guard_stats.json", "api_final_stats.json", "api_journal"
+    )
+    # the trainer: step rows (and the envs' evaluation rows), the step it waits for, env ids, groups its client refused
+    # (atropos.rejected_groups_file unless set), trainer.default_local_dir
+    metrics_file, wait_file, env_ids = _entries("metrics.jsonl", "trainer_wait.json", "env_ids.json")
+    trainer_rejected, checkpoints = _entries("rejected_groups_trainer.jsonl", "checkpoints")
 
     def log(self, name: str) -> Path:
         """The log file of service ``name`` (``trainer``, ``run-api``, an env's name, ``watchdog``)."""
@@ -92,64 +102,6 @@ class RunDir(_Folder):
     def trainer_log(self) -> Path:
         return self.log("trainer")
 
-    @property
-    def metrics_file(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def metrics_plot(self) -> Path:
-        return self.root / "metrics.png"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.txt"
-
-    @property
-    def env_ids(self) -> Path:
-        return self.root / "env_ids.json"
-
-    @property
-    def wait_file(self) -> Path:
-        return self.root / "trainer_wait.json"
-
-    @property
-    def rejected_groups(self) -> Path:
-        """Groups the guarded API refused."""
-        return self.root / "rejected_groups.jsonl"
-
-    @property
-    def trainer_rejected(self) -> Path:
-        """Groups the trainer's client refused (``atropos.rejected_groups_file`` unless set)."""
-        return self.root / "rejected_groups_trainer.jsonl"
-
-    @property
-    def guard_stats(self) -> Path:
-        return self.root / "api_guard_stats.json"
-
-    @property
-    def api_final_stats(self) -> Path:
-        return self.root / "api_final_stats.json"
-
-    @property
-    def api_journal(self) -> Path:
-        return self.root / "api_journal"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
     def spool(self, configured: str | Path | None = None) -> SpoolDir:
         """The trainer's spool: ``configured`` (``atropos.spool.dir``) when set, else under :attr:`checkpoints`."""
         return SpoolDir(spool_dir(self.checkpoints, configured))
-
-    @property
-    def env_configs(self) -> Path:
-        return self.root / "env_configs"
-
-    @property
-    def hydra(self) -> Path:
-        return self.root / "hydra"
-
-    @property
-    def launcher_state(self) -> Path:
-        return self.root / "launcher_state.json"

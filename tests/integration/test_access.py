@@ -17,6 +17,7 @@ from recipe.atropos.access import API_KEY_ENV, inference_token
 from recipe.atropos.endpoint.backends import Completion, SamplingParams
 from recipe.atropos.endpoint.server import InferenceEndpoint
 from recipe.atropos.guard.app import guard_argv
+from recipe.atropos.guard.state import GuardSettings
 from recipe.atropos.launcher.processes import ManagedProcess, free_port
 from tests.helpers import host_address, http_ok, wait_until
 
@@ -107,7 +108,9 @@ def test_guarded_api_lets_in_only_its_allow_list(tmp_path: Path, no_leftovers: l
     outside = host_address()
     port = free_port("0.0.0.0")
     stats = tmp_path / "stats.json"
-    argv = guard_argv(port, vocab_size=100, batch_size=8, stats_file=stats, host="0.0.0.0", allow=["198.51.100.0/24"])
+    argv = guard_argv(
+        port, GuardSettings(vocab_size=100, batch_size=8, stats_file=stats), host="0.0.0.0", allow=["198.51.100.0/24"]
+    )
     api = ManagedProcess("guarded-api", argv, tmp_path / "api.log").start()
     no_leftovers.append(api)
     wait_until(http_ok(f"http://127.0.0.1:{port}/status"), 60, "the guarded API", proc=api)
@@ -128,7 +131,7 @@ def test_guarded_api_lets_in_only_its_allow_list(tmp_path: Path, no_leftovers: l
 def test_guarded_api_lets_in_a_listed_network(tmp_path: Path, no_leftovers: list[ManagedProcess]) -> None:
     outside = host_address()
     port = free_port("0.0.0.0")
-    argv = guard_argv(port, vocab_size=100, batch_size=8, host="0.0.0.0", allow=[f"{outside}/32"])
+    argv = guard_argv(port, GuardSettings(vocab_size=100, batch_size=8), host="0.0.0.0", allow=[f"{outside}/32"])
     api = ManagedProcess("guarded-api", argv, tmp_path / "api.log").start()
     no_leftovers.append(api)
     wait_until(http_ok(f"http://127.0.0.1:{port}/status"), 60, "the guarded API", proc=api)
@@ -137,10 +140,10 @@ def test_guarded_api_lets_in_a_listed_network(tmp_path: Path, no_leftovers: list
 
 
 def test_guarded_api_refuses_to_listen_beyond_loopback_without_an_allow_list(tmp_path: Path) -> None:
-    argv = guard_argv(free_port(), vocab_size=100, batch_size=8, host="0.0.0.0")
+    argv = guard_argv(free_port(), GuardSettings(vocab_size=100, batch_size=8), host="0.0.0.0")
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "set atropos.launcher.api_allow" in done.stderr
-    bad = guard_argv(free_port(), vocab_size=100, batch_size=8, host="0.0.0.0", allow=["10.0.0.300/8"])
+    bad = guard_argv(free_port(), GuardSettings(vocab_size=100, batch_size=8), host="0.0.0.0", allow=["10.0.0.300/8"])
     done = subprocess.run(bad, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "'10.0.0.300/8' is not a network" in done.stderr
     assert sys.executable == argv[0]

@@ -19,7 +19,7 @@ from starlette.datastructures import State
 
 from recipe.atropos.guard.journal import GroupCommit, GroupJournal, journal_ids
 from recipe.atropos.guard.routes import build_app
-from recipe.atropos.guard.state import GuardState
+from recipe.atropos.guard.state import GuardSettings, GuardState
 from recipe.atropos.schema import GROUP_ID_KEY
 
 VOCAB, BATCH = 1000, 8
@@ -39,12 +39,14 @@ def guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Tes
     """A registered trainer, a memory bound of one batch (8 sequences), a fresh atroposlib state."""
     monkeypatch.setattr(server.app, "state", State())
     state = GuardState(
-        vocab_size=VOCAB,
-        batch_size=BATCH,
-        rejected_file=str(tmp_path / "rejected.jsonl"),
-        stats_file=str(tmp_path / "stats.json"),
-        journal_dir=str(tmp_path / "journal"),
-        max_queued_sequences=BATCH,
+        GuardSettings(
+            vocab_size=VOCAB,
+            batch_size=BATCH,
+            rejected_file=str(tmp_path / "rejected.jsonl"),
+            stats_file=str(tmp_path / "stats.json"),
+            journal_dir=str(tmp_path / "journal"),
+            max_queued_sequences=BATCH,
+        )
     )
     with TestClient(build_app(state)) as client:
         assert client.post("/register", json=REGISTRATION).status_code == 200
@@ -90,7 +92,7 @@ def test_a_body_that_does_not_gunzip_is_refused_as_body_counted_and_kept(guard, 
 
 def test_a_post_cut_by_a_disconnect_is_dropped_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server.app, "state", State())
-    state = GuardState(vocab_size=VOCAB, batch_size=BATCH, journal_dir=str(tmp_path / "journal"))
+    state = GuardState(GuardSettings(vocab_size=VOCAB, batch_size=BATCH, journal_dir=str(tmp_path / "journal")))
     messages = [{"type": "http.request", "body": b'{"tokens": [[1, 2', "more_body": True}, {"type": "http.disconnect"}]
     sent: list[dict] = []
 

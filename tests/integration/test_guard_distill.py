@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from starlette.datastructures import State
 
 from recipe.atropos.guard.routes import build_app
-from recipe.atropos.guard.state import GuardState
+from recipe.atropos.guard.state import GuardSettings, GuardState
 
 VOCAB, BATCH = 1000, 4
 REGISTRATION = {"wandb_group": "g", "wandb_project": "p", "batch_size": BATCH, "max_token_len": 64}
@@ -43,12 +43,14 @@ def guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Tes
     monkeypatch.setattr(server.app, "state", State())
     rejected = tmp_path / "rejected.jsonl"
     state = GuardState(
-        vocab_size=VOCAB,
-        batch_size=BATCH,
-        rejected_file=str(rejected),
-        stats_file=str(tmp_path / "stats.json"),
-        journal_dir=str(tmp_path / "journal"),
-        max_queued_sequences=BATCH,
+        GuardSettings(
+            vocab_size=VOCAB,
+            batch_size=BATCH,
+            rejected_file=str(rejected),
+            stats_file=str(tmp_path / "stats.json"),
+            journal_dir=str(tmp_path / "journal"),
+            max_queued_sequences=BATCH,
+        )
     )
     with TestClient(build_app(state)) as client:
         assert client.post("/register", json=REGISTRATION).status_code == 200

@@ -141,7 +141,7 @@ def test_weight_load_changes_outputs_and_bumps_the_policy_version(
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     torch.manual_seed(3)
     state = {k: v + 0.5 * torch.randn_like(v) for k, v in model.state_dict().items()}
-    assert ray.get(rollout_server.load_weights.remote(state, 5)) == 5
+    assert ray.get(rollout_server.load_weights.remote(state, policy_version=5)) == 5
     second = generate(rollout_server, [257, 84, 82])
     assert second.extra_fields["policy_version"] == 5
     assert second.log_probs != first.log_probs
@@ -255,7 +255,7 @@ def test_split_swap_under_running_requests_tags_each_completion_with_its_policy(
     torch.manual_seed(11)
     new = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     new.load_state_dict({k: v + 0.3 * torch.randn_like(v) for k, v in old.state_dict().items()})
-    assert ray.get(rollout_server.load_weights.remote(old.state_dict(), 20)) == 20
+    assert ray.get(rollout_server.load_weights.remote(old.state_dict(), policy_version=20)) == 20
     backend = RayReplicaBackend([rollout_server], [tok.eos_token_id])
     endpoint = InferenceEndpoint(
         backend, port=0, max_tokens_cap=8, eos_token_ids=[tok.eos_token_id], policy_version=20,

@@ -297,24 +297,13 @@ class HFCPURolloutServer:
                 for r, (ids, lps) in zip(batch, results, strict=True):
                     r.future.set_result((ids, lps, version))
 
-    async def load_weights(
-        self,
-        state_dict: dict[str, torch.Tensor],
-        policy_version: int | None = None,
-        peft_config: dict[str, Any] | None = None,
-        base_sync_done: bool = True,
-    ) -> int:
-        """:meth:`HFGenerator.load_weights` under the generation lock (no batch mixes two policies); the seconds the
-        lock was held add up in ``weight_load_s`` (generation waits that long for a swap)."""
+    async def load_weights(self, state_dict: dict[str, torch.Tensor], **how: Any) -> int:
+        """:meth:`HFGenerator.load_weights` (``how``: its keywords) under the generation lock (no batch mixes two
+        policies); the seconds the lock was held add up in ``weight_load_s`` (generation waits that long for a swap).
+        Returns the policy version now served."""
         async with self._lock:
             start = time.monotonic()
-            await asyncio.to_thread(
-                self.generator.load_weights,
-                state_dict,
-                policy_version=policy_version,
-                peft_config=peft_config,
-                base_sync_done=base_sync_done,
-            )
+            await asyncio.to_thread(self.generator.load_weights, state_dict, **how)
             self._stats["weight_load_s"] += time.monotonic() - start
             return self.generator.policy_version
 

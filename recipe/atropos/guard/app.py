@@ -36,39 +36,22 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import asdict, fields
 
 from recipe.atropos.access import Refusals, check_exposure, parse_networks
-from recipe.atropos.guard.state import GuardState
+from recipe.atropos.guard.state import GuardSettings, GuardState
 
 
-def guard_argv(
-    port: int,
-    *,
-    vocab_size: int | None,
-    batch_size: int | None,
-    rejected_file: Path | None = None,
-    stats_file: Path | None = None,
-    journal_dir: Path | None = None,
-    max_queued_sequences: int | None = None,
-    host: str = "127.0.0.1",
-    allow: Sequence[str] = (),
-) -> list[str]:
-    """The command line that serves the guarded API (same interpreter)."""
+def guard_argv(port: int, settings: GuardSettings, *, host: str = "127.0.0.1", allow: Sequence[str] = ()) -> list[str]:
+    """The command line that serves the guarded API (same interpreter): each of ``settings`` that is set becomes
+    its option (``max_queued_sequences`` -> ``--max-queued-sequences``); unset (None, 0, "") leaves the guard's
+    default."""
     import sys
 
     argv = [sys.executable, "-m", "recipe.atropos.guard.app", "--host", host, "--port", str(port)]
-    options = {
-        "--vocab-size": vocab_size,
-        "--batch-size": batch_size,
-        "--rejected-file": rejected_file,
-        "--stats-file": stats_file,
-        "--journal-dir": journal_dir,
-        "--max-queued-sequences": max_queued_sequences,
-        "--allow": ",".join(allow),
-    }
-    for flag, value in options.items():
-        if value:  # unset (None, 0, "") leaves the guard's default
+    options = {f"--{name.replace('_', '-')}": value for name, value in asdict(settings).items()}
+    for flag, value in {**options, "--allow": ",".join(allow)}.items():
+        if value:
             argv += [flag, str(value)]
     return argv
 
@@ -77,14 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--vocab-size", type=int, default=None, help="token ids must be below this")
-    parser.add_argument("--batch-size", type=int, default=None, help="until the trainer registers its own")
-    parser.add_argument("--rejected-file", default=None, help="append rejected groups (JSONL) here")
-    parser.add_argument("--stats-file", default=None, help="counters, kept across restarts")
-    parser.add_argument("--journal-dir", default=None, help="accepted groups until acknowledged (default: a temp dir)")
-    parser.add_argument(
-        "--max-queued-sequences", type=int, default=None, help="most sequences in memory (default: 4 batches)"
-    )
+    for f in fields(GuardSettings):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=None, **f.metadata)
     parser.add_argument("--allow", default="", help="client networks let in besides loopback (CIDRs, comma-separated)")
     args = parser.parse_args(argv)
     allow = [c for c in args.allow.split(",") if c.strip()]
@@ -98,14 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from recipe.atropos.guard.routes import build_app
 
-    state = GuardState(
-        vocab_size=args.vocab_size,
-        batch_size=args.batch_size,
-        rejected_file=args.rejected_file,
-        stats_file=args.stats_file,
-        journal_dir=args.journal_dir,
-        max_queued_sequences=args.max_queued_sequences,
-    )
+    state = GuardState(GuardSettings(**{f.name: getattr(args, f.name) for f in fields(GuardSettings)}))
     refusals = Refusals("the Atropos API", "set atropos.launcher.api_allow", state.count_refused)
     app = build_app(state, networks, refusals)
     # proxy_headers off: the allow-list judges the socket's peer, never a

@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,34 @@ PERSISTED = ("accepted_groups", "accepted_sequences", "acked_groups", "unknown_a
 DEFAULT_BOUND_BATCHES = 4  # without --max-queued-sequences: this many batches in memory
 
 
+def _option(kind: type, help_text: str) -> Any:
+    """A setting that is also a command-line option: None by default; ``kind`` and ``help_text`` for argparse."""
+    return field(default=None, metadata={"type": kind, "help": help_text})
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """What a guard starts with: :class:`GuardState`'s inputs, and the options of its command line
+    (``--vocab-size`` ... ``--max-queued-sequences``, :func:`recipe.atropos.guard.app.guard_argv`)."""
+
+    vocab_size: int | None = _option(int, "token ids must be below this")
+    batch_size: int | None = _option(int, "until the trainer registers its own")
+    rejected_file: str | Path | None = _option(str, "append rejected groups (JSONL) here")
+    stats_file: str | Path | None = _option(str, "counters, kept across restarts")
+    journal_dir: str | Path | None = _option(str, "accepted groups until acknowledged (default: a temporary directory)")
+    max_queued_sequences: int | None = _option(
+        int, f"most sequences in memory (default: {DEFAULT_BOUND_BATCHES} batches)"
+    )
+
+
 class GuardState:
     """Counters of the guard (optionally persisted across restarts), the rejected-groups log and the journal
-    (``journal_dir``; None = a temporary directory, so nothing survives the process)."""
+    (``settings.journal_dir``; None = a temporary directory, so nothing survives the process)."""
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int | None,
-        batch_size: int | None,
-        rejected_file: str | None = None,
-        stats_file: str | None = None,
-        journal_dir: str | None = None,
-        max_queued_sequences: int | None = None,
-    ) -> None:
+    def __init__(self, settings: GuardSettings) -> None:
+        vocab_size, batch_size = settings.vocab_size, settings.batch_size
+        rejected_file, stats_file, journal_dir = settings.rejected_file, settings.stats_file, settings.journal_dir
+        max_queued_sequences = settings.max_queued_sequences
         self.vocab_size = vocab_size
         self.batch_size = batch_size
         self.max_queued_sequences = max_queued_sequences

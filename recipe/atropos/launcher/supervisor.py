@@ -32,6 +32,7 @@ from pathlib import Path
 
 from recipe.atropos.access import inference_token
 from recipe.atropos.guard.app import guard_argv
+from recipe.atropos.guard.state import GuardSettings
 from recipe.atropos.launcher.config import LaunchError, load_config
 from recipe.atropos.launcher.env_entries import (
     EnvServers,
@@ -188,17 +189,16 @@ class Launcher:
         lcfg = self.atropos.launcher
         if not lcfg.guard_api:
             return run_api_argv(self.api_port, host=lcfg.api_host)
-        return guard_argv(
-            self.api_port,
+        batch = int(self.config.data.train_batch_size)
+        settings = GuardSettings(
             vocab_size=model_vocab_size(self.model),
-            batch_size=int(self.config.data.train_batch_size),
+            batch_size=batch,
             rejected_file=self.run_dir.rejected_groups,
             stats_file=self.run_dir.guard_stats,
             journal_dir=self.run_dir.api_journal,
-            max_queued_sequences=self.atropos.max_queued_sequences(int(self.config.data.train_batch_size)),
-            host=lcfg.api_host,
-            allow=lcfg.api_allow,
+            max_queued_sequences=self.atropos.max_queued_sequences(batch),
         )
+        return guard_argv(self.api_port, settings, host=lcfg.api_host, allow=lcfg.api_allow)
 
     def _start_api(self) -> None:
         api = self._start("run-api", self.api_argv())
