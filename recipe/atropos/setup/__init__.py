@@ -4,6 +4,7 @@
 ``placement``: colocated or split rollout, the split settings on CPU; ``weight_sync``: what a weight push carries
 (full weights or a LoRA adapter) and the CPU checkpoint engine's name; ``cluster``: attaching to an existing Ray
 cluster; ``gpu``: start-up checks of the GPU path; ``assets``: model files (the embedded demo model, the tiny test
-model, a model directory's vocabulary size). Nothing here imports torch or verl at module level, nor anything of the
-recipe but :mod:`recipe.atropos.setup` itself.
+model, a model directory's vocabulary size); ``tracking``: the wandb mode and folder (``atropos.wandb_mode``).
+Nothing here imports torch or verl at module level, nor anything of the recipe but :mod:`recipe.atropos.setup`
+itself.
 """
