@@ -54,7 +54,8 @@ def test_gpu_config_fits_one_gpu_and_keeps_bounded_checkpoints() -> None:
     config = _as_run("atropos_grpo_gpu")
     assert config.trainer.n_gpus_per_node == 1 and config.trainer.nnodes == 1
     assert config.trainer.max_actor_ckpt_to_keep == 2
-    assert config.actor_rollout_ref.rollout.agent.num_workers == 1 and config.reward.num_workers == 1
+    # verl's agent and reward loops are not used: no worker processes for them (the base config)
+    assert config.actor_rollout_ref.rollout.agent.num_workers == 0 and config.reward.num_workers == 0
     assert 0 < config.actor_rollout_ref.rollout.gpu_memory_utilization <= 0.4
     assert config.atropos.inference.served_model_name is None  # vllm_http asks vLLM for its served name
     # One optimizer step per batch (the advantage-weighted CE is an on-policy loss; IS corrects the lag).

@@ -28,6 +28,7 @@ CLUSTER_DECIDES = (
     "trainer.n_gpus_per_node",
     "ray_kwargs.ray_init.num_cpus",
     "ray_kwargs.ray_init.num_gpus",
+    "ray_kwargs.ray_init.include_dashboard",  # the cluster's head started it (or not)
 )
 # This process's environment the workers need on every node (when set): the CPU runtime's switches, wandb's mode.
 FORWARDED_ENV = (

@@ -58,6 +58,10 @@ CPU_SETTINGS: tuple[tuple[str, object], ...] = (
     ("actor_rollout_ref.ref.fsdp_config.use_torch_compile", False),
     ("actor_rollout_ref.rollout.name", "hf_cpu"),
     ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1),
+    ("ray_kwargs.ray_init.include_dashboard", False),  # the dashboard's processes cost each start ~2 CPU-seconds
+)
+# verl's own loop on CPU (its agent and reward loop workers: one each, not 8; the recipe uses none, its base config).
+NATIVE_LOOP_SETTINGS: tuple[tuple[str, object], ...] = (
     ("actor_rollout_ref.rollout.agent.num_workers", 1),
     ("reward.num_workers", 1),
 )
@@ -122,8 +126,9 @@ def _override(key: str, value: object) -> str:
 
 
 def cpu_runtime_overrides(cpu_rollout: str = "hf_cpu") -> list[str]:
-    """Hydra overrides for ``python -m verl.trainer.main_ppo`` on CPU (``++`` adds or sets)."""
-    return [_override(key, value) for key, value in cpu_rollout_settings(cpu_rollout)]
+    """Hydra overrides for ``python -m verl.trainer.main_ppo`` on CPU (``++`` adds or sets), verl's own loop's
+    worker counts included (:data:`NATIVE_LOOP_SETTINGS`)."""
+    return [_override(key, value) for key, value in cpu_rollout_settings(cpu_rollout) + NATIVE_LOOP_SETTINGS]
 
 
 def apply_cpu_runtime(config: DictConfig, extra_modules: Sequence[str] = ()) -> None:
