@@ -185,6 +185,9 @@ class Watch:
     each new evaluation row of the run's metrics file (``label: held-out 0.250 after step 0``)."""
 
     def __init__(self, label: str, metrics_file: Path, interval_s: float = 1.0) -> None:
+        from bench_lora import vm_hwm_bytes  # imported here, before the run: it imports torch
+
+        self._vm_hwm_bytes = vm_hwm_bytes
         self.label, self.metrics_file, self.interval_s = label, metrics_file, interval_s
         self.samples: list[Sample] = []
         self._evals_seen = 0
@@ -206,8 +209,6 @@ class Watch:
             self._print_evals()
 
     def _sample(self) -> None:
-        from bench_lora import vm_hwm_bytes
-
         now = time.time()
         for proc in psutil.Process().children(recursive=True):
             try:
@@ -216,7 +217,8 @@ class Watch:
                 if role is None:
                     continue
                 cpu = proc.cpu_times()
-                self.samples.append(Sample(now, role, proc.pid, cpu.user + cpu.system, vm_hwm_bytes(proc.pid) or 0))
+                peak = self._vm_hwm_bytes(proc.pid) or 0
+                self.samples.append(Sample(now, role, proc.pid, cpu.user + cpu.system, peak))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
 
@@ -233,9 +235,11 @@ class Watch:
 # ---- the runs --------------------------------------------------------------------------------------------------------
 
 
-def run_launcher(label: str, run_dir: Path, steps: int, overrides: Sequence[str], timeout: float) -> Watch:
-    """The launcher on :data:`CONFIG` for ``steps`` steps in ``run_dir``; the watch (samples) of the run. Exits with
-    the launcher log's tail when the run fails."""
+def run_launcher(
+    label: str, run_dir: Path, steps: int, overrides: Sequence[str], timeout: float
+) -> tuple[Watch, float]:
+    """The launcher on :data:`CONFIG` for ``steps`` steps in ``run_dir``: the watch (samples) of the run and its wall
+    seconds. Exits with the launcher log's tail when the run fails."""
     from bench_loop import launcher_argv, run_logged
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +252,7 @@ def run_launcher(label: str, run_dir: Path, steps: int, overrides: Sequence[str]
     if code != 0:
         text = (run_dir / "launcher.log").read_text(errors="replace")
         raise SystemExit(f"{label} run failed ({code}); last lines of {run_dir / 'launcher.log'}:\n{text[-3000:]}")
-    return watch
+    return watch, wall
 
 
 def export_teacher(rl_dir: Path, step: int, out: Path) -> Path:
@@ -286,6 +290,51 @@ def plot(rl: dict[int, float], distill: dict[int, float], target: float, path: P
     return path
 
 
+def report(
+    out: Path,
+    rl_dir: Path,
+    teacher: Path,
+    steps: int,
+    target: float,
+    samples: Sequence[Sample],
+    walls: dict[str, float],
+) -> list[str]:
+    """The summary of the two runs (printed, and kept in ``out/summary.txt``), the process samples
+    (``processes.jsonl``) and the plot (``heldout.png``); the ratio line last."""
+    rl_rows = read_metrics(RunDir(rl_dir).metrics_file)
+    distill_rows = read_metrics(RunDir(out / "distill").metrics_file)
+    rl, distill = held_out_curve(rl_rows), held_out_curve(distill_rows)
+    teacher_success = rl.get(max(rl, default=-1), float("nan"))
+    config = load_config(CONFIG, [])
+    loss, env_args = config.distillation.distillation_loss, config.atropos.launcher.envs[0].args
+    try:
+        drawn = f"plot: {plot(rl, distill, target, out / 'heldout.png')}"
+    except ImportError as exc:  # matplotlib is in the demo extra; the summary stands without the plot
+        drawn = f"plot: not drawn ({exc})"
+    lines = [
+        f"make demo-distill ({CONFIG.name}): student SmolLM2-135M-Instruct (base), {steps} steps of 4 x 8 each;",
+        f"teacher {teacher} (RL alone after step {max(rl, default=0)}: held-out {teacher_success:.3f}), "
+        f"{loss.loss_mode} over its top {loss.topk} + GRPO (coef {loss.distillation_loss_coef})",
+        f"held-out success ({env_args['env.eval_questions']} unseen questions x 4 samples at temperature 1.0) after "
+        "each step:",
+        *side_by_side(rl, distill),
+        "",
+        "distillation run, per step:",
+        *distill_steps_table(distill_rows),
+        "",
+        *cost_lines(samples, distill_rows, rl_rows),
+        "wall: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items()),
+        drawn,
+        "",
+        ratio_line(distill, rl, target),
+    ]
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    with open(out / "processes.jsonl", "w") as f:
+        for sample in samples:
+            f.write(json.dumps(sample.__dict__) + "\n")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="training steps of each run (default 8)")
@@ -298,50 +347,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = (args.out or ROOT / "outputs" / f"demo-distill-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"demo-distill: {args.steps} steps each, output {out}; load {os.getloadavg()}", flush=True)
-
+    walls: dict[str, float] = {}
     if args.rl_from:
         rl_dir, teacher = args.rl_from.resolve() / "rl", args.rl_from.resolve() / "teacher"
         print(f"RL alone and teacher reused from {args.rl_from}", flush=True)
     else:
         rl_dir, teacher = out / "rl", out / "teacher"
         rl_overrides = ["distillation.enabled=false", f"trainer.save_freq={args.steps}"]
-        run_launcher("RL alone", rl_dir, args.steps, rl_overrides, args.timeout)
+        walls["RL alone"] = run_launcher("RL alone", rl_dir, args.steps, rl_overrides, args.timeout)[1]
         t0 = time.monotonic()
         export_teacher(rl_dir, args.steps, teacher)
-        print(f"teacher: step {args.steps} of RL alone exported to {teacher} ({time.monotonic() - t0:.0f} s)")
+        walls["teacher export"] = time.monotonic() - t0
+        print(f"teacher: step {args.steps} of RL alone exported to {teacher} ({walls['teacher export']:.0f} s)")
     distill_overrides = [f"atropos.launcher.teacher.model_path={teacher}", "trainer.save_freq=-1"]
-    watch = run_launcher("distill", out / "distill", args.steps, distill_overrides, args.timeout)
-
-    rl_rows = read_metrics(RunDir(rl_dir).metrics_file)
-    distill_rows = read_metrics(RunDir(out / "distill").metrics_file)
-    rl, distill = held_out_curve(rl_rows), held_out_curve(distill_rows)
-    teacher_success = rl.get(max(rl, default=-1), float("nan"))
-    config = load_config(CONFIG, [])
-    loss, env_args = config.distillation.distillation_loss, config.atropos.launcher.envs[0].args
-    lines = [
-        f"make demo-distill ({CONFIG.name}): student SmolLM2-135M-Instruct (base), {args.steps} steps of 4 x 8 each;",
-        f"teacher {teacher} (RL alone after step {max(rl, default=0)}: held-out {teacher_success:.3f}), "
-        f"{loss.loss_mode} over its top {loss.topk} + GRPO (coef {loss.distillation_loss_coef})",
-        f"held-out success ({env_args['env.eval_questions']} unseen questions x 4 samples at temperature 1.0) after "
-        "each step:",
-        *side_by_side(rl, distill),
-        "",
-        "distillation run, per step:",
-        *distill_steps_table(distill_rows),
-        "",
-        *cost_lines(watch.samples, distill_rows, rl_rows),
-        f"wall of make demo-distill: {time.monotonic() - started:.0f} s",
-        "",
-        ratio_line(distill, rl, args.target),
-    ]
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    with open(out / "processes.jsonl", "w") as f:
-        for s in watch.samples:
-            f.write(json.dumps(s.__dict__) + "\n")
-    try:
-        lines.insert(-1, f"plot: {plot(rl, distill, args.target, out / 'heldout.png')}")
-    except ImportError as exc:  # matplotlib is in the demo extra; the summary stands without the plot
-        lines.insert(-1, f"plot: not drawn ({exc})")
+    watch, walls["distill"] = run_launcher("distill", out / "distill", args.steps, distill_overrides, args.timeout)
+    walls["make demo-distill"] = time.monotonic() - started
+    lines = report(out, rl_dir, teacher, args.steps, args.target, watch.samples, walls)
     print("\n".join(lines), flush=True)
 
 
