@@ -161,21 +161,33 @@ def training_window(rows: Sequence[dict[str, Any]]) -> tuple[float, float, int]:
     return min([start, *evals[:1]]), float(train[-1]["time"]), len(train)
 
 
-def cost_lines(samples: Sequence[Sample], distill_rows: Sequence[dict[str, Any]], rl_rows: Sequence[dict[str, Any]]):
-    """The teacher's CPU seconds and peak memory per step beside the student's processes (distillation run), and the
-    student's step and actor-update wall time in both runs."""
-    start, end, steps = training_window(distill_rows)
+def per_step(samples: Sequence[Sample], rows: Sequence[dict[str, Any]], role: str) -> float:
+    """CPU seconds the ``role``'s processes used per training step over the run's :func:`training_window`."""
+    start, end, steps = training_window(rows)
+    return (cpu_at(samples, role, end) - cpu_at(samples, role, start)) / steps
+
+
+def cost_lines(
+    distill: tuple[Sequence[Sample], Sequence[dict[str, Any]]], rl: tuple[Sequence[Sample], Sequence[dict[str, Any]]]
+) -> list[str]:
+    """The teacher's CPU seconds and peak memory per step beside the student's processes, in the distillation run and
+    (no teacher) RL alone; each as (process samples, metrics rows). Then the student's step and actor-update wall time
+    in both (the trainer's ``timing_s``)."""
+    (d_samples, d_rows), (r_samples, r_rows) = distill, rl
     lines = [
-        f"cost per training step, distillation run ({steps} steps; CPU-s = CPU seconds used over the training window "
-        f"/ steps, 2 cores = 2 CPU-s per wall second)",
-        f"{'process':30s} {'CPU-s/step':>10s} {'peak RSS MiB':>12s}",
+        "cost per training step (CPU-s: CPU seconds used over the training window / steps; 2 cores = 2 CPU-s per "
+        "wall second; peak RSS: VmHWM)",
+        f"{'process':30s} {'distill CPU-s':>13s} {'peak RSS MiB':>12s} {'RL CPU-s':>9s} {'peak RSS MiB':>12s}",
     ]
     for role in ROLES:
-        per_step = (cpu_at(samples, role, end) - cpu_at(samples, role, start)) / steps
-        lines.append(f"{role:30s} {per_step:10.1f} {peak_rss_mb(samples, role):12.0f}")
+        cells = []
+        for samples, rows in ((d_samples, d_rows), (r_samples, r_rows)):
+            cells.append(per_step(samples, rows, role) if rows else float("nan"))
+            cells.append(peak_rss_mb(samples, role))
+        lines.append(f"{role:30s} {cells[0]:13.1f} {cells[1]:12.0f} {cells[2]:9.1f} {cells[3]:12.0f}")
     for label, key in (("step wall (timing_s/step)", "timing_s/step"), ("actor update", "timing_s/update_actor")):
         lines.append(
-            f"{label}: distill {mean_of(distill_rows, key):.1f} s, RL alone {mean_of(rl_rows, key):.1f} s (mean/step)"
+            f"{label}: distill {mean_of(d_rows, key):.1f} s, RL alone {mean_of(r_rows, key):.1f} s (mean/step)"
         )
     return lines
 
@@ -297,10 +309,12 @@ def report(
     steps: int,
     target: float,
     samples: Sequence[Sample],
+    rl_samples: Sequence[Sample],
     walls: dict[str, float],
 ) -> list[str]:
-    """The summary of the two runs (printed, and kept in ``out/summary.txt``), the process samples
-    (``processes.jsonl``) and the plot (``heldout.png``); the ratio line last."""
+    """The summary of the two runs (printed, and kept in ``out/summary.txt``), the process samples (``samples``: the
+    distillation run's, ``rl_samples``: RL alone's; kept in ``processes.jsonl``) and the plot (``heldout.png``); the
+    ratio line last."""
     rl_rows = read_metrics(RunDir(rl_dir).metrics_file)
     distill_rows = read_metrics(RunDir(out / "distill").metrics_file)
     rl, distill = held_out_curve(rl_rows), held_out_curve(distill_rows)
@@ -322,7 +336,7 @@ def report(
         "distillation run, per step:",
         *distill_steps_table(distill_rows),
         "",
-        *cost_lines(samples, distill_rows, rl_rows),
+        *cost_lines((samples, distill_rows), (rl_samples, rl_rows)),
         "wall: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items()),
         drawn,
         "",
@@ -330,8 +344,9 @@ def report(
     ]
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     with open(out / "processes.jsonl", "w") as f:
-        for sample in samples:
-            f.write(json.dumps(sample.__dict__) + "\n")
+        for run, run_samples in (("distill", samples), ("rl", rl_samples)):
+            for sample in run_samples:
+                f.write(json.dumps({"run": run, **sample.__dict__}) + "\n")
     return lines
 
 
@@ -348,13 +363,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"demo-distill: {args.steps} steps each, output {out}; load {os.getloadavg()}", flush=True)
     walls: dict[str, float] = {}
+    rl_samples: list[Sample] = []  # none when RL alone is reused
     if args.rl_from:
         rl_dir, teacher = args.rl_from.resolve() / "rl", args.rl_from.resolve() / "teacher"
         print(f"RL alone and teacher reused from {args.rl_from}", flush=True)
     else:
         rl_dir, teacher = out / "rl", out / "teacher"
         rl_overrides = ["distillation.enabled=false", f"trainer.save_freq={args.steps}"]
-        walls["RL alone"] = run_launcher("RL alone", rl_dir, args.steps, rl_overrides, args.timeout)[1]
+        rl_watch, walls["RL alone"] = run_launcher("RL alone", rl_dir, args.steps, rl_overrides, args.timeout)
+        rl_samples = rl_watch.samples
         t0 = time.monotonic()
         export_teacher(rl_dir, args.steps, teacher)
         walls["teacher export"] = time.monotonic() - t0
@@ -362,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     distill_overrides = [f"atropos.launcher.teacher.model_path={teacher}", "trainer.save_freq=-1"]
     watch, walls["distill"] = run_launcher("distill", out / "distill", args.steps, distill_overrides, args.timeout)
     walls["make demo-distill"] = time.monotonic() - started
-    lines = report(out, rl_dir, teacher, args.steps, args.target, watch.samples, walls)
+    lines = report(out, rl_dir, teacher, args.steps, args.target, watch.samples, rl_samples, walls)
     print("\n".join(lines), flush=True)
 
 
