@@ -162,7 +162,10 @@ def training_window(rows: Sequence[dict[str, Any]]) -> tuple[float, float, int]:
 
 
 def per_step(samples: Sequence[Sample], rows: Sequence[dict[str, Any]], role: str) -> float:
-    """CPU seconds the ``role``'s processes used per training step over the run's :func:`training_window`."""
+    """CPU seconds the ``role``'s processes used per training step over the run's :func:`training_window` (NaN when
+    no such process was seen)."""
+    if not any(s.role == role for s in samples):
+        return float("nan")
     start, end, steps = training_window(rows)
     return (cpu_at(samples, role, end) - cpu_at(samples, role, start)) / steps
 
