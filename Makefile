@@ -24,7 +24,7 @@ VLLM_WHEELS := $(VENV_VLLM)-wheels
 install: $(STAMP) $(STAMP_ENVS)
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON311) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU torch wheel is on local disk; installing it first keeps pip from resolving a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
@@ -42,10 +42,13 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# All three tiers (pyproject's testpaths: tests/unit, tests/integration, tests/e2e, fastest first); the 15 slowest
-# tests and the time per tier are printed at the end.
+# All three tiers (pyproject's testpaths: tests/unit, tests/integration, tests/e2e) on PYTEST_WORKERS pytest-xdist
+# workers, a test module per worker at a time (module fixtures share one run), the slowest end-to-end modules first
+# (tests/conftest.py); the 15 slowest tests, the test seconds per tier and the wall time are printed at the end.
+# PYTEST_WORKERS=0: one process, tiers in order.
+PYTEST_WORKERS ?= 2
 test: install lint
-	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 # The unit tier only (in-process, no server or Ray): under 90 s.
 test-fast: install lint

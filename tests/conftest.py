@@ -8,6 +8,7 @@ took is printed at the end of the run."""
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ def tier_of(path: Path) -> str | None:
 
 
 _tier_of_test: dict[str, str] = {}
+_started = pytest.StashKey[float]()
 _tier_seconds: dict[str, float] = defaultdict(float)
 
 
@@ -61,18 +63,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         _tier_of_test[item.nodeid] = tier
     if misplaced:
         raise pytest.UsageError(f"test files must be under tests/{{{','.join(TIERS)}}}/: {sorted(misplaced)}")
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the longest modules first, the short ones fill in
+        items.sort(key=_slowest_first)
+
+
+# End-to-end modules by their time on the 2-core box (slowest first; `make test`'s --durations list): under
+# pytest-xdist (--dist loadfile hands whole modules to workers in collection order) the long ones start at once and
+# the many short ones balance the workers at the end. A module missing here comes after these, before integration.
+SLOW_FIRST = (
+    "test_faults_e2e.py",
+    "test_lora_e2e.py",
+    "test_distill_e2e.py",
+    "test_env_patterns_e2e.py",
+    "test_e2e_offline.py",
+    "test_e2e_trainer.py",
+    "test_e2e_online.py",
+    "test_verl_grpo_cpu.py",
+    "test_console_e2e.py",
+    "test_extension_e2e.py",
+)
+
+
+def _slowest_first(item: pytest.Item) -> tuple[int, int]:
+    tier = _tier_of_test.get(item.nodeid, "")
+    if tier != "e2e":
+        return (len(SLOW_FIRST) + 1 + (tier == "unit"), 0)  # integration, then unit; sort() keeps their order
+    name = item.path.name
+    return (SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST), 0)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    tier = _tier_of_test.get(report.nodeid)
+    """Add the test's setup + call + teardown seconds to its tier (module fixtures count where first used). Under
+    pytest-xdist the controller collects nothing and gets the workers' reports: the tier comes from the node id's
+    path (relative to the rootdir, i.e. the repository)."""
+    tier = _tier_of_test.get(report.nodeid) or tier_of(TESTS_DIR.parent / report.nodeid.split("::")[0])
     if tier:
-        _tier_seconds[tier] += report.duration  # setup + call + teardown (module fixtures count where first used)
+        _tier_seconds[tier] += report.duration
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_started] = time.monotonic()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
     if _tier_seconds:
         times = ", ".join(f"{t} {_tier_seconds[t]:.1f} s" for t in TIERS if t in _tier_seconds)
-        terminalreporter.write_line(f"time per tier: {times}")
+        wall = time.monotonic() - config.stash.get(_started, time.monotonic())
+        workers = getattr(config.option, "numprocesses", None)
+        where = f" over {workers} pytest-xdist workers" if workers else ""
+        terminalreporter.write_line(f"time per tier (test seconds, summed): {times}; wall {wall:.0f} s{where}")
 
 
 @pytest.fixture()

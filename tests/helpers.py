@@ -4,6 +4,8 @@ left behind."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -33,6 +35,16 @@ TEST_TAG_VAR = "ATROPOS_VERL_TEST_TAG"
 
 # Processes owned by fixtures that outlive a test (the module's run-api, restarted by some tests): not leftovers.
 FIXTURE_PIDS: set[int] = set()
+
+
+def printed_resume_command(log_text: str) -> tuple[str, list[str]]:
+    """The last resume line a launcher printed as it stopped (``resume from checkpoint N (of T steps): CMD`` or
+    ``finished: ...; to train on to step M: CMD``, :func:`recipe.atropos.launcher.report.resume_line`): the words
+    before the command, and the command split as a shell would."""
+    pattern = re.compile(r"^(resume from checkpoint \d+ \(of \d+ steps\)|finished: .*?to train on to step \d+): (.+)$")
+    found = [m for m in map(pattern.match, log_text.splitlines()) if m]
+    assert found, "the launcher printed no resume command"
+    return found[-1].group(1), shlex.split(found[-1].group(2))
 
 
 def launcher_argv(model: Path, run_dir: Path, *overrides: str, config: Path = TINY_CONFIG) -> list[str]:
@@ -240,14 +252,19 @@ class Launch:
 def launcher_factory(model: Path, tmp_dir: Path) -> Iterator[Callable[..., Launch]]:
     """``start(*overrides, run_dir=tmp_dir/"run", config=TINY_CONFIG, log=tmp_dir/"launcher.log")`` starts a launcher
     on ``model`` and returns its :class:`Launch`; on leaving, every launcher started is stopped (:meth:`Launch.stop`).
-    The same ``run_dir`` again resumes that run (the log is appended to)."""
+    The same ``run_dir`` again resumes that run (the log is appended to). ``argv``: this exact command instead (the
+    resume command a launcher printed, :func:`printed_resume_command`), in ``run_dir``."""
     launches: list[Launch] = []
 
     def start(
-        *overrides: str, run_dir: Path | None = None, config: Path = TINY_CONFIG, log: Path | None = None
+        *overrides: str,
+        run_dir: Path | None = None,
+        config: Path = TINY_CONFIG,
+        log: Path | None = None,
+        argv: list[str] | None = None,
     ) -> Launch:
         run_dir = run_dir or tmp_dir / "run"
-        argv = launcher_argv(model, run_dir, *overrides, config=config)
+        argv = argv or launcher_argv(model, run_dir, *overrides, config=config)
         proc = ManagedProcess("launcher", argv, log or tmp_dir / "launcher.log").start()
         launches.append(Launch(proc, run_dir))
         return launches[-1]

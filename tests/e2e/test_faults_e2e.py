@@ -6,7 +6,8 @@ the trainer acknowledges it after its spool write, and the spool trains each id 
 fault table (``FAULT-TABLE`` lines: run with ``-s`` to see them). Scenarios share runs where each leaves the
 accounting exact, two runs in all: an env killed and malformed groups posted in the run that also tests bypass mode
 with the rollout split from the actor and the env's held-out evaluations (one module-scoped run, two tests); the API
-SIGKILLed, then Ctrl-C, a SIGKILLed trainer and a SIGKILLed launcher in one run resumed three times. The API kill runs
+SIGKILLed, then Ctrl-C, a SIGKILLed trainer and a SIGKILLed launcher in one run in split placement resumed three
+times, the first time by the command the launcher printed as it stopped. The API kill runs
 with a memory bound of one batch, so groups wait on disk.
 """
 
@@ -33,7 +34,15 @@ from recipe.atropos.launcher.supervisor import Launcher
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.rundir import RunDir, SpoolDir
 from tests.factories import CONFIG_DIR, TINY_CONFIG
-from tests.helpers import Launch, checkpoint_state, launcher_factory, no_processes_left, wait_until
+from tests.helpers import (
+    Launch,
+    checkpoint_state,
+    launcher_argv,
+    launcher_factory,
+    no_processes_left,
+    printed_resume_command,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -248,20 +257,24 @@ def gone(proc: psutil.Process) -> bool:
 def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_lose_nothing(
     launch, tiny_model: Path
 ) -> None:
-    """One run, four faults, each but the first followed by a resume. The first launch: the API SIGKILLed after step 1
-    (restarted by the launcher, the trainer registers again and trains on), then Ctrl-C after the first checkpoint
-    since; the trainer SIGKILLed in the middle of a step (the launcher stops the rest and exits 1); the launcher itself
-    SIGKILLed (its services and Ray die with it). The fourth launch finishes; nothing is lost, and the launcher's check
-    finds the run finished."""
+    """One run in split placement, four faults, each but the first followed by a resume. The first launch: the API
+    SIGKILLed after step 1 (restarted by the launcher, the trainer registers again and trains on), then Ctrl-C after
+    the first checkpoint since, and the second launch is the resume command the launcher printed as it stopped; the
+    trainer SIGKILLed in the middle of a step (the launcher stops the rest and exits 1); the launcher itself SIGKILLed
+    (its services and Ray die with it). The fourth launch finishes; nothing is lost, and the launcher's check finds the
+    run finished."""
     # The three interrupted launches run towards a horizon they never reach (on a quiet machine queued groups train in
     # 0.2-0.5 s a step, so the first launch's stop lands anywhere from checkpoint 2 to 7); the last one resumes with
     # total_training_steps = its checkpoint + 2, as the launcher's own "to train on" line does for a finished run.
     horizon = 1000
-    args = (f"trainer.total_training_steps={horizon}", "trainer.save_freq=1")
+    # split placement: the rollout on devices of its own (colocated resume: test_e2e_trainer.py and test_lora_e2e.py)
+    split = ("actor_rollout_ref.hybrid_engine=false", "actor_rollout_ref.rollout.nnodes=1")
+    args = (f"trainer.total_training_steps={horizon}", "trainer.save_freq=1", *split)
     # The first launch, the API kill: the env mixture keeps at most one batch of surplus per env, so the steps after the
     # kill must poll the restarted API (with a deeper surplus they can all be served from groups fetched before it, and
     # nothing re-registers). Memory bound of one batch: further groups wait in the journal's backlog on disk.
-    run = launch(*args, "atropos.mixture_max_pending_batches=1", "atropos.guard.max_queued_sequences=8")
+    first_args = (*args, "atropos.mixture_max_pending_batches=1", "atropos.guard.max_queued_sequences=8")
+    run = launch(*first_args)
     latest = RunDir(run.run_dir).checkpoints / "latest_checkpointed_iteration.txt"
     metrics = RunDir(run.run_dir).metrics_file
 
@@ -325,8 +338,17 @@ def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_los
         f"spooled at the stop {interrupted['pending']}",
     )
 
-    # resume, then SIGKILL the trainer in the middle of the next step (its batch fetched, not yet trained)
-    second = launch(*args)
+    # the launcher's last line is the command that resumes the run: the same one, the run directory last
+    head, resume = printed_resume_command(run.log_text())
+    assert head == f"resume from checkpoint {step} (of {horizon} steps)"
+    first = launcher_argv(tiny_model, run.run_dir, *first_args)
+    assert resume == [a for a in first if not a.startswith("atropos.launcher.run_dir=")] + [
+        f"atropos.launcher.run_dir={run.run_dir}"
+    ]
+
+    # resume with that command, then SIGKILL the trainer in the middle of the next step (its batch fetched, not yet
+    # trained)
+    second = launch(argv=resume)
     second.wait_for(lambda: checkpoint() > step, 600, "a step after the resume")
     trained_to = checkpoint()
     second.wait_for(lambda: len(read_metrics(metrics)) >= trained_to, 120, "the step's metrics row")
@@ -366,7 +388,7 @@ def test_api_sigkill_ctrl_c_trainer_sigkill_and_launcher_sigkill_then_resume_los
     table_row(f"launcher SIGKILLed after checkpoint {killed_at}", killed_at, horizon, mid, 0.0, died)
 
     total = killed_at + 2
-    args = (f"trainer.total_training_steps={total}", "trainer.save_freq=1")
+    args = (f"trainer.total_training_steps={total}", "trainer.save_freq=1", *split)
     last = launch(*args)
     assert last.wait_exit(800) == 0, last.log_text()[-4000:]
     rows = read_metrics(metrics)

@@ -4,9 +4,9 @@ The pitfall this guards against (verl issue 7495): with LoRA, a weight push that
 weights leaves the rollout sampling the initial policy, and nothing fails. Here the rollout server's weight probe
 (``rollout/0/probe_*``, recorded after each step's push) is compared with the trainer's checkpoint of the same step:
 the effective weight ``W + B·A·alpha/r`` of a LoRA-targeted projection that the rollout holds equals the one the actor
-saved, and it changes every step. Then the run is resumed for one more step (the resumed rollout starts from the
-checkpoint's adapter), and the final checkpoint's adapter, exported with verl's model merger, loads with plain
-``peft`` and changes the base model's logits.
+saved, and it changes every step. Then the run is resumed for two more steps by the command the launcher printed as it
+finished (the resumed rollout starts from the checkpoint's adapter), and the final checkpoint's adapter, exported
+with verl's model merger, loads with plain ``peft`` and changes the base model's logits.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from recipe.atropos.launcher.processes import tail
 from recipe.atropos.metrics_file import read_metrics
 from recipe.atropos.rundir import RunDir
-from tests.helpers import checkpoint_state
+from tests.helpers import checkpoint_state, printed_resume_command
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -110,22 +110,27 @@ def test_lora_pushes_reach_the_rollout_checkpoint_resume_and_plain_peft(
     )
     assert meta["r"] == 8 and meta["lora_alpha"] == 16
 
-    # ---- resume to step 3 ---------------------------------------------------------------------------------------
-    resumed = launch(*COMMON, "trainer.total_training_steps=3", log=tmp_path / "launcher_resumed.log")
+    # ---- resume to step 4 with the command the launcher printed as it finished ------------------------------------
+    head, command = printed_resume_command(run.log_text())
+    assert head == "finished: checkpoint 2 of trainer.total_training_steps=2; to train on to step 4"
+    resumed = launch(argv=command, log=tmp_path / "launcher_resumed.log")
     code = resumed.wait_exit(600)
     assert code == 0, tail(resumed.log, 40) + "\n--- trainer ---\n" + tail(trainer_log, 60)
     rows = read_metrics(RunDir(run.run_dir).metrics_file)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # a fresh rollout server: its first complete policy was the step-2 checkpoint's adapter, then one push a step
+    for row in rows[2:]:
+        step = int(row["step"])
+        assert row["rollout/0/probe_adapter_loads"] == step - 1
+        assert row["rollout/0/probe_start_module_weight_checksum"] == pytest.approx(seen[2], abs=1e-9)
+        expected = float(effective_weight(checkpoint_state(run.run_dir, step), module).sum())
+        assert row["rollout/0/probe_module_weight_checksum"] == pytest.approx(expected, abs=1e-9)
+        assert expected not in seen
+        seen.append(expected)
     last = rows[-1]
-    # a fresh rollout server: its first complete policy was the step-2 checkpoint's adapter, then step 3's push
-    assert last["rollout/0/probe_adapter_loads"] == 2
-    assert last["rollout/0/probe_start_module_weight_checksum"] == pytest.approx(seen[-1], abs=1e-9)
-    expected = float(effective_weight(checkpoint_state(run.run_dir, 3), module).sum())
-    assert last["rollout/0/probe_module_weight_checksum"] == pytest.approx(expected, abs=1e-9)
-    assert expected not in seen
 
     # ---- the final adapter outside verl: plain peft -------------------------------------------------------------
-    adapter_dir = export_adapter(run.run_dir, 3, tmp_path / "export")
+    adapter_dir = export_adapter(run.run_dir, 4, tmp_path / "export")
     assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "adapter_model.safetensors").exists()
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25]])
     with torch.no_grad():

@@ -45,7 +45,9 @@ def test_the_launchers_teacher_serves_the_envs_through_the_environment(
         ],
     )
     try:
-        launcher._start_teacher()  # what start_all runs before the envs
+        # Private: the public start_all also starts the API, the envs and the trainer; this test needs the teacher
+        # service alone, as start_all starts it before the envs.
+        launcher._start_teacher()
         assert requests.get(f"{launcher.teacher.url}/health", timeout=5).status_code == 200
         assert launcher.teacher.top_k == 0  # k3: the sampled token's log-prob
         for key, value in teacher_environ(launcher.teacher.url, launcher.teacher.top_k).items():

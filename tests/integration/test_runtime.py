@@ -268,7 +268,8 @@ def test_split_swap_under_running_requests_tags_each_completion_with_its_policy(
         with ThreadPoolExecutor(8) as pool:
             answers = [pool.submit(requests.post, url, json=body, timeout=120) for _ in range(8)]
             time.sleep(0.2)  # some requests are generating now
-            assert ray.get(rollout_server.load_weights.remote(new.state_dict(), 21)) == 21  # endpoint left open
+            # the endpoint is left open meanwhile
+            assert ray.get(rollout_server.load_weights.remote(new.state_dict(), policy_version=21)) == 21
             answers += [pool.submit(requests.post, url, json=body, timeout=120) for _ in range(4)]
             answers = [a.result(timeout=120).json() for a in answers]
         assert endpoint.counters()["paused_s"] == 0.0  # the gate never held a request
