@@ -33,3 +33,18 @@ def group(n: int = 2, first: int = 10, **extra: object) -> dict:
     }
     body.update(extra)
     return body
+
+
+def distillation_run_config(*overrides: str):  # noqa: ANN201 (DictConfig; omegaconf imported on use)
+    """The tiny config as main_atropos runs it on CPU (the CPU runtime's settings), ``distillation.enabled=true``,
+    with ``overrides``; no model needed (the path does not exist)."""
+    from omegaconf import OmegaConf
+
+    from recipe.atropos.launcher.config import load_config
+    from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS
+
+    model = "actor_rollout_ref.model.path=/nonexistent/tiny"
+    config = load_config(TINY_CONFIG, [model, "distillation.enabled=true", *overrides])
+    for key, value in CPU_SETTINGS:
+        OmegaConf.update(config, key, value, force_add=True)
+    return config

@@ -22,16 +22,13 @@ import math
 
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
 from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 import recipe.atropos.algos.losses  # noqa: F401  (the recipe's policy loss, registered as in every worker)
 from recipe.atropos.algos.distillation import response_to_sequence_values, teacher_masked_distillation_ppo_loss
-from recipe.atropos.launcher.config import load_config
 from recipe.atropos.schema import validate_group
-from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
 from recipe.atropos.trainer.distillation import (
     TAKEN_KEY,
@@ -43,7 +40,7 @@ from recipe.atropos.trainer.distillation import (
     teacher_tensors,
     verl_update_flags,
 )
-from tests.factories import TINY_CONFIG, X
+from tests.factories import X, distillation_run_config
 
 IDS = [
     [[], [11, 5], [6, 12], [13, 7]],
@@ -65,13 +62,7 @@ def raw(with_teacher: bool = True) -> dict:
     return g
 
 
-def as_run(*overrides: str) -> DictConfig:
-    """The tiny config as main_atropos runs it on CPU, distillation switched on, with ``overrides``."""
-    model = "actor_rollout_ref.model.path=/nonexistent/tiny"
-    config = load_config(TINY_CONFIG, [model, "distillation.enabled=true", *overrides])
-    for key, value in CPU_SETTINGS:
-        OmegaConf.update(config, key, value, force_add=True)
-    return config
+as_run = distillation_run_config
 
 
 def plan_of(*overrides: str) -> DistillationPlan:

@@ -19,13 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
 from verl.workers.rollout.replica import TokenOutput
 
 from recipe.atropos.config import check_atropos_config
 from recipe.atropos.cpu.hf_cpu import HFGenerator
-from recipe.atropos.launcher.config import load_config
-from recipe.atropos.setup.cpu_runtime import CPU_SETTINGS
 from recipe.atropos.trainer.dataproto import scored_data_to_dataproto
 from recipe.atropos.trainer.distillation import distill_step_metrics, distillation_plan, take_distillation
 from recipe.atropos.trainer.teacher import (
@@ -37,7 +34,7 @@ from recipe.atropos.trainer.teacher import (
     teacher_sequences,
 )
 from recipe.atropos.trainer.teacher_config import cpu_teacher_block
-from tests.factories import TINY_CONFIG, X
+from tests.factories import X, distillation_run_config
 
 TEACHER = "distillation.teacher_models.teacher_model.model_path=/some/teacher"
 TWO_TEACHERS = [  # keyed by the tiny config's two launcher envs
@@ -50,13 +47,7 @@ TWO_TEACHERS = [  # keyed by the tiny config's two launcher envs
 ]
 
 
-def as_run(*overrides: str) -> DictConfig:
-    """The tiny config as main_atropos runs it on CPU, distillation switched on, with ``overrides``."""
-    model = "actor_rollout_ref.model.path=/nonexistent/tiny"
-    config = load_config(TINY_CONFIG, [model, "distillation.enabled=true", *overrides])
-    for key, value in CPU_SETTINGS:
-        OmegaConf.update(config, key, value, force_add=True)
-    return config
+as_run = distillation_run_config
 
 
 # ---- the CPU runtime's teacher ----------------------------------------------------------------------------------
