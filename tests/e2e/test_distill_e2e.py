@@ -73,11 +73,16 @@ def train(tmp_path: Path, student: Path, data: Path, started: list[ManagedProces
     return steps
 
 
+@pytest.fixture()
+def teacher(tmp_path: Path) -> Path:
+    """A second tiny model (seed 1): the student's teacher, so the KL is not zero."""
+    return build_tiny_model(tmp_path / "teacher", seed=1)
+
+
 @pytest.mark.timeout(900)
 def test_env_teacher_fields_train_through_verls_distillation_loss(
-    tmp_path: Path, tiny_model: Path, no_leftovers: list[ManagedProcess]
+    tmp_path: Path, tiny_model: Path, teacher: Path, no_leftovers: list[ManagedProcess]
 ) -> None:
-    teacher = build_tiny_model(tmp_path / "teacher", seed=1)
     data = tmp_path / "groups.jsonl"
     save_groups(teacher, data, top_k=2)
     loss = ["loss_mode=forward_kl_topk", "topk=2", "use_policy_gradient=false"]
@@ -94,9 +99,8 @@ def test_env_teacher_fields_train_through_verls_distillation_loss(
 
 @pytest.mark.timeout(900)
 def test_verls_teacher_replica_answers_every_row_in_the_atropos_loop(
-    tmp_path: Path, tiny_model: Path, no_leftovers: list[ManagedProcess]
+    tmp_path: Path, tiny_model: Path, teacher: Path, no_leftovers: list[ManagedProcess]
 ) -> None:
-    teacher = build_tiny_model(tmp_path / "teacher", seed=1)
     data = tmp_path / "groups.jsonl"
     save_groups(teacher, data, top_k=0, with_fields=False)
     steps = train(
