@@ -132,36 +132,3 @@ def test_the_distill_config_is_the_demo_with_distillation_and_an_evaluation_ever
         f"{envs}args.env.steps_per_eval": (2, 1),
         f"{envs}args.env.eval_questions": ("<absent>", 16),
     }
-
-
-@pytest.mark.parametrize(("every", "evaluated"), [(1, [1, 2, 3, 4]), (2, [2, 4])])
-def test_the_distill_env_evaluates_after_every_api_step_with_steps_per_eval_1(
-    tiny_model: Path, every: int, evaluated: list[int]
-) -> None:
-    """atroposlib's own schedule (``(old % k) > (new % k)``) never fires for k = 1; the env's does, once per new step
-    (a repeated step evaluates nothing); k = 2 stays atroposlib's (steps 2 and 4, not doubled)."""
-    import asyncio
-
-    from recipe.atropos.envs.one_word_distill_env import OneWordDistillEnv
-
-    config, servers = OneWordDistillEnv.config_init()
-    config = config.model_copy(update={"tokenizer_name": str(tiny_model), "steps_per_eval": every})
-    env = OneWordDistillEnv(config, servers, slurm=False, testing=True)
-    env._final_evaluated, env._next_final_check = True, float("inf")  # OneWordEnv's final-policy check: not here
-    seen: list[int] = []
-
-    async def evaluate(*args: object, **kwargs: object) -> dict:
-        seen.append(env.status_dict["current_step"])
-        return {}
-
-    env.evaluate = evaluate
-
-    async def steps() -> None:
-        for step in (0, 1, 1, 2, 3, 4):
-            env.status_dict = {"current_step": step}
-            await env.env_step_checks()
-            if env.eval_runner is not None:
-                await env.eval_runner
-
-    asyncio.run(steps())
-    assert seen == evaluated

@@ -115,3 +115,35 @@ def test_config_init_points_at_the_vllm_server_type() -> None:
     env_config, servers = OneWordEnv.config_init()
     assert servers[0].server_type == "vllm"
     assert env_config.env_advantage_every == 2 and env_config.batch_size == -1
+
+
+@pytest.mark.parametrize(("every", "evaluated"), [(1, [1, 2, 3, 4]), (2, [2, 4])])
+def test_the_env_evaluates_after_every_api_step_with_steps_per_eval_1(
+    tiny_model: Path, every: int, evaluated: list[int]
+) -> None:
+    """atroposlib's own schedule (``(old % k) > (new % k)``) never fires for k = 1; the env's does, once per new step
+    (a repeated step evaluates nothing); k = 2 stays atroposlib's (steps 2 and 4, not doubled)."""
+    from recipe.atropos.envs.one_word_env import OneWordEnv
+
+    config, servers = OneWordEnv.config_init()
+    config = config.model_copy(update={"tokenizer_name": str(tiny_model), "steps_per_eval": every})
+    env = OneWordEnv(config, servers, slurm=False, testing=True)
+    # Private: the final-policy check asks the trainer's endpoint (none here); no public switch turns it off.
+    env._final_evaluated, env._next_final_check = True, float("inf")
+    seen: list[int] = []
+
+    async def evaluate(*args: object, **kwargs: object) -> dict:
+        seen.append(env.status_dict["current_step"])
+        return {}
+
+    env.evaluate = evaluate
+
+    async def steps() -> None:
+        for step in (0, 1, 1, 2, 3, 4):
+            env.status_dict = {"current_step": step}
+            await env.env_step_checks()
+            if env.eval_runner is not None:
+                await env.eval_runner
+
+    asyncio.run(steps())
+    assert seen == evaluated

@@ -199,10 +199,15 @@ class OneWordEnv(BaseEnv):
             self.eval_runner = self._start_eval  # BaseEnv's eval_handling applies to it as to scheduled evaluations
 
     async def env_step_checks(self) -> None:
-        """BaseEnv's checks (an evaluation every ``steps_per_eval`` API steps), plus one evaluation of the final policy
-        once the trainer's endpoint says training is over (``/health`` ``final``; the trainer waits for it up to
+        """BaseEnv's checks (an evaluation every ``steps_per_eval`` API steps), plus: with ``steps_per_eval`` 1 an
+        evaluation at every new API step (atroposlib 0.4.0's test ``(old % k) > (new % k)`` never holds for k = 1,
+        both sides 0, so it would evaluate only at start), and one evaluation of the final policy once the trainer's
+        endpoint says training is over (``/health`` ``final``; the trainer waits for it up to
         ``atropos.final_eval_wait_s``)."""
+        stepped = self.config.steps_per_eval == 1 and self.curr_step != self.status_dict["current_step"]
         await super().env_step_checks()
+        if stepped and (self.eval_runner is None or self.eval_runner.done()):
+            self._start_evaluation()
         if self.config.steps_per_eval <= 0 or self._final_evaluated or time.monotonic() < self._next_final_check:
             return
         self._next_final_check = time.monotonic() + 0.5
@@ -213,13 +218,18 @@ class OneWordEnv(BaseEnv):
             self._final_evaluated = True
             if health.get("policy_version") == self._last_eval_version:
                 return  # BaseEnv's own schedule already evaluated the final policy
-            if self.config.eval_handling == EvalHandlingEnum.STOP_TRAIN:  # as BaseEnv does for its scheduled evals
-                self.backlog.extend(x["item"] for x in self.running_items.values())
-                for worker in self.workers:
-                    worker.cancel()
-                self.workers, self.running_items = set(), {}
-            self.eval_runner = asyncio.create_task(self.evaluate())
-            self.eval_runner.add_done_callback(_log_failure)
+            self._start_evaluation()
+
+    def _start_evaluation(self) -> None:
+        """An evaluation in the background, as BaseEnv starts its scheduled ones (with ``eval_handling`` STOP_TRAIN the
+        running groups go back to the backlog and the workers stop until it ends)."""
+        if self.config.eval_handling == EvalHandlingEnum.STOP_TRAIN:
+            self.backlog.extend(x["item"] for x in self.running_items.values())
+            for worker in self.workers:
+                worker.cancel()
+            self.workers, self.running_items = set(), {}
+        self.eval_runner = asyncio.create_task(self.evaluate())
+        self.eval_runner.add_done_callback(_log_failure)
 
     async def get_next_item(self) -> str:
         return question(self.rng)
