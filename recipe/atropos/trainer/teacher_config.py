@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from recipe.atropos.config.atropos_config import atropos_config
 from recipe.atropos.setup.assets import resolve_model_path
 from recipe.atropos.setup.placement import is_split, trainer_devices
 
@@ -90,9 +91,7 @@ def check_verl_teacher(config: DictConfig, block: Mapping[str, Any], on_cpu: boo
                 "teacher's key to an env's name (atropos.launcher.envs[].name)"
             )
         keys = {str(entry.get("key")) for entry in teachers.values()}
-        envs = OmegaConf.select(config, "atropos.launcher.envs", default=None) or []
-        names = [str(env.get("name") or f"env{i}") for i, env in enumerate(envs)]
-        missing = [name for name in names if name not in keys]
+        missing = [name for name in atropos_config(config).launcher.env_names() if name not in keys]
         if missing:
             raise ValueError(
                 f"distillation.teacher_models: no teacher's key is the env name(s) {missing} (keys: {sorted(keys)}). "
