@@ -73,7 +73,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 SLOW_FIRST = (
     "test_faults_e2e.py",
     "test_lora_e2e.py",
-    "test_distill_e2e.py",
     "test_env_patterns_e2e.py",
     "test_e2e_offline.py",
     "test_e2e_trainer.py",
@@ -144,6 +143,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with a byte-level ChatML tokenizer, built locally (no download), once per session: the
     same seed builds the same model, and no test writes into it."""
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny model (seed 1, the same tokenizer): a teacher for distillation whose KL to ``tiny_model`` is not
+    zero."""
+    return build_tiny_model(tmp_path_factory.mktemp("teacher") / "tiny", seed=1)
 
 
 @pytest.fixture()

@@ -385,16 +385,39 @@ def host_address() -> str:
 
 
 def save_with_atroposlib(model: Path, path: Path, groups: list[dict]) -> None:
-    """Write ``groups`` to the JSONL ``path`` with atroposlib's own writer: ``BaseEnv.handle_send_to_api`` of the
-    bundled env with ``data_path_to_save_groups`` (what an env's ``process`` command does), sending nothing."""
+    """Write ``groups`` (all of one size) to the JSONL ``path`` with atroposlib's own writer:
+    ``BaseEnv.handle_send_to_api`` of the bundled env with ``data_path_to_save_groups`` (what an env's ``process``
+    command does), sending nothing."""
     import asyncio
 
     from recipe.atropos.envs.one_word_env import OneWordEnv
 
     env_config, servers = OneWordEnv.config_init()
+    size = len(groups[0]["tokens"])
     env_config = env_config.model_copy(
-        update={"tokenizer_name": str(model), "group_size": 2, "data_path_to_save_groups": str(path)}
+        update={"tokenizer_name": str(model), "group_size": size, "data_path_to_save_groups": str(path)}
     )
     env = OneWordEnv(env_config, servers, slurm=False, testing=True)
     asyncio.run(env.handle_send_to_api(groups, do_send_to_api=False, abort_on_any_max_length_exceeded=False))
     env.jsonl_writer.close()
+
+
+def teacher_fields(teacher: Path, tokens: list[list[int]], top_k: int) -> dict[str, list]:
+    """``distill_token_ids`` / ``distill_logprobs`` of a group's ``tokens`` from the model ``teacher``, built as the
+    teacher endpoint answers ``prompt_logprobs`` (its hf_cpu generator and its vLLM-shaped reply) and as the env mixin
+    turns that answer into the schema's rows (``envs.distill.teacher_rows``)."""
+    from recipe.atropos.cpu.hf_cpu import HFGenerator
+    from recipe.atropos.endpoint.backends import from_verl_prompt_logprobs
+    from recipe.atropos.envs.distill import teacher_rows
+
+    generator = HFGenerator(str(teacher), response_length=8, num_threads=1)
+    rows = []
+    for seq in tokens:
+        raw = generator.prompt_logprobs(seq, max(top_k, 1))
+        answer = from_verl_prompt_logprobs(
+            seq, raw["prompt_ids"], raw["prompt_logprobs"], raw["prompt_token_logprobs"], max(top_k, 1)
+        )
+        ids = [list(e) if e else [] for e in answer]
+        lps = [list(e.values()) if e else [] for e in answer]
+        rows.append(teacher_rows(seq, ids, lps, top_k))
+    return {"distill_token_ids": [ids for ids, _ in rows], "distill_logprobs": [lps for _, lps in rows]}

@@ -6,7 +6,12 @@ test_e2e_online.py.
 The run also trains against the reference model with both of verl's KL terms: ``actor_rollout_ref.actor.use_kl_loss``
 (``low_var_kl``) and ``algorithm.use_kl_in_reward`` (k1). verl builds the reference as a second engine in the actor's
 worker from the initial weights (again on resume); the trainer computes its log-probs every step (``timing_s/ref``).
-The KL values of a small batch are checked by hand in tests/unit/test_reference_kl.py."""
+The KL values of a small batch are checked by hand in tests/unit/test_reference_kl.py.
+
+And it distils verl's way: ``distillation.teacher_models.teacher_model.model_path`` = a second tiny model (seed 1, so
+the KL is not zero); verl's teacher replica (the hf_cpu backend on CPU) answers for every row after conversion, with
+``k3`` (verl 0.9.1 takes a teacher's top-k only from vLLM or SGLang, so ``forward_kl_topk`` is refused with an hf_cpu
+teacher), before and after the resume. The environments' way trains in test_e2e_offline.py."""
 
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ KL = (
     "algorithm.use_kl_in_reward=true",
 )
 KL_METRICS = ("actor/kl_loss", "actor/kl_coef", "actor/reward_kl_penalty", "actor/reward_kl_penalty_coeff")
+TEACHER_TIMES = ("timing_s/teacher", "timing_s/update_actor", "timing_s/old_log_prob", "timing_s/step")
 
 
 def trainer_process(run_dir: Path, model: Path, api_url: str, port: int, *overrides: str) -> ManagedProcess:
@@ -69,7 +75,7 @@ def env_process(run_dir: Path, model: Path, api_url: str, port: int, name: str =
 
 @pytest.mark.timeout(900)
 def test_resume_after_kill_continues_from_the_checkpoint(
-    run_api, tiny_model: Path, tmp_path: Path, no_leftovers: list[ManagedProcess]
+    run_api, tiny_model: Path, tiny_teacher: Path, tmp_path: Path, no_leftovers: list[ManagedProcess]
 ) -> None:
     port = free_port()
     common = (
@@ -79,6 +85,9 @@ def test_resume_after_kill_continues_from_the_checkpoint(
         # the env's inference_logprobs feed verl's rollout correction (token-level importance weights)
         "algorithm.rollout_correction.rollout_is=token",
         *KL,
+        "distillation.enabled=true",
+        f"distillation.teacher_models.teacher_model.model_path={tiny_teacher}",
+        "distillation.distillation_loss.loss_mode=k3",
     )
 
     def registered() -> bool:
@@ -136,3 +145,18 @@ def test_resume_after_kill_continues_from_the_checkpoint(
     for row in rows[1:]:
         assert row["actor/kl_loss"] > 1e-6, row
         assert abs(row["actor/reward_kl_penalty"]) > 1e-6, row
+
+    # verl's teacher replica, every step, before and after the resume (its time and memory printed beside the
+    # student's in the test's output).
+    for row in rows:
+        print(f"step {row['step']}:", {k: v for k, v in row.items() if "teacher" in k or k in TEACHER_TIMES})
+    for row in rows:
+        assert row["atropos/distill/rows_with_teacher"] == 1.0  # verl's teacher answers for every row
+        assert row["atropos/distill/teacher_token_share"] == 1.0
+        assert row["atropos/distill/sampled_token_coverage"] == 1.0  # k3: the one id is the sampled token
+        assert row["atropos/distill/env_field_rows_ignored"] == 0.0
+        assert math.isfinite(row["atropos/distill/reverse_kl_sampled"]) and row["atropos/distill/reverse_kl_sampled"]
+        term = row["actor/distillation/loss"]
+        assert math.isfinite(term) and term > 0.0, row  # the teacher is another model: the term is not zero
+        assert math.isfinite(row["actor/pg_loss"])
+        assert row["timing_s/teacher"] > 0.0 and row["atropos/distill/teacher_rss_mb"] > 0.0
