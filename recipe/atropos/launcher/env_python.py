@@ -23,11 +23,14 @@ exists; else the launcher's own Python, with a warning naming the command above.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger("atropos_launcher")
@@ -102,6 +105,19 @@ def _pip(python: Path, *args: str) -> None:
     subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True)
 
 
+@contextlib.contextmanager
+def _project_lock() -> Iterator[None]:
+    """Hold an exclusive lock on the project folder: an editable install writes ``atropos_verl.egg-info`` into it, and
+    ``make install`` builds the trainer's venv beside this one (its editable install runs under ``flock .``, the same
+    lock)."""
+    fd = os.open(PROJECT_ROOT, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def build(venv: Path = DEFAULT_VENV, requirements: list[Path] | None = None, base_python: str | None = None) -> Path:
     """Create ``venv`` (if needed) with the pins and this project (``--no-deps -e``), then each requirements file
     under the pins. Idempotent; returns the venv's interpreter."""
@@ -113,7 +129,8 @@ def build(venv: Path = DEFAULT_VENV, requirements: list[Path] | None = None, bas
     constraints = venv / "constraints.txt"  # the pins hold for every later --requirements
     constraints.write_text("".join(f"{pin}\n" for pin in PINS))
     _pip(python, *PINS)
-    _pip(python, "--no-deps", "-e", str(PROJECT_ROOT))
+    with _project_lock():
+        _pip(python, "--no-deps", "-e", str(PROJECT_ROOT))
     for path in requirements or []:
         _pip(python, "-c", str(constraints), "-r", str(Path(path).absolute()))
     return python
