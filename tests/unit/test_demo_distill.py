@@ -130,5 +130,5 @@ def test_the_distill_config_is_the_demo_with_distillation_and_an_evaluation_ever
         "trainer.experiment_name": ("cpu-demo-one-word", "cpu-demo-one-word-distill"),
         f"{envs}module": ("recipe.atropos.envs.one_word_env", "recipe.atropos.envs.one_word_distill_env"),
         f"{envs}args.env.steps_per_eval": (2, 1),
-        f"{envs}args.env.eval_questions": ("<absent>", 16),
+        f"{envs}args.env.eval_questions": ("<absent>", 32),
     }
