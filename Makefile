@@ -89,11 +89,12 @@ bench-lora: install
 	$(PY) bench/bench_lora.py $(BENCH_LORA_ARGS)
 
 # On-policy distillation against RL alone on the CPU demo (bench/demo_distill.py, atropos_grpo_cpu_demo_distill.yaml):
-# RL alone for N steps, its last checkpoint exported with verl.model_merger as a frozen teacher, then the base model
+# RL alone for T steps, its last checkpoint exported with verl.model_merger as a frozen teacher, then the base model
 # distilled from it through the launcher's teacher (forward_kl_topk + GRPO) for N steps. Prints held-out success after
 # each step side by side, the teacher's CPU time and memory per step beside the student's, and
 # `ratio distill/rl steps to held-out 0.9: ...`; all in outputs/demo-distill-<stamp>/ (summary.txt, heldout.png).
-# DEMO_DISTILL_ARGS e.g. "--steps 6" (default 8; measured 837 s on 2 cores: RL 310 s, export 7 s, distillation 516 s).
+# DEMO_DISTILL_ARGS e.g. "--steps 6 --teacher-steps 10" (default N 8, T 12; measured 1,003 s on 2 cores: RL 536 s,
+# export 7 s, distillation 455 s).
 .PHONY: demo-distill
 DEMO_DISTILL_ARGS ?=
 demo-distill: install
