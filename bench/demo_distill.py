@@ -18,6 +18,7 @@ hf_cpu rollout; sampled from ``/proc`` every second) and the distillation metric
 exported model), ``summary.txt`` (what is printed) and ``heldout.png``.
 
     python bench/demo_distill.py [--steps 8] [--teacher-steps 12] [--target 0.9] [--rl-from outputs/demo-distill-X]
+        [OVERRIDE ...]   (Hydra overrides of the distillation run only)
 
 RL alone runs longer than the distillation (``--teacher-steps``, default 12) because its last step is the teacher:
 RL alone hovers near 0.9 for its first steps, and a student distilled from a teacher below the target cannot be shown to
@@ -73,9 +74,17 @@ DISTILL_COLUMNS = [
 # ---- the evaluations: curves, steps to the target, the ratio --------------------------------------------------------
 
 
+def straddled(row: dict[str, Any]) -> bool:
+    """An evaluation during which the weights changed (its ``.../policy_version_after`` is not its ``step``): it
+    measured two policy versions."""
+    after = [v for k, v in row.items() if k.endswith("/policy_version_after") and v is not None]
+    return is_eval_row(row) and any(int(v) != int(row["step"]) for v in after)
+
+
 def held_out_curve(rows: Iterable[dict[str, Any]]) -> dict[int, float]:
-    """Policy version -> held-out success (several evaluations of one version averaged), from a run's metrics rows."""
-    return dict(held_out_points(list(rows)))
+    """Policy version -> held-out success (several evaluations of one version averaged), from a run's metrics rows;
+    evaluations that :func:`straddled` a weight push are left out."""
+    return dict(held_out_points([r for r in rows if not straddled(r)]))
 
 
 def steps_to(curve: dict[int, float], target: float) -> int | None:
@@ -319,6 +328,7 @@ def report(
     samples: Sequence[Sample],
     rl_samples: Sequence[Sample],
     walls: dict[str, float],
+    overrides: Sequence[str] = (),
 ) -> list[str]:
     """The summary of the two runs (printed, and kept in ``out/summary.txt``), the process samples (``samples``: the
     distillation run's, ``rl_samples``: RL alone's; kept in ``processes.jsonl``) and the plot (``heldout.png``); the
@@ -327,7 +337,7 @@ def report(
     distill_rows = read_metrics(RunDir(out / "distill").metrics_file)
     rl, distill = held_out_curve(rl_rows), held_out_curve(distill_rows)
     teacher_success = rl.get(max(rl, default=-1), float("nan"))
-    config = load_config(CONFIG, [])
+    config = load_config(CONFIG, list(overrides))  # the distillation run's loss, as it ran
     loss, env_args = config.distillation.distillation_loss, config.atropos.launcher.envs[0].args
     try:
         drawn = f"plot: {plot(rl, distill, target, out / 'heldout.png')}"
@@ -348,6 +358,8 @@ def report(
         *cost_lines((samples, distill_rows), (rl_samples, rl_rows)),
         "wall: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in walls.items()),
         drawn,
+        f"evaluations left out (the weights changed during them): RL alone {sum(map(straddled, rl_rows))}, "
+        f"distillation {sum(map(straddled, distill_rows))}",
         "",
         ratio_line(distill, rl, target),
     ]
@@ -369,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one launcher run may take")
     parser.add_argument("--out", type=Path, default=None, help="default outputs/demo-distill-<stamp>")
     parser.add_argument("--rl-from", type=Path, default=None, help="an earlier output dir: reuse its rl/ and teacher/")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides of the distillation run only (e.g. distillation.distillation_loss.topk=8)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     out = (args.out or ROOT / "outputs" / f"demo-distill-{datetime.now():%Y%m%d-%H%M%S}").resolve()
@@ -393,11 +410,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         export_teacher(rl_dir, teacher_steps, teacher)
         walls["teacher export"] = time.monotonic() - t0
         print(f"teacher: step {teacher_steps} of RL alone exported to {teacher} ({walls['teacher export']:.0f} s)")
-    distill_overrides = [f"atropos.launcher.teacher.model_path={teacher}", "trainer.save_freq=-1"]
+    distill_overrides = [f"atropos.launcher.teacher.model_path={teacher}", "trainer.save_freq=-1", *args.overrides]
     watch, walls["distill"] = run_launcher("distill", out / "distill", args.steps, distill_overrides, args.timeout)
     walls["make demo-distill"] = time.monotonic() - started
     rl_steps = max(held_out_curve(read_metrics(RunDir(rl_dir).metrics_file)), default=teacher_steps)
-    lines = report(out, rl_dir, teacher, args.steps, rl_steps, args.target, watch.samples, rl_samples, walls)
+    lines = report(
+        out, rl_dir, teacher, args.steps, rl_steps, args.target, watch.samples, rl_samples, walls, args.overrides
+    )
     print("\n".join(lines), flush=True)
 
 

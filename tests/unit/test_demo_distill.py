@@ -33,6 +33,13 @@ def test_held_out_curve_averages_evaluations_of_one_version_and_ignores_step_row
     assert dd.held_out_curve(rows) == {0: 0.25, 1: 0.90625}
 
 
+def test_an_evaluation_the_weights_changed_during_is_left_out() -> None:
+    straddling = {**evaluation(1, 0.9), "eval/one_word/policy_version_after": 2}
+    rows = [evaluation(0, 0.25), {**evaluation(1, 0.5), "eval/one_word/policy_version_after": 1}, straddling]
+    assert dd.straddled(straddling) and not dd.straddled(rows[1]) and not dd.straddled(rows[0])
+    assert dd.held_out_curve(rows) == {0: 0.25, 1: 0.5}
+
+
 def test_steps_to_is_the_first_version_at_or_above_the_target() -> None:
     curve = {0: 0.2, 1: 0.85, 2: 0.9, 3: 0.8, 4: 1.0}
     assert dd.steps_to(curve, 0.9) == 2  # reached exactly; a later dip does not move it
@@ -131,4 +138,5 @@ def test_the_distill_config_is_the_demo_with_distillation_and_an_evaluation_ever
         f"{envs}module": ("recipe.atropos.envs.one_word_env", "recipe.atropos.envs.one_word_distill_env"),
         f"{envs}args.env.steps_per_eval": (2, 1),
         f"{envs}args.env.eval_questions": ("<absent>", 32),
+        "atropos.eval_wait_s": (0, 300),  # each version evaluated before the next update
     }

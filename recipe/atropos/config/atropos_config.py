@@ -216,6 +216,7 @@ class AtroposConfig(BaseConfig):
     jsonl_paths: list[str] = field(default_factory=list)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     final_eval_wait_s: float = 0.0
+    eval_wait_s: float = 0.0
     poll_timeout_s: float = 1800.0
     poll_interval_s: float = 0.05
     poll_max_interval_s: float = 2.0
@@ -255,6 +256,11 @@ class AtroposConfig(BaseConfig):
             raise ValueError(f"atropos.max_policy_lag={self.max_policy_lag} must be >= 0 (or null for no limit)")
         if any(w < 0 for w in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
             raise ValueError(f"atropos.mixture={dict(self.mixture)}: use weights >= 0 with a positive sum")
+        if self.eval_wait_s < 0 or self.final_eval_wait_s < 0:
+            raise ValueError(
+                f"atropos.eval_wait_s={self.eval_wait_s} / final_eval_wait_s={self.final_eval_wait_s}: use seconds "
+                ">= 0 (0 = do not wait)"
+            )
 
     def max_queued_sequences(self, batch_size: int) -> int:
         """``guard.max_queued_sequences``, or derived: ``batch_size`` x the lag cap (2 when null, 1 at least) x 2."""

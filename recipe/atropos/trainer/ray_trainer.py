@@ -291,6 +291,24 @@ class RayAtroposTrainer(RayPPOTrainer):
             batch = batch.select_idxs(combined.keep.numpy())
         return batch
 
+    def _wait_for_evaluation(self, timing: dict[str, float]) -> None:
+        """With ``atropos.eval_wait_s`` > 0: before the update, wait (at most that long) until an env's evaluation of
+        the policy version the endpoint serves is in the metrics file, so that no evaluation straddles a weight push
+        (``timing_s/eval_wait``); a warning when none came. Offline, or 0: nothing."""
+        wait_s, path = self.atropos.eval_wait_s, self.atropos.metrics_file
+        if self.endpoint is None or wait_s <= 0 or not path:
+            return
+        version = self.endpoint.policy_version
+        with marked_timer("eval_wait", timing):
+            evaluated = wait_for_evaluation(Path(path), version, wait_s)
+        if not evaluated:
+            logger.warning(
+                "no environment evaluated policy version %d within atropos.eval_wait_s=%.0f s; updating anyway (it "
+                "waits for an env that evaluates at every step, steps_per_eval 1, writing to atropos.metrics_file)",
+                version,
+                wait_s,
+            )
+
     def _hold_rollout(self, timing: dict[str, float]) -> None:
         """Stop the replicas serving environments while the actor trains. Colocated (the hybrid engine) they share
         the device with the actor and the next completions must come from the updated weights: the endpoint is
@@ -409,6 +427,7 @@ class RayAtroposTrainer(RayPPOTrainer):
             groups = self._poll_groups(metrics)
         batch = self._to_dataproto(groups, metrics)
         self._ask_teacher(batch, groups, metrics, timing)
+        self._wait_for_evaluation(timing)
         self._hold_rollout(timing)
         batch = self._compute_log_probs(batch, metrics, timing)
         with marked_timer("adv", timing):
