@@ -295,7 +295,9 @@ def export_teacher(rl_dir: Path, step: int, out: Path) -> Path:
     return out
 
 
-def plot(rl: dict[int, float], distill: dict[int, float], target: float, path: Path) -> Path:
+def plot(
+    rl: dict[int, float], distill: dict[int, float], target: float, path: Path, distill_label: str = "distillation"
+) -> Path:
     """Held-out success against training steps, both runs, the target as a dashed line."""
     import matplotlib
 
@@ -303,7 +305,7 @@ def plot(rl: dict[int, float], distill: dict[int, float], target: float, path: P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for curve, label, color in ((rl, "RL alone (GRPO)", "tab:blue"), (distill, "distillation + GRPO", "tab:green")):
+    for curve, label, color in ((rl, "RL alone (GRPO)", "tab:blue"), (distill, distill_label, "tab:green")):
         ax.plot(sorted(curve), [curve[v] for v in sorted(curve)], marker="o", color=color, label=label)
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set_xlabel("training steps (policy version evaluated)")
@@ -339,15 +341,16 @@ def report(
     teacher_success = rl.get(max(rl, default=-1), float("nan"))
     config = load_config(CONFIG, list(overrides))  # the distillation run's loss, as it ran
     loss, env_args = config.distillation.distillation_loss, config.atropos.launcher.envs[0].args
+    what = f"{loss.loss_mode} over its top {loss.topk}" + (" + GRPO" if loss.use_task_rewards else " alone")
     try:
-        drawn = f"plot: {plot(rl, distill, target, out / 'heldout.png')}"
+        drawn = f"plot: {plot(rl, distill, target, out / 'heldout.png', f'distillation ({what})')}"
     except ImportError as exc:  # matplotlib is in the demo extra; the summary stands without the plot
         drawn = f"plot: not drawn ({exc})"
     lines = [
         f"make demo-distill ({CONFIG.name}): student SmolLM2-135M-Instruct (base), steps of 4 x 8 each: "
         f"distillation {steps}, RL alone {teacher_steps};",
         f"teacher {teacher} (RL alone after step {max(rl, default=0)}: held-out {teacher_success:.3f}), "
-        f"{loss.loss_mode} over its top {loss.topk} + GRPO (coef {loss.distillation_loss_coef})",
+        f"{what} (coef {loss.distillation_loss_coef})",
         f"held-out success ({env_args['env.eval_questions']} unseen questions x 4 samples at temperature 1.0) after "
         "each step:",
         *side_by_side(rl, distill),

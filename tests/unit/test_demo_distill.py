@@ -132,6 +132,7 @@ def test_the_distill_config_is_the_demo_with_distillation_and_an_evaluation_ever
     assert differ == {
         "distillation.distillation_loss.loss_mode": ("k3", "forward_kl_topk"),  # off in the RL run
         "distillation.distillation_loss.topk": (32, 16),
+        "distillation.distillation_loss.use_task_rewards": (True, False),
         "trainer.total_training_steps": (10, 8),
         "trainer.save_freq": (5, -1),  # the RL run is given save_freq=N by the script
         "trainer.experiment_name": ("cpu-demo-one-word", "cpu-demo-one-word-distill"),
