@@ -255,8 +255,9 @@ class Watch:
             return
         evals = [r for r in read_metrics(self.metrics_file) if is_eval_row(r)]
         for row in evals[self._evals_seen :]:
-            success = held_out_curve([row]).get(int(row["step"]), float("nan"))
-            print(f"  {self.label}: held-out {success:.3f} after step {row['step']}", flush=True)
+            success = dict(held_out_points([row])).get(int(row["step"]), float("nan"))
+            note = " (the weights changed during it: left out)" if straddled(row) else ""
+            print(f"  {self.label}: held-out {success:.3f} after step {row['step']}{note}", flush=True)
         self._evals_seen = len(evals)
 
 
