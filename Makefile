@@ -93,8 +93,8 @@ bench-lora: install
 # distilled from it through the launcher's teacher (forward_kl_topk + GRPO) for N steps. Prints held-out success after
 # each step side by side, the teacher's CPU time and memory per step beside the student's, and
 # `ratio distill/rl steps to held-out 0.9: ...`; all in outputs/demo-distill-<stamp>/ (summary.txt, heldout.png).
-# DEMO_DISTILL_ARGS e.g. "--steps 6 --teacher-steps 10" (default N 8, T 12; measured 1,027 s on 2 cores: RL 530 s,
-# export 7 s, distillation 486 s), and Hydra overrides of the distillation run after them.
+# DEMO_DISTILL_ARGS e.g. "--steps 6 --teacher-steps 10" (default N 8, T 12; measured 1,006 s on 2 cores: RL 529 s,
+# export 7 s, distillation 466 s), and Hydra overrides of the distillation run after them.
 .PHONY: demo-distill
 DEMO_DISTILL_ARGS ?=
 demo-distill: install

@@ -1,11 +1,11 @@
-"""``make demo-distill``: on-policy distillation against RL alone on the CPU demo, same student, steps and evaluations.
+"""``make demo-distill``: on-policy distillation against RL alone on the CPU demo, same student and evaluations.
 
 1. RL alone: ``atropos_grpo_cpu_demo_distill.yaml`` with ``distillation.enabled=false`` (the demo config, evaluating
    after every step on 32 held-out questions x 4 samples), ``--teacher-steps`` steps (at least ``--steps``) from the
    base SmolLM2-135M-Instruct, a checkpoint at the last step;
 2. that checkpoint exported to a Hugging Face folder with verl's own ``python -m verl.model_merger merge --backend
    fsdp``: a teacher that already answers in one word;
-3. distillation: the same config as shipped (``forward_kl_topk`` over the teacher's top 16 beside the GRPO loss),
+3. distillation: the config as shipped (``forward_kl_topk`` over the teacher's top 16, alone: no GRPO loss),
    ``--steps`` steps, the student again the base model, the teacher the exported folder, started frozen by the launcher
    (``atropos.launcher.teacher.model_path``) and asked by the env for every group it posts (the environments' way,
    docs/distillation.rst).
@@ -377,7 +377,7 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="training steps of each run (default 8)")
+    parser.add_argument("--steps", type=int, default=8, help="training steps of the distillation run (default 8)")
     parser.add_argument(
         "--teacher-steps", type=int, default=12, help="steps of RL alone, whose last is the teacher (default 12)"
     )
