@@ -208,7 +208,7 @@ def test_bypass_mode_with_a_split_rollout_trains_end_to_end(split_run: SplitRun,
     assert evals and evals[0]["step"] == 0 and evals[0]["eval/one_word/held_out_samples"] == 8
     # ... and the last one measured the final policy: the trainer kept serving it until the env had (final_eval_wait_s)
     assert evals[-1]["step"] == SPLIT_STEPS, [e["step"] for e in evals]
-    assert "no environment evaluated the final policy" not in RunDir(run_dir).trainer_log.read_text()
+    assert "within atropos.final_eval_wait_s" not in RunDir(run_dir).trainer_log.read_text()
     assert all(0.0 <= r["eval/one_word/held_out_success"] <= 1.0 for r in evals)
     assert RunDir(run_dir).summary.read_text().startswith("held-out success ")
     for row in rows:

@@ -32,6 +32,7 @@ from verl.utils.tracking import Tracking
 from recipe.atropos.access import inference_token
 from recipe.atropos.algos.advantages import combine_advantages
 from recipe.atropos.algos.losses import is_weight_metrics
+from recipe.atropos.config.atropos_config import AtroposConfig
 from recipe.atropos.config.checks import check_atropos_config, share_rollout_correction_with_actor
 from recipe.atropos.endpoint.backends import RayReplicaBackend, VLLMCompletionsBackend
 from recipe.atropos.endpoint.ledger import CompletionLedger
@@ -63,6 +64,16 @@ from recipe.atropos.trainer.teacher import VerlTeacher, env_field_rows
 from recipe.atropos.waiting import read_env_names
 
 logger = logging.getLogger(__name__)
+
+
+def await_evaluation(atropos: AtroposConfig, knob: str, version: int, otherwise: str) -> None:
+    """Wait, at most ``atropos.<knob>`` seconds, until an env's evaluation of policy ``version`` is in
+    ``atropos.metrics_file``; when none comes, a warning naming the knob and what happens ``otherwise``."""
+    wait_s = float(getattr(atropos, knob))
+    if not wait_for_evaluation(Path(atropos.metrics_file), version, wait_s):
+        logger.warning(
+            "no environment evaluated policy version %d within atropos.%s=%.0f s; %s", version, knob, wait_s, otherwise
+        )
 
 
 class RayAtroposTrainer(RayPPOTrainer):
@@ -295,18 +306,15 @@ class RayAtroposTrainer(RayPPOTrainer):
         """With ``atropos.eval_wait_s`` > 0: before the update, wait (at most that long) until an env's evaluation of
         the policy version the endpoint serves is in the metrics file, so that no evaluation straddles a weight push
         (``timing_s/eval_wait``); a warning when none came. Offline, or 0: nothing."""
-        wait_s, path = self.atropos.eval_wait_s, self.atropos.metrics_file
-        if self.endpoint is None or wait_s <= 0 or not path:
+        if self.endpoint is None or self.atropos.eval_wait_s <= 0 or not self.atropos.metrics_file:
             return
-        version = self.endpoint.policy_version
         with marked_timer("eval_wait", timing):
-            evaluated = wait_for_evaluation(Path(path), version, wait_s)
-        if not evaluated:
-            logger.warning(
-                "no environment evaluated policy version %d within atropos.eval_wait_s=%.0f s; updating anyway (it "
-                "waits for an env that evaluates at every step, steps_per_eval 1, writing to atropos.metrics_file)",
-                version,
-                wait_s,
+            await_evaluation(
+                self.atropos,
+                "eval_wait_s",
+                self.endpoint.policy_version,
+                "updating anyway (it waits for an env that evaluates at every step, steps_per_eval 1, writing to "
+                "atropos.metrics_file)",
             )
 
     def _hold_rollout(self, timing: dict[str, float]) -> None:
@@ -398,13 +406,13 @@ class RayAtroposTrainer(RayPPOTrainer):
         """Keep serving the final policy until an env's evaluation of it is in the metrics file (at most
         ``atropos.final_eval_wait_s``), so a run's last held-out score is its final checkpoint's. Only when some env
         has evaluated during the run (an env that never evaluates is not waited for)."""
-        wait_s, path = self.atropos.final_eval_wait_s, self.atropos.metrics_file
-        if self.endpoint is None or wait_s <= 0 or not path or not held_out_points(read_metrics(Path(path))):
+        path = self.atropos.metrics_file
+        if self.endpoint is None or self.atropos.final_eval_wait_s <= 0 or not path:
+            return
+        if not held_out_points(read_metrics(Path(path))):
             return  # nothing to wait for: no environment has evaluated during this run
-        version = self.endpoint.policy_version
         self.endpoint.final = True  # /health says so: the bundled env evaluates a final policy it has not evaluated
-        if not wait_for_evaluation(Path(path), version, wait_s):
-            logger.warning("no environment evaluated the final policy (version %d) within %.0f s", version, wait_s)
+        await_evaluation(self.atropos, "final_eval_wait_s", self.endpoint.policy_version, "exiting unevaluated")
 
     def _train_loop(self, tracking: Tracking) -> None:
         progress = tqdm(total=self.total_training_steps, initial=self.global_steps, desc="Training Progress")
